@@ -1,0 +1,334 @@
+"""The Fisher engine: diagonal Fisher information from batched per-sample gradients.
+
+``F = (1/N) sum_i g_i * g_i`` needs the square of every *per-sample* gradient. A batch gradient squared
+is a different (and wrong) quantity, and a batch-size-1 loop is exact but slow. Here one forward and one
+backward per batch produce all per-sample gradients through per-layer rules (see ``rules/``); the few
+parameters no rule covers are scored exactly by a per-sample loop restricted to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from enum import Enum
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..data.collate import PaddingCollator
+from .hooks import PerSampleGradCapture
+from .losses import PerSampleLoss, TaskType, empirical_nll, expected_terms, infer_task_type
+from .rules import DenseGrads, PerSampleGrads, RowGrads
+
+logger = logging.getLogger(__name__)
+
+ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
+
+
+class FisherMode(str, Enum):
+    EMPIRICAL = "empirical"  # true labels, squared per-sample gradients (the reference "label-square")
+    EXPECTED = "expected"  # exact expectation over the model's own predictive distribution
+    ABSOLUTE = "absolute"  # true labels, |g_i| instead of g_i^2 (the reference "label-absolute")
+
+
+class _FisherAccumulator:
+    """Sums ``transform(g_i)`` over samples; buffers per-sample grads of parameters used more than once.
+
+    A parameter shared by two layers (tied embeddings) or a layer called twice gets its per-sample
+    contributions *added* before the transform, as the true per-sample gradient requires.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.totals = {
+            n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            for n, p in params.items()
+        }
+        self.transform = transform
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._multi_use: set[str] = set()
+        self._batch_size = 0
+
+    def begin_pass(self, batch_size: int, multi_use: set[str]) -> None:
+        self._batch_size = batch_size
+        self._multi_use = multi_use
+
+    def __call__(self, name: str, grads: PerSampleGrads, offset: int) -> None:
+        if name in self._multi_use:
+            self._add_to_buffer(name, grads, offset)
+        elif isinstance(grads, RowGrads):
+            self.totals[name].index_add_(0, grads.row, self.transform(grads.values))
+        else:
+            self.totals[name] += self.transform(grads.values).sum(dim=0).reshape(self.totals[name].shape)
+
+    def _add_to_buffer(self, name: str, grads: PerSampleGrads, offset: int) -> None:
+        total = self.totals[name]
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = total.new_zeros(self._batch_size, *total.shape)
+        if isinstance(grads, RowGrads):
+            buffer.index_put_((grads.sample + offset, grads.row), grads.values, accumulate=True)
+        else:
+            values = grads.values
+            buffer[offset : offset + values.shape[0]] += values.reshape(values.shape[0], *total.shape)
+
+    def end_pass(self) -> None:
+        for name, buffer in self._buffers.items():
+            self.totals[name] += self.transform(buffer).sum(dim=0)
+        self._buffers.clear()
+
+
+def _transform(mode: FisherMode) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.abs if mode is FisherMode.ABSOLUTE else torch.square
+
+
+def scored_parameters(model: nn.Module, params: ParamSelector = None) -> dict[str, nn.Parameter]:
+    """Resolve the caller's choice of parameters to score (default: every trainable parameter)."""
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    elif callable(params):
+        chosen = {n: p for n, p in named.items() if params(n, p)}
+    else:
+        wanted = list(params)
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise KeyError(f"Parameters not found in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        chosen = {n: named[n] for n in wanted}
+    if not chosen:
+        raise ValueError(
+            "No parameter to score: the model has no trainable parameter in scope. Unfreeze the parameters "
+            "to score, or pass params= (names, or a predicate on (name, parameter))."
+        )
+    return chosen
+
+
+def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int) -> tuple[Iterable, int]:
+    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        return data, num_samples  # an iterable of ready batches: consume until num_samples are seen
+    available = len(data)
+    if available == 0:
+        raise ValueError("The data to estimate the Fisher on is empty.")
+    if num_samples > available:
+        warnings.warn(f"num_samples={num_samples} is larger than the data ({available} samples); using all of them.")
+        num_samples = available
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(available, generator=generator)[:num_samples].tolist()
+    loader = DataLoader(Subset(data, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    return loader, num_samples
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _truncate(batch: dict, n: int) -> dict:
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def _batch_size(batch: Mapping) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _forward_logits(model: nn.Module, batch: dict, task: TaskType | None) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task is TaskType.CAUSAL_LM and "labels" not in batch:
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+    outputs = model(**inputs)
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _loss_terms(mode: FisherMode, task, loss_fn: PerSampleLoss | None, logits, batch) -> list[torch.Tensor]:
+    if loss_fn is not None:
+        if mode is FisherMode.EXPECTED:
+            raise ValueError("mode='expected' needs a known head; with a custom loss_fn use 'empirical' or 'absolute'.")
+        return [loss_fn(logits, batch)]
+    if mode is FisherMode.EXPECTED:
+        return list(expected_terms(task, logits))
+    return [empirical_nll(task, logits, batch)]
+
+
+class _FrozenForMeasurement:
+    """Eval mode (dropout off) and frozen parameters while measuring; the caller's state comes back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+        return False
+
+
+def estimate_fisher(
+    model: nn.Module,
+    data,
+    num_samples: int = 1024,
+    mode: str | FisherMode = FisherMode.EMPIRICAL,
+    batch_size: int = 16,
+    *,
+    params: ParamSelector = None,
+    collate_fn: Callable | None = None,
+    task_type: str | TaskType | None = None,
+    loss_fn: PerSampleLoss | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    max_chunk_elements: int = 2**26,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information of ``model`` on ``num_samples`` samples of ``data``.
+
+    Args:
+        data: a map-style dataset of tokenised examples (``num_samples`` are drawn at random with
+            ``seed``, as the FISH Mask reference does), or an iterable of ready batches (used in order).
+        mode: ``"empirical"`` (true labels, default), ``"expected"`` (exact expectation over the model's
+            predictive distribution; classification and regression heads), ``"absolute"`` (``|g_i|``).
+        params: which parameters to score — default every parameter with ``requires_grad``; a list of
+            names or a predicate ``(name, parameter) -> bool`` (e.g. only PEFT parameters).
+        collate_fn: batches the examples; default pads with the model's ``pad_token_id``.
+        task_type / loss_fn: override the head's loss; ``loss_fn(logits, batch)`` returns per-sample NLL.
+        max_chunk_elements: bound on the elements of one layer's per-sample gradient block in memory.
+
+    Returns:
+        ``{name: tensor}`` with each parameter's shape, float32, averaged over the samples. The model's
+        train/eval mode and ``requires_grad`` flags are restored afterwards.
+    """
+    mode = FisherMode(mode)
+    scored = scored_parameters(model, params)
+    task = TaskType(task_type) if task_type is not None else (None if loss_fn else infer_task_type(model))
+    if collate_fn is None:
+        collate_fn = PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
+    loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed)
+    device = next(iter(scored.values())).device
+    accumulator = _FisherAccumulator(scored, _transform(mode))
+    capture = PerSampleGradCapture(model, scored, max_chunk_elements=max_chunk_elements)
+    seen = 0
+    first_batch = None
+    with _FrozenForMeasurement(model):
+        capture.attach(accumulator)
+        try:
+            total = math.ceil(target / batch_size) if target else None
+            for batch in tqdm(loader, total=total, desc="Fisher", disable=not progress, unit="batch"):
+                batch = _to_device(batch, device)
+                if target and seen + _batch_size(batch) > target:
+                    batch = _truncate(batch, target - seen)
+                if first_batch is None:
+                    first_batch = batch
+                _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen)
+                seen += _batch_size(batch)
+                if target and seen >= target:
+                    break
+        finally:
+            capture.detach()
+        if seen == 0:
+            raise ValueError("The data produced no batch to estimate the Fisher on.")
+        fallback = list(capture.uncovered) + sorted(capture.not_covered_at_runtime)
+        fallback += _used_outside_their_layer(model, first_batch, scored, capture, task, loss_fn, fallback)
+        if fallback:
+            _exact_fallback(model, loader, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
+    fisher = {name: total / seen for name, total in accumulator.totals.items()}
+    _raise_on_non_finite(fisher)
+    return fisher
+
+
+def _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen: int) -> None:
+    capture.start_batch(_batch_size(batch))
+    logits = _forward_logits(model, batch, task)
+    terms = _loss_terms(mode, task, loss_fn, logits, batch)
+    _raise_on_non_finite_loss(terms, seen)
+    if not capture.covered:
+        return
+    multi_use = {name for name, count in capture.use_counts.items() if count > 1}
+    for i, term in enumerate(terms):
+        accumulator.begin_pass(_batch_size(batch), multi_use)
+        if term.requires_grad:
+            torch.autograd.backward(term.sum(), inputs=capture.leaves or None, retain_graph=i < len(terms) - 1)
+        accumulator.end_pass()
+
+
+def _used_outside_their_layer(model, batch, scored, capture, task, loss_fn, already: list[str]) -> list[str]:
+    """Covered parameters whose layer never ran but that still receive gradient (used functionally).
+
+    Their per-sample gradients never reached a rule, so they must be scored by the exact fallback.
+    """
+    never_called = [n for n in capture.covered if capture.use_counts.get(n, 0) == 0 and n not in already]
+    if not never_called or batch is None:
+        return []
+    params = [scored[n] for n in never_called]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        logits = _forward_logits(model, dict(batch), task)
+        loss = _loss_terms(FisherMode.EMPIRICAL, task, loss_fn, logits, batch)[0].sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return [n for n, g in zip(never_called, grads) if g is not None and bool(g.ne(0).any())]
+
+
+def _exact_fallback(model, loader, target, scored, names, accumulator, mode, task, loss_fn, device, progress) -> None:
+    """Per-sample loop over the parameters no rule covers: exact for any layer, slow, so we say so."""
+    warnings.warn(
+        f"{len(names)} parameter(s) have no per-sample-gradient rule and are scored by an exact but slow "
+        f"per-sample loop: {names[:5]}{' ...' if len(names) > 5 else ''}. Register a rule with "
+        "sparsepeft.importance.register_rule to make them fast."
+    )
+    params = [scored[n] for n in names]
+    transform = accumulator.transform
+    for p in params:
+        p.requires_grad_(True)
+    seen = 0
+    try:
+        for batch in tqdm(loader, desc="Fisher (exact fallback)", disable=not progress, unit="batch"):
+            batch = _to_device(batch, device)
+            for i in range(_batch_size(batch)):
+                if target and seen >= target:
+                    return
+                sample = {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+                logits = _forward_logits(model, sample, task)
+                terms = _loss_terms(mode, task, loss_fn, logits, sample)
+                for j, term in enumerate(terms):
+                    grads = torch.autograd.grad(term.sum(), params, allow_unused=True, retain_graph=j < len(terms) - 1)
+                    for name, grad in zip(names, grads):
+                        if grad is not None:
+                            accumulator.totals[name] += transform(grad.to(accumulator.totals[name].dtype))
+                seen += 1
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _raise_on_non_finite_loss(terms: Sequence[torch.Tensor], seen: int) -> None:
+    for term in terms:
+        bad = ~torch.isfinite(term.detach())
+        if bad.any():
+            rows = (bad.nonzero().flatten() + seen).tolist()[:5]
+            raise FloatingPointError(
+                f"Non-finite loss for sample(s) {rows} of the Fisher samples: check the labels and inputs of "
+                "those samples, or load the model in float32."
+            )
+
+
+def _raise_on_non_finite(fisher: Mapping[str, torch.Tensor]) -> None:
+    bad = [name for name, value in fisher.items() if not bool(torch.isfinite(value).all())]
+    if bad:
+        raise FloatingPointError(
+            f"NaN/inf in the per-sample gradients of {bad[:5]}{' ...' if len(bad) > 5 else ''}. The Fisher "
+            "overflowed or the gradients are not finite: estimate in float32, or lower the learning rate if "
+            "the model was already trained to a diverged state."
+        )
