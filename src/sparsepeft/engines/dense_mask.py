@@ -1,0 +1,199 @@
+"""Dense-mask training: the reference FISH engine, made exact.
+
+The reference multiplies ``.grad`` by the mask after backward — which leaves masked weights moving under
+decoupled weight decay, and multiplies ``inf * 0 = nan`` under fp16 overflow. Here:
+
+* each partly-trained tensor gets a gradient hook that keeps only the trained entries *as the gradient
+  is produced*, before it is accumulated, all-reduced (DDP) or clipped — so clipping sees the masked
+  gradient norm and momentum never sees a frozen entry;
+* tensors with no trained entry are frozen outright (``requires_grad=False``): no weight gradient is
+  computed for them at all, which is where the speed comes from;
+* weight decay is taken out of the optimizer for the step and applied to the trained entries only
+  (decoupled for AdamW-style optimizers, as an L2 gradient term for the others);
+* for optimizers whose update is zero for a zero gradient with zero state (SGD, Adam(W), ...), that
+  makes frozen entries bit-identical. Any other optimizer gets a "restore" guard that writes the frozen
+  values back after every step (exact for anything, at the cost of one copy of the partly-trained
+  tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..selection.mask import SparseMask
+
+ZERO_UPDATE_SAFE = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+)
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """accelerate's ``AcceleratedOptimizer`` (and similar wrappers) hold the real one in ``.optimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _keep_entries(index: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        flat = grad.reshape(-1)
+        masked = torch.zeros_like(flat)
+        idx = index if index.device == flat.device else index.to(flat.device)
+        masked[idx] = flat[idx]
+        return masked.view_as(grad)
+
+    return hook
+
+
+def _is_decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+class DenseMaskEngine:
+    """Train only a mask's entries of ``model``, in any loop.
+
+    Plain PyTorch::
+
+        engine = DenseMaskEngine(model, mask).attach()
+        optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+        engine.attach_optimizer(optimizer)
+        ...  # usual loop: backward, clip_grad_norm_, optimizer.step()
+        engine.detach()
+
+    Parameters outside the mask's candidates are frozen: the mask defines the whole trainable set.
+    """
+
+    def __init__(self, model: nn.Module, mask: SparseMask, guard: str = "auto"):
+        if guard not in ("auto", "restore"):
+            raise ValueError("guard must be 'auto' (exact through zero updates, restore if unknown) or 'restore'.")
+        mask.check_compatible(model)
+        self.model = model
+        self.mask = mask
+        self.guard = guard
+        self._params = dict(model.named_parameters())
+        self.partial: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._saved_flags: dict[str, bool] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._frozen_copies: dict[str, torch.Tensor] = {}
+        self._paused_decay: list[tuple[dict, float]] = []
+
+    # ------------------------------------------------------------------ model
+    def attach(self) -> "DenseMaskEngine":
+        if self._saved_flags is not None:
+            raise RuntimeError("This DenseMaskEngine is already attached.")
+        self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
+        for name, param in self._params.items():
+            kept = self.mask.kept(name) if name in self.mask.shapes else 0
+            if kept == 0:
+                param.requires_grad_(False)
+            elif not self.mask.is_full(name):
+                param.requires_grad_(True)
+                index = self.mask.indices[name].to(param.device)
+                self.partial[name] = index
+                self._handles.append(param.register_hook(_keep_entries(index)))
+            else:
+                param.requires_grad_(True)
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for n, p in self._params.items() if self.mask.kept(n) > 0 and n in self.mask.shapes)
+
+    @property
+    def num_trainable(self) -> int:
+        return self.mask.num_selected
+
+    # ------------------------------------------------------------------ optimizer
+    def attach_optimizer(self, optimizer) -> "DenseMaskEngine":
+        optimizer = unwrap_optimizer(optimizer)
+        self._optimizer = optimizer
+        self._clear_frozen_state(optimizer)
+        if self.guard == "restore" or not isinstance(optimizer, ZERO_UPDATE_SAFE):
+            self._frozen_copies = {n: self._params[n].detach().clone() for n in self.partial}
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        return self
+
+    def _clear_frozen_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Momentum gathered before the mask was attached must not move frozen entries."""
+        by_id = {id(p): n for n, p in self._params.items() if n in self.partial}
+        for param, state in optimizer.state.items():
+            name = by_id.get(id(param))
+            if name is None:
+                continue
+            keep = self.mask.dense(name, device=param.device)
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(keep)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        by_id = {id(p): n for n, p in self._params.items()}
+        for group in optimizer.param_groups:
+            decay = group.get("weight_decay", 0.0)
+            if not decay:
+                continue
+            lr = float(group["lr"])
+            decoupled = _is_decoupled(optimizer, group)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                index = self.partial.get(by_id.get(id(param)))
+                _apply_decay(param, index, lr, decay, decoupled)
+            self._paused_decay.append((group, decay))
+            group["weight_decay"] = 0.0
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for group, decay in self._paused_decay:
+            group["weight_decay"] = decay
+        self._paused_decay.clear()
+        for name, frozen in self._frozen_copies.items():
+            param = self._params[name]
+            index = self.partial[name]
+            with torch.no_grad():
+                trained = param.reshape(-1)[index].clone()
+                param.copy_(frozen)
+                param.view(-1)[index] = trained
+
+    # ------------------------------------------------------------------ teardown
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._saved_flags is not None:
+            for name, flag in self._saved_flags.items():
+                self._params[name].requires_grad_(flag)
+        self._saved_flags = None
+        self.partial.clear()
+        self._frozen_copies.clear()
+
+    def __enter__(self) -> "DenseMaskEngine":
+        return self.attach() if self._saved_flags is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+@torch.no_grad()
+def _apply_decay(param: torch.Tensor, index: torch.Tensor | None, lr: float, decay: float, decoupled: bool) -> None:
+    """Weight decay on the trained entries only, in the optimizer's own form."""
+    if decoupled:
+        if index is None:
+            param.mul_(1 - lr * decay)
+        else:
+            flat = param.view(-1)
+            flat[index] = flat[index] * (1 - lr * decay)
+    elif index is None:
+        param.grad.add_(param, alpha=decay)
+    else:
+        param.grad.view(-1)[index] += decay * param.view(-1)[index]

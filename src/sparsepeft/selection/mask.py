@@ -1,0 +1,286 @@
+"""``SparseMask``: which entries of which tensors are trained, and how it was chosen.
+
+Stored as sorted flat indices per tensor (memory proportional to the kept entries, not to the model),
+saved with safetensors plus a JSON header that fingerprints the model it was made for — a mask applied
+to another model is refused with the names that differ, instead of training the wrong entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..utils.io import atomic_path
+from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk
+
+FORMAT_VERSION = 1
+HEADER_KEY = "sparsepeft_mask"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class MaskMismatchError(ValueError):
+    """The mask was made for a model with other parameter names or shapes."""
+
+
+def model_fingerprint(model_or_shapes: nn.Module | Mapping[str, tuple]) -> str:
+    """SHA-256 over every parameter's name and shape: equal for the same architecture, not for others."""
+    if isinstance(model_or_shapes, nn.Module):
+        shapes = {n: tuple(p.shape) for n, p in model_or_shapes.named_parameters()}
+    else:
+        shapes = {n: tuple(s) for n, s in model_or_shapes.items()}
+    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def layer_of(name: str) -> str:
+    """The transformer block a parameter belongs to (``layer 3``), or ``embeddings`` / ``head`` / ``other``."""
+    match = _LAYER_INDEX.search(name)
+    if match:
+        return f"layer {int(match.group(1))}"
+    if "embed" in name or ".wte." in f".{name}" or ".wpe." in f".{name}":
+        return "embeddings"
+    if matches_module(name, DEFAULT_ALWAYS_TRAIN + ("lm_head", "pooler")):
+        return "head"
+    return "other"
+
+
+def module_type_of(name: str) -> str:
+    """What kind of module a parameter sits in, the same for every block (``attention.self.query``)."""
+    module = name.rsplit(".", 1)[0]
+    match = _LAYER_INDEX.search(name)
+    if match:
+        return module[match.end() :] if match.end() <= len(module) else module
+    return module.split(".")[-1]
+
+
+@dataclass
+class SparseMask:
+    """Kept entries per candidate tensor.
+
+    Attributes:
+        shapes: every candidate tensor's shape, kept entries or not (defines the scope of the mask).
+        indices: sorted flat indices of the kept entries; a tensor absent here keeps nothing.
+        fingerprint: :func:`model_fingerprint` of the model the mask was made for.
+        config: how the mask was made (keep ratio, selection, Fisher mode, samples, seed, ...).
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    indices: dict[str, torch.Tensor]
+    fingerprint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.indices if n not in self.shapes]
+        if unknown:
+            raise ValueError(f"Mask indices for tensors outside its shapes: {unknown[:5]}")
+        for name, idx in self.indices.items():
+            idx = torch.as_tensor(idx, dtype=torch.int64).flatten()
+            numel = _numel(self.shapes[name])
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise ValueError(f"Mask indices of {name} fall outside its {numel} entries: the file is corrupt.")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                idx = torch.unique(idx)
+            self.indices[name] = idx
+
+    # ----------------------------------------------------------------- counting
+    @property
+    def num_candidates(self) -> int:
+        return sum(_numel(s) for s in self.shapes.values())
+
+    @property
+    def num_selected(self) -> int:
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    @property
+    def density(self) -> float:
+        return self.num_selected / max(1, self.num_candidates)
+
+    def kept(self, name: str) -> int:
+        idx = self.indices.get(name)
+        return 0 if idx is None else int(idx.numel())
+
+    def is_full(self, name: str) -> bool:
+        return self.kept(name) == _numel(self.shapes[name])
+
+    def tensor_counts(self) -> dict[str, tuple[int, int]]:
+        """``{name: (kept, total)}`` for every candidate tensor."""
+        return {n: (self.kept(n), _numel(s)) for n, s in self.shapes.items()}
+
+    def _grouped(self, key) -> dict[str, tuple[int, int]]:
+        groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for name, (kept, total) in self.tensor_counts().items():
+            group = groups[key(name)]
+            group[0] += kept
+            group[1] += total
+        return {k: (v[0], v[1]) for k, v in groups.items()}
+
+    def layer_counts(self) -> dict[str, tuple[int, int]]:
+        return self._grouped(layer_of)
+
+    def module_type_counts(self) -> dict[str, tuple[int, int]]:
+        return self._grouped(module_type_of)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "num_selected": self.num_selected,
+            "num_candidates": self.num_candidates,
+            "density": self.density,
+            "per_layer": {k: {"kept": a, "total": b} for k, (a, b) in self.layer_counts().items()},
+            "per_module_type": {k: {"kept": a, "total": b} for k, (a, b) in self.module_type_counts().items()},
+            "config": self.config,
+        }
+
+    # ----------------------------------------------------------------- tensors
+    def dense(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """Boolean tensor of the parameter's shape, True where the entry is trained."""
+        out = torch.zeros(_numel(self.shapes[name]), dtype=torch.bool, device=device)
+        if name in self.indices:
+            out[self.indices[name].to(out.device)] = True
+        return out.reshape(self.shapes[name])
+
+    # ----------------------------------------------------------------- model checks
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`MaskMismatchError` naming what differs if ``model`` is not the mask's model."""
+        params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        missing = [n for n in self.shapes if n not in params]
+        wrong = [f"{n}: mask {tuple(self.shapes[n])} vs model {params[n]}" for n in self.shapes if n in params and tuple(self.shapes[n]) != params[n]]
+        if missing or wrong:
+            details = "; ".join(
+                ([f"missing in the model: {missing[:3]}{' ...' if len(missing) > 3 else ''}"] if missing else [])
+                + ([f"shape differs: {wrong[:3]}"] if wrong else [])
+            )
+            raise MaskMismatchError(
+                f"This mask was made for another model ({details}). Recompute it for this model with "
+                "`sparsepeft mask`, or load the model the mask was made for."
+            )
+        if self.fingerprint and self.fingerprint != model_fingerprint(model):
+            made_for = self.config.get("model", "another model")
+            raise MaskMismatchError(
+                f"The mask was made for {made_for}, whose parameters differ from this model's (fingerprint "
+                "mismatch), though every masked tensor exists here. Recompute the mask for this model."
+            )
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` atomically: safetensors of indices plus the JSON header in its metadata."""
+        tensors = OrderedDict()
+        for name, idx in self.indices.items():
+            if idx.numel():
+                small = _numel(self.shapes[name]) < 2**31
+                tensors[name] = idx.to(torch.int32 if small else torch.int64).contiguous()
+        header = {
+            "format_version": FORMAT_VERSION,
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "num_selected": self.num_selected,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SparseMask":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No mask file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if HEADER_KEY not in metadata:
+                    raise ValueError(f"{path} is a safetensors file but not a sparsepeft mask (no '{HEADER_KEY}' header).")
+                header = json.loads(metadata[HEADER_KEY])
+                indices = {name: handle.get_tensor(name).to(torch.int64) for name in handle.keys()}
+        except (json.JSONDecodeError, OSError, RuntimeError, SafetensorError) as error:
+            raise ValueError(f"Cannot read the mask file {path}: {error}. It may be truncated or corrupt.") from error
+        if header.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer sparsepeft (format {header['format_version']}); upgrade.")
+        shapes = {n: tuple(s) for n, s in header["shapes"].items()}
+        mask = cls(shapes=shapes, indices=indices, fingerprint=header.get("fingerprint"), config=header.get("config", {}))
+        if mask.num_selected != header.get("num_selected", mask.num_selected):
+            raise ValueError(f"{path} is corrupt: it holds {mask.num_selected} entries, its header says {header['num_selected']}.")
+        return mask
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
+        from .plot import plot_mask_density
+
+        plot_mask_density(self, path, title=title)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def select_mask(
+    scores: Mapping[str, torch.Tensor],
+    keep_ratio: float = 0.005,
+    *,
+    strategy: str = "global",
+    always_train: tuple[str, ...] | list[str] = DEFAULT_ALWAYS_TRAIN,
+    model: nn.Module | None = None,
+    config: dict[str, Any] | None = None,
+) -> SparseMask:
+    """Keep the ``keep_ratio`` highest-scoring entries of the candidate tensors in ``scores``.
+
+    Args:
+        scores: per-entry importance (e.g. :func:`estimate_fisher`); its tensors are the candidates.
+        strategy: ``"global"`` (one ranking, the FISH Mask reference) or ``"per_tensor"``.
+        always_train: modules trained in full (the freshly initialised task head by default); their
+            entries count inside the budget.
+        model: if given, the mask is fingerprinted to it and refused on any other model.
+    """
+    if strategy not in ("global", "per_tensor"):
+        raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    budget = budget_for(keep_ratio, sum(s.numel() for s in scores.values()))
+    forced = [n for n in scores if matches_module(n, always_train)]
+    forced_count = sum(scores[n].numel() for n in forced)
+    if forced_count > budget:
+        raise ValueError(
+            f"The budget of {budget} entries (keep_ratio={keep_ratio}) is smaller than the {forced_count} entries "
+            f"of the always-trained modules {sorted(set(forced))[:4]}. Raise keep_ratio or pass always_train=()."
+        )
+    ranked = {n: s for n, s in scores.items() if n not in forced}
+    chooser = global_topk if strategy == "global" else per_tensor_topk
+    indices = chooser(ranked, budget - forced_count)
+    for name in forced:
+        indices[name] = torch.arange(scores[name].numel())
+    indices = {n: indices[n] for n in scores if indices[n].numel()}
+    info = {"keep_ratio": keep_ratio, "strategy": strategy, "always_train": list(always_train), **(config or {})}
+    return SparseMask(
+        shapes=shapes,
+        indices=indices,
+        fingerprint=model_fingerprint(model) if model is not None else None,
+        config=info,
+    )
+
+
+def random_mask(
+    model: nn.Module,
+    keep_ratio: float = 0.005,
+    *,
+    params=None,
+    strategy: str = "global",
+    always_train: tuple[str, ...] | list[str] = DEFAULT_ALWAYS_TRAIN,
+    seed: int = 0,
+) -> SparseMask:
+    """The random-selection baseline: same candidates, same budget, uniformly random entries."""
+    from ..importance.fisher import scored_parameters
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(p.shape, generator=generator) for n, p in scored_parameters(model, params).items()}
+    return select_mask(
+        scores, keep_ratio, strategy=strategy, always_train=always_train, model=model,
+        config={"selection": "random", "seed": seed},
+    )

@@ -1,0 +1,56 @@
+"""Where a mask spends its budget: density per block and module type, as a PNG."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..utils.io import atomic_path  # noqa: E402
+from .mask import layer_of, module_type_of  # noqa: E402
+
+
+def _layer_sort_key(layer: str):
+    match = re.match(r"layer (\d+)", layer)
+    order = {"embeddings": -1, "other": 10**6, "head": 10**6 + 1}
+    return (int(match.group(1)) if match else order.get(layer, 10**6), layer)
+
+
+def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -> None:
+    """Heat map of kept fraction (layer x module type) beside the kept count per layer."""
+    kept: dict[tuple[str, str], list[int]] = {}
+    for name, (k, total) in mask.tensor_counts().items():
+        cell = kept.setdefault((layer_of(name), module_type_of(name)), [0, 0])
+        cell[0] += k
+        cell[1] += total
+    layers = sorted({layer for layer, _ in kept}, key=_layer_sort_key)
+    types = sorted({kind for _, kind in kept})
+    density = np.full((len(layers), len(types)), np.nan)
+    for (layer, kind), (k, total) in kept.items():
+        density[layers.index(layer), types.index(kind)] = 100.0 * k / max(total, 1)
+    per_layer = mask.layer_counts()
+
+    fig, (ax_map, ax_bar) = plt.subplots(
+        1, 2, figsize=(max(8, 0.55 * len(types) + 5), max(3.5, 0.4 * len(layers) + 2.5)),
+        gridspec_kw={"width_ratios": [max(len(types), 2), 2]},
+    )
+    image = ax_map.imshow(density, aspect="auto", cmap="viridis")
+    ax_map.set_xticks(range(len(types)), types, rotation=70, ha="right", fontsize=7)
+    ax_map.set_yticks(range(len(layers)), layers, fontsize=8)
+    ax_map.set_title("kept entries (% of tensor)")
+    fig.colorbar(image, ax=ax_map, fraction=0.04)
+    counts = [per_layer[layer][0] for layer in layers]
+    ax_bar.barh(range(len(layers)), counts, color="tab:orange")
+    ax_bar.set_yticks(range(len(layers)), [""] * len(layers))
+    ax_bar.invert_yaxis()
+    ax_bar.set_title("kept entries per layer")
+    fig.suptitle(title or f"{mask.num_selected:,} of {mask.num_candidates:,} entries ({100 * mask.density:.3f}%)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

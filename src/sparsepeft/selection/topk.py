@@ -1,0 +1,105 @@
+"""Choosing which entries to train from their scores.
+
+The budget is ``round(keep_ratio * candidates)`` entries, the always-trained tensors (the task head)
+counted inside it. Global top-k is the FISH Mask reference (one ranking over every candidate, no
+per-layer quota); per-tensor top-k gives each tensor a share proportional to its size. Ties are broken
+by position (earlier parameter in ``named_parameters`` order, then lower flat index), so a mask never
+depends on the sort kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import torch
+
+DEFAULT_ALWAYS_TRAIN = ("classifier", "score", "qa_outputs")
+
+
+def matches_module(name: str, patterns: Sequence[str]) -> bool:
+    """True when the parameter ``name`` lies in a module named by one of ``patterns``.
+
+    A pattern is a module path (``classifier``, ``roberta.pooler``) matched on whole dotted components,
+    or a regular expression when it starts with ``re:``.
+    """
+    dotted = f".{name}."
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif f".{pattern}." in dotted:
+            return True
+    return False
+
+
+def budget_for(keep_ratio: float, num_candidates: int) -> int:
+    validate_keep_ratio(keep_ratio)
+    return max(1, round(keep_ratio * num_candidates))
+
+
+def validate_keep_ratio(keep_ratio: float) -> None:
+    if not (0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(
+            f"keep_ratio must be in (0, 1], got {keep_ratio}. It is a fraction: 0.005 keeps 0.5% of the weights."
+        )
+
+
+def _threshold_select(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of ``flat``; ties go to the lowest positions."""
+    if k >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    above = flat > threshold
+    tied = flat == threshold
+    needed = k - int(above.sum())
+    tied_rank = torch.cumsum(tied.to(torch.int64), dim=0)
+    return above | (tied & (tied_rank <= needed))
+
+
+def _nan_as_lowest(scores: torch.Tensor) -> torch.Tensor:
+    flat = scores.detach().reshape(-1).to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    return torch.nan_to_num(flat, nan=float("-inf"))
+
+
+def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Flat indices kept per tensor under one ranking over all tensors."""
+    names = list(scores)
+    if not names or k <= 0:
+        return {n: torch.empty(0, dtype=torch.int64) for n in names}
+    flat = torch.cat([_nan_as_lowest(scores[n]).cpu() for n in names])
+    chosen = _threshold_select(flat, k)
+    out, start = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        out[name] = chosen[start : start + size].nonzero().flatten()
+        start += size
+    return out
+
+
+def proportional_quotas(sizes: Mapping[str, int], k: int) -> dict[str, int]:
+    """Split ``k`` over tensors in proportion to their sizes (largest remainder, ties by order)."""
+    total = sum(sizes.values())
+    if total == 0:
+        return {n: 0 for n in sizes}
+    exact = {n: k * s / total for n, s in sizes.items()}
+    quotas = {n: min(sizes[n], int(v)) for n, v in exact.items()}
+    remaining = k - sum(quotas.values())
+    order = sorted(sizes, key=lambda n: -(exact[n] - int(exact[n])))
+    for name in order:
+        if remaining <= 0:
+            break
+        if quotas[name] < sizes[name]:
+            quotas[name] += 1
+            remaining -= 1
+    return quotas
+
+
+def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    quotas = proportional_quotas({n: s.numel() for n, s in scores.items()}, k)
+    return {
+        name: _threshold_select(_nan_as_lowest(scores[name]).cpu(), quotas[name]).nonzero().flatten()
+        for name in scores
+    }

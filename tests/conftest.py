@@ -1,0 +1,86 @@
+"""Tiny random-initialised models of each family the library supports, and token data for them."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
+
+VOCAB = 64
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GLUE_DIR = Path(os.environ.get("SPARSEPEFT_GLUE_DIR", SHARED / "data" / "glue"))
+
+
+def _small(**extra):
+    return dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, **extra)
+
+
+def make_model(family: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny model of ``family``: bert, roberta, gpt2, gpt2-lm, llama, llama-lm."""
+    torch.manual_seed(seed)
+    bert_like = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    llama_like = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    gpt2_like = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(**_small(**bert_like), num_labels=num_labels))
+    elif family == "roberta":
+        config = RobertaConfig(**_small(**bert_like), num_labels=num_labels)
+        config.max_position_embeddings = 72  # RoBERTa offsets positions by pad_token_id + 1
+        model = RobertaForSequenceClassification(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, pad_token_id=0, num_labels=num_labels, **gpt2_like)
+        model = GPT2ForSequenceClassification(config)
+    elif family == "gpt2-lm":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, pad_token_id=0, **gpt2_like))
+    elif family == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(**_small(**llama_like), num_labels=num_labels))
+    elif family == "llama-lm":
+        model = LlamaForCausalLM(LlamaConfig(**_small(**llama_like)))
+    else:
+        raise ValueError(family)
+    return model
+
+
+def make_examples(n: int, num_labels: int = 2, lengths=(3, 12), seed: int = 1, regression: bool = False, lm: bool = False):
+    """Examples of varied length, so batches are padded."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(lengths[0], lengths[1], (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        example = {"input_ids": ids, "attention_mask": [1] * length}
+        if lm:
+            example["labels"] = list(ids)
+        elif regression:
+            example["labels"] = round(float(torch.rand(1, generator=g)) * 40) / 8  # exact in float32
+        else:
+            example["labels"] = int(torch.randint(0, num_labels, (1,), generator=g))
+        examples.append(example)
+    return examples
+
+
+@pytest.fixture
+def glue_dir() -> Path:
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}: these tests read the shared GLUE files "
+                    "(set SPARSEPEFT_GLUE_DIR to a GLUE folder to run them).")
+    return GLUE_DIR

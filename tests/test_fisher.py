@@ -1,0 +1,140 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_examples, make_model
+from reference import loop_fisher, relative_error
+from sparsepeft import estimate_fisher
+from sparsepeft.importance import PerSampleGradCapture, find_rule
+
+FAMILIES = [("bert", "classification"), ("roberta", "classification"), ("gpt2", "classification"),
+            ("llama", "classification"), ("gpt2-lm", "lm"), ("llama-lm", "lm")]
+
+
+def _run(model, examples, **kwargs):
+    # num_samples == len(data): every sample is used, in a seeded order; the reference is order-free
+    return estimate_fisher(model, examples, num_samples=len(examples), batch_size=5, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("family,task", FAMILIES)
+def test_batched_fisher_matches_batch_size_one_loop_float32(family, task):
+    model = make_model(family)
+    examples = make_examples(13, lm=task == "lm")
+    fast = _run(model, examples)
+    slow = loop_fisher(model, examples, task)
+    assert set(fast) == set(slow)
+    assert relative_error(fast, slow) < 1e-4
+
+
+@pytest.mark.parametrize("family,task", FAMILIES)
+def test_batched_fisher_is_exact_in_float64(family, task):
+    model = make_model(family).double()
+    examples = make_examples(9, lm=task == "lm")
+    # LLaMA's RMSNorm computes in float32 even in a float64 model, which bounds its agreement
+    tolerance = 1e-6 if family.startswith("llama") else 1e-10
+    assert relative_error(_run(model, examples), loop_fisher(model, examples, task)) < tolerance
+
+
+@pytest.mark.parametrize("mode", ["expected", "absolute"])
+def test_other_modes_match_their_loop(mode):
+    model = make_model("bert", num_labels=3).double()
+    examples = make_examples(8, num_labels=3)
+    assert relative_error(_run(model, examples, mode=mode), loop_fisher(model, examples, mode=mode)) < 1e-10
+
+
+def test_regression_head():
+    model = make_model("bert", num_labels=1).double()
+    examples = make_examples(8, regression=True)
+    assert relative_error(_run(model, examples), loop_fisher(model, examples, "regression")) < 1e-10
+
+
+def test_regression_expected_mode_is_gradient_of_prediction_squared():
+    model = make_model("bert", num_labels=1).double()
+    examples = make_examples(6, regression=True)
+    fast = _run(model, examples, mode="expected")
+    model.eval()
+    slow = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for ex in examples:
+        pred = model(input_ids=torch.tensor([ex["input_ids"]])).logits.reshape(())
+        for (n, p), g in zip(model.named_parameters(), torch.autograd.grad(pred, list(model.parameters()))):
+            slow[n] += g**2 / len(examples)
+    assert relative_error(fast, slow) < 1e-10
+
+
+class ScaledHead(nn.Module):
+    """A layer no rule covers: an elementwise scale parameter applied functionally."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, inner.config.num_labels))
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, **inputs):
+        out = self.inner(**inputs)
+        out.logits = out.logits * self.scale
+        return out
+
+
+def test_uncovered_parameters_use_exact_fallback():
+    model = ScaledHead(make_model("bert")).double()
+    examples = make_examples(7)
+    capture = PerSampleGradCapture(model, dict(model.named_parameters()))
+    assert capture.uncovered == ["scale"]
+    with pytest.warns(UserWarning, match="exact but slow"):
+        fast = estimate_fisher(model, examples, num_samples=7, batch_size=3, progress=False, task_type="classification")
+    assert relative_error(fast, loop_fisher(model, examples)) < 1e-10
+
+
+def test_state_is_restored_and_dropout_is_off():
+    model = make_model("bert")
+    model.train()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    examples = make_examples(6)
+    first = _run(model, examples, params=lambda n, p: "classifier" in n or "layer.1" in n)
+    assert model.training
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "word_embeddings" not in n)
+    assert set(first) == {n for n, _ in model.named_parameters() if "classifier" in n or "layer.1" in n}
+    assert torch.equal(first["classifier.weight"], _run(model, examples, params=["classifier.weight"])["classifier.weight"])
+
+
+def test_num_samples_larger_than_data_warns_and_uses_all():
+    model = make_model("bert")
+    examples = make_examples(5)
+    with pytest.warns(UserWarning, match="larger than the data"):
+        fisher = estimate_fisher(model, examples, num_samples=100, batch_size=4, progress=False)
+    assert relative_error(fisher, loop_fisher(model, examples)) < 1e-4
+
+
+def test_nan_gradients_name_the_parameter():
+    model = make_model("bert")
+    examples = make_examples(4)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="sample"):
+        _run(model, examples)
+
+
+def test_no_trainable_parameter_is_a_clear_error():
+    model = make_model("bert")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="No parameter to score"):
+        _run(model, make_examples(3))
+
+
+def test_rule_lookup_respects_overridden_forward():
+    class Reimplemented(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Renamed(nn.Linear):
+        pass
+
+    assert find_rule(nn.Linear(2, 2)) is not None
+    assert find_rule(Renamed(2, 2)) is find_rule(nn.Linear(2, 2))
+    assert find_rule(Reimplemented(2, 2)) is None

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_model
+from sparsepeft import MaskMismatchError, SparseMask, random_mask, select_mask
+from sparsepeft.selection.topk import budget_for
+
+
+def _scores(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def test_global_topk_keeps_exactly_the_budget_with_head_inside():
+    model = make_model("bert")
+    scores = _scores(model)
+    total = sum(s.numel() for s in scores.values())
+    mask = select_mask(scores, keep_ratio=0.05, model=model)
+    assert mask.num_selected == budget_for(0.05, total)
+    assert mask.is_full("classifier.weight") and mask.is_full("classifier.bias")
+    kept_scores = torch.cat([scores[n].reshape(-1)[i] for n, i in mask.indices.items() if "classifier" not in n])
+    dropped = torch.cat([scores[n].reshape(-1)[torch.tensor(sorted(set(range(scores[n].numel())) - set(mask.indices.get(n, torch.empty(0)).tolist())), dtype=torch.long)]
+                         for n in scores if "classifier" not in n])
+    assert kept_scores.min() >= dropped.max()
+
+
+def test_ties_are_broken_by_position_deterministically():
+    scores = {"a.weight": torch.ones(10), "b.weight": torch.ones(10)}
+    mask = select_mask(scores, keep_ratio=0.25, always_train=())
+    assert mask.indices["a.weight"].tolist() == [0, 1, 2, 3, 4]
+    assert "b.weight" not in mask.indices
+    again = select_mask({k: v.clone() for k, v in scores.items()}, keep_ratio=0.25, always_train=())
+    assert {k: v.tolist() for k, v in again.indices.items()} == {k: v.tolist() for k, v in mask.indices.items()}
+
+
+def test_per_tensor_spends_the_same_budget_in_proportion():
+    model = make_model("bert")
+    scores = _scores(model)
+    glob = select_mask(scores, keep_ratio=0.1)
+    per = select_mask(scores, keep_ratio=0.1, strategy="per_tensor")
+    assert per.num_selected == glob.num_selected
+    word = "bert.embeddings.word_embeddings.weight"
+    free = glob.num_selected - sum(scores[n].numel() for n in scores if "classifier" in n)
+    ranked_total = sum(s.numel() for n, s in scores.items() if "classifier" not in n)
+    assert abs(per.kept(word) - free * scores[word].numel() / ranked_total) <= 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan")])
+def test_keep_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        select_mask({"w": torch.rand(10)}, keep_ratio=ratio)
+
+
+def test_budget_smaller_than_head_is_refused():
+    with pytest.raises(ValueError, match="always-trained"):
+        select_mask({"classifier.weight": torch.rand(100), "x.weight": torch.rand(100)}, keep_ratio=0.1)
+
+
+def test_random_mask_has_the_same_budget_and_depends_on_seed():
+    model = make_model("bert")
+    fish = select_mask(_scores(model), 0.05, model=model)
+    r0, r1 = random_mask(model, 0.05, seed=0), random_mask(model, 0.05, seed=1)
+    assert r0.num_selected == fish.num_selected == r1.num_selected
+    assert any(not torch.equal(r0.indices.get(n, torch.empty(0)), r1.indices.get(n, torch.empty(0))) for n in r0.shapes)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model("bert")
+    mask = select_mask(_scores(model), 0.05, model=model, config={"num_samples": 12})
+    mask.save(tmp_path / "mask.safetensors")
+    loaded = SparseMask.load(tmp_path / "mask.safetensors")
+    assert loaded.shapes == mask.shapes and loaded.fingerprint == mask.fingerprint
+    assert loaded.config["num_samples"] == 12
+    assert set(loaded.indices) == set(mask.indices)
+    assert all(torch.equal(loaded.indices[n], mask.indices[n]) for n in mask.indices)
+    assert loaded.layer_counts() == mask.layer_counts()
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temporary file left behind
+    loaded.check_compatible(model)
+
+
+def test_counts_by_layer_and_module_type_add_up():
+    model = make_model("bert")
+    mask = select_mask(_scores(model), 0.05, model=model)
+    for counts in (mask.layer_counts(), mask.module_type_counts(), mask.tensor_counts()):
+        assert sum(k for k, _ in counts.values()) == mask.num_selected
+        assert sum(t for _, t in counts.values()) == mask.num_candidates
+    assert {"layer 0", "layer 1", "embeddings", "head"} <= set(mask.layer_counts())
+    assert "attention.self.query" in mask.module_type_counts()
+
+
+def test_mask_for_another_model_is_refused():
+    mask = select_mask(_scores(make_model("bert")), 0.05, model=make_model("bert"))
+    with pytest.raises(MaskMismatchError, match="another model"):
+        mask.check_compatible(make_model("gpt2"))
+    bigger = make_model("bert", num_labels=3)
+    with pytest.raises(MaskMismatchError, match="shape differs"):
+        mask.check_compatible(bigger)
+
+
+def test_corrupt_or_foreign_files_are_clear_errors(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        SparseMask.load(tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a sparsepeft mask"):
+        SparseMask.load(tmp_path / "other.safetensors")
+    header = {"format_version": 1, "shapes": {"w": [4]}, "fingerprint": None, "config": {}, "num_selected": 1}
+    save_file({"w": torch.tensor([9], dtype=torch.int32)}, str(tmp_path / "bad.safetensors"),
+              metadata={"sparsepeft_mask": json.dumps(header)})
+    with pytest.raises(ValueError, match="outside"):
+        SparseMask.load(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError):
+        SparseMask.load(tmp_path / "missing.safetensors")
+
+
+def test_density_plot_is_a_png(tmp_path):
+    model = make_model("llama-lm")
+    mask = select_mask(_scores(model), 0.05, model=model, always_train=())
+    mask.plot(tmp_path / "density.png")
+    assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
