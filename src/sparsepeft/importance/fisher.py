@@ -223,6 +223,8 @@ def estimate_fisher(
         try:
             total = math.ceil(target / batch_size) if target else None
             for batch in tqdm(loader, total=total, desc="Fisher", disable=not progress, unit="batch"):
+                if target and seen >= target:
+                    break
                 batch = _to_device(batch, device)
                 if target and seen + _batch_size(batch) > target:
                     batch = _truncate(batch, target - seen)
@@ -230,8 +232,6 @@ def estimate_fisher(
                     first_batch = batch
                 _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen)
                 seen += _batch_size(batch)
-                if target and seen >= target:
-                    break
         finally:
             capture.detach()
         if seen == 0:

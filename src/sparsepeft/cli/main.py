@@ -1,0 +1,60 @@
+"""Entry point: ``sparsepeft {train,mask,demo} [flags]``; ``sparsepeft train --help`` lists every flag."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = """usage: sparsepeft {train,mask,demo} [flags]
+
+  train   fine-tune (--method full|fish|random) and write the model, the mask and results.json
+  mask    compute and save a mask only (sparse_mask.safetensors, mask_density.png, mask_summary.json)
+  demo    FISH Mask vs full fine-tuning of the packaged MiniLM on the packaged data (offline, minutes)
+
+Run `sparsepeft train --help` for every flag (all of transformers' TrainingArguments are accepted)."""
+
+
+def _parse(argv: list[str]):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .arguments import DataArguments, ModelArguments, SparseArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, TrainingArguments))
+    if not any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv) \
+            and not any(a in ("-h", "--help") for a in argv):
+        parser.error("--output-dir is required: where the model, mask and results.json are written.")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if command == "demo":
+        from .demo import run_demo
+
+        output_dir = rest[rest.index("--output-dir") + 1] if "--output-dir" in rest else "sparsepeft-demo"
+        run_demo(output_dir)
+        return 0
+    if command not in ("train", "mask"):
+        print(f"sparsepeft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from .train import run_mask, run_train
+
+    model_args, data_args, sparse_args, training_args = _parse(rest)
+    run = run_train if command == "train" else run_mask
+    try:
+        result = run(model_args, data_args, sparse_args, training_args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sparsepeft {command}: error: {error}", file=sys.stderr)
+        return 2
+    if command == "train":
+        print(f"results: {result['metrics']}  ->  {training_args.output_dir}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

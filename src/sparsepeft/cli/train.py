@@ -1,0 +1,117 @@
+"""``sparsepeft train`` and ``sparsepeft mask``: the example-script recipes, written out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from ..data import compute_metrics
+from ..experiments.pipeline import build_mask, featurize, load_model_and_tokenizer, load_task_data, peak_memory_mb
+from ..integrations import MASK_FILE, SparseMaskCallback, mask_from_checkpoint
+from ..selection import SparseMask
+from ..utils.io import write_json
+from .arguments import DataArguments, ModelArguments, SparseArguments
+
+logger = logging.getLogger("sparsepeft")
+
+
+def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: SparseArguments, seed: int):
+    task = load_task_data(data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file,
+                          [c for c in data_args.text_columns.split(",") if c], data_args.label_column,
+                          data_args.task_type)
+    model, tokenizer = load_model_and_tokenizer(model_args.model, task)
+    train, evaluation = featurize(task, tokenizer, model_args.max_seq_length, data_args.max_train_samples,
+                                  data_args.max_eval_samples, seed)
+    return task, model, tokenizer, train, evaluation
+
+
+def _make_mask(model, tokenizer, train, sparse_args: SparseArguments, recipe, model_name: str):
+    if sparse_args.mask_file:
+        mask = SparseMask.load(sparse_args.mask_file)
+        mask.check_compatible(model)
+        return mask
+    return build_mask(model, train, recipe, DataCollatorWithPadding(tokenizer), model_name=model_name)
+
+
+def _save_mask(mask: SparseMask, output_dir: Path) -> None:
+    mask.save(output_dir / MASK_FILE)
+    mask.plot(output_dir / "mask_density.png")
+
+
+def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments) -> dict:
+    """Compute and save a mask only (``sparse_mask.safetensors``, density plot, ``mask_summary.json``)."""
+    if sparse_args.method == "full":
+        raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random.")
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
+    recipe = sparse_args.recipe(training_args.seed)
+    mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
+    _save_mask(mask, output_dir)
+    summary = {"task": task.name, "model": model_args.model, **recipe.timings, **mask.summary()}
+    write_json(output_dir / "mask_summary.json", summary)
+    logger.info("Saved a mask of %d entries (%.4f%%) to %s", mask.num_selected, 100 * mask.density, output_dir)
+    return summary
+
+
+def run_train(model_args, data_args, sparse_args, training_args: TrainingArguments) -> dict:
+    """Fine-tune with the chosen method, evaluate on every dev split, write model, mask and results.json."""
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
+    recipe = sparse_args.recipe(training_args.seed)
+    resume = training_args.resume_from_checkpoint
+    mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
+    if mask is None:
+        mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
+    else:
+        mask.check_compatible(model)
+        logger.info("Resuming with the mask saved in %s", resume)
+    if mask is not None:
+        _save_mask(mask, output_dir)
+
+    def metrics_fn(prediction):
+        return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
+
+    total_params = sum(p.numel() for p in model.parameters())
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=metrics_fn,
+        callbacks=[SparseMaskCallback(mask)] if mask is not None else None,
+    )
+    trainable = mask.num_selected if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
+    metrics = {}
+    for split, features in evaluation.items():
+        scores = trainer.evaluate(features, metric_key_prefix=split)
+        metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
+                          if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
+    trainer.save_model(str(output_dir))
+    results = {
+        "task": task.name,
+        "data_source": task.source,
+        "model": model_args.model,
+        "method": sparse_args.method,
+        "seed": training_args.seed,
+        "keep_ratio": sparse_args.keep_ratio if mask is not None else 1.0,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "train_samples": len(train),
+        "metrics": metrics,
+        "train_seconds": train_seconds,
+        "train_loss": train_output.training_loss,
+        **recipe.timings,
+        **peak_memory_mb(),
+    }
+    write_json(output_dir / "results.json", results)
+    return results

