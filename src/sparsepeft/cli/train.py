@@ -23,7 +23,7 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
     task = load_task_data(data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file,
                           [c for c in data_args.text_columns.split(",") if c], data_args.label_column,
                           data_args.task_type)
-    model, tokenizer = load_model_and_tokenizer(model_args.model, task)
+    model, tokenizer = load_model_and_tokenizer(model_args.model, task, model_args.ignore_mismatched_sizes)
     train, evaluation = featurize(task, tokenizer, model_args.max_seq_length, data_args.max_train_samples,
                                   data_args.max_eval_samples, seed)
     return task, model, tokenizer, train, evaluation

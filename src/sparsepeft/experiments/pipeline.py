@@ -54,7 +54,7 @@ def load_task_data(
     raise DataError("Say what to train on: --task (a GLUE task or 'demo'), or --train-file and --validation-file.")
 
 
-def load_model_and_tokenizer(name_or_path: str, task: TaskData):
+def load_model_and_tokenizer(name_or_path: str, task: TaskData, ignore_mismatched_sizes: bool = False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name_or_path)
@@ -69,7 +69,14 @@ def load_model_and_tokenizer(name_or_path: str, task: TaskData):
         tokenizer.pad_token = tokenizer.eos_token
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, ignore_mismatched_sizes=ignore_mismatched_sizes, **label_kwargs)
+        except RuntimeError as error:
+            if "mismatched" not in str(error):
+                raise
+            raise ValueError(f"{name_or_path} has a task head of another size than this task's {task.num_labels} "
+                             "label(s). Pass --ignore-mismatched-sizes to re-initialise it.") from error
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -82,7 +82,8 @@ class _FisherAccumulator:
 
 
 def _transform(mode: FisherMode) -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch.abs if mode is FisherMode.ABSOLUTE else torch.square
+    """In place: the per-sample blocks handed to the accumulator are its own and can be overwritten."""
+    return torch.abs_ if mode is FisherMode.ABSOLUTE else torch.square_
 
 
 def scored_parameters(model: nn.Module, params: ParamSelector = None) -> dict[str, nn.Parameter]:
@@ -306,7 +307,7 @@ def _exact_fallback(model, loader, target, scored, names, accumulator, mode, tas
                     grads = torch.autograd.grad(term.sum(), params, allow_unused=True, retain_graph=j < len(terms) - 1)
                     for name, grad in zip(names, grads):
                         if grad is not None:
-                            accumulator.totals[name] += transform(grad.to(accumulator.totals[name].dtype))
+                            accumulator.totals[name] += transform(grad.to(accumulator.totals[name].dtype, copy=True))
                 seen += 1
     finally:
         for p in params:

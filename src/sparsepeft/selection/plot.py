@@ -39,7 +39,8 @@ def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -
         1, 2, figsize=(max(8, 0.55 * len(types) + 5), max(3.5, 0.4 * len(layers) + 2.5)),
         gridspec_kw={"width_ratios": [max(len(types), 2), 2]},
     )
-    image = ax_map.imshow(density, aspect="auto", cmap="viridis")
+    norm = matplotlib.colors.PowerNorm(gamma=0.4, vmin=0, vmax=max(float(np.nanmax(density)), 1e-6))
+    image = ax_map.imshow(density, aspect="auto", cmap="viridis", norm=norm)
     ax_map.set_xticks(range(len(types)), types, rotation=70, ha="right", fontsize=7)
     ax_map.set_yticks(range(len(layers)), layers, fontsize=8)
     ax_map.set_title("kept entries (% of tensor)")
@@ -48,7 +49,7 @@ def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -
     ax_bar.barh(range(len(layers)), counts, color="tab:orange")
     ax_bar.set_yticks(range(len(layers)), [""] * len(layers))
     ax_bar.invert_yaxis()
-    ax_bar.set_title("kept entries per layer")
+    ax_bar.set_title("kept per layer")
     fig.suptitle(title or f"{mask.num_selected:,} of {mask.num_candidates:,} entries ({100 * mask.density:.3f}%)")
     fig.tight_layout()
     with atomic_path(path) as tmp:

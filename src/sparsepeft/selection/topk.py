@@ -52,11 +52,11 @@ def _threshold_select(flat: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(flat, dtype=torch.bool)
     threshold = torch.topk(flat, k, sorted=False).values.min()
-    above = flat > threshold
-    tied = flat == threshold
-    needed = k - int(above.sum())
-    tied_rank = torch.cumsum(tied.to(torch.int64), dim=0)
-    return above | (tied & (tied_rank <= needed))
+    chosen = flat > threshold
+    needed = k - int(chosen.sum())
+    tied_positions = (flat == threshold).nonzero().flatten()  # ascending, usually a handful
+    chosen[tied_positions[:needed]] = True
+    return chosen
 
 
 def _nan_as_lowest(scores: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ PerSampleGrads = Union[DenseGrads, RowGrads]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], "dict[str, PerSampleGrads] | None"]
 """(layer, input activation, output gradient) -> {local parameter name: per-sample grads}.
 
-Returning ``None`` means "this instance is not covered" (e.g. an embedding with ``max_norm``); its
+The returned tensors must be new (not views of the activation or output gradient): the Fisher
+accumulator squares them in place. Returning ``None`` means "this instance is not covered" (e.g. an embedding with ``max_norm``); its
 parameters then go to the exact fallback."""
 
 _RULES_BY_TYPE: dict[type, Rule] = {}

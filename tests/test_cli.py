@@ -1,0 +1,95 @@
+"""`sparsepeft train|mask` end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsepeft import SparseMask
+from sparsepeft.cli.main import main
+
+FAST = ["--num-train-epochs", "1", "--per-device-train-batch-size", "8", "--report-to", "none",
+        "--disable-tqdm", "true", "--save-strategy", "no", "--use-cpu", "true", "--max-seq-length", "48",
+        "--dataloader-pin-memory", "false"]
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "fish"
+    code = main(["train", "--model", str(tiny_bert_dir), "--task", "rte", "--data-dir", str(glue_dir),
+                 "--max-train-samples", "48", "--max-eval-samples", "40", "--num-samples", "32",
+                 "--keep-ratio", "0.05", "--learning-rate", "1e-2", "--weight-decay", "0.1", "--output-dir", str(out),
+                 *FAST])
+    assert code == 0
+    results = _results(out)
+    assert results["task"] == "rte" and results["method"] == "fish"
+    assert 0.0 <= results["metrics"]["validation"]["accuracy"] <= 1.0
+    mask = SparseMask.load(out / "sparse_mask.safetensors")
+    assert results["trainable_params"] == mask.num_selected
+    assert (out / "mask_density.png").is_file()
+    before = load_file(str(tiny_bert_dir / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    moved = 0
+    for name, value in after.items():
+        if name in mask.shapes:
+            keep = mask.dense(name)
+            assert torch.equal(value[~keep], before[name][~keep]), name
+            moved += int((value[keep] != before[name][keep]).sum())
+    assert moved > 0
+
+
+def test_stsb_regression_reports_pearson_and_spearman(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "stsb"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "stsb", "--data-dir", str(glue_dir),
+                 "--method", "random", "--keep-ratio", "0.1", "--max-train-samples", "32",
+                 "--max-eval-samples", "32", "--ignore-mismatched-sizes", "true", "--output-dir", str(out), *FAST]) == 0
+    assert {"pearson", "spearmanr", "combined_score"} <= set(_results(out)["metrics"]["validation"])
+
+
+def test_mask_command_and_reuse_of_the_mask(tiny_bert_dir, tmp_path):
+    out = tmp_path / "mask"
+    assert main(["mask", "--model", str(tiny_bert_dir), "--task", "demo", "--num-samples", "24",
+                 "--keep-ratio", "0.02", "--max-train-samples", "64", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "mask_summary.json").read_text())
+    assert summary["num_selected"] == SparseMask.load(out / "sparse_mask.safetensors").num_selected
+    assert "fisher_seconds" in summary and "per_layer" in summary
+    train_out = tmp_path / "train"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--mask-file",
+                 str(out / "sparse_mask.safetensors"), "--max-train-samples", "32", "--max-eval-samples", "32",
+                 "--output-dir", str(train_out), *FAST]) == 0
+    assert _results(train_out)["trainable_params"] == summary["num_selected"]
+
+
+def test_full_method_on_own_csv_files(tiny_bert_dir, tmp_path):
+    rows = ["text,label"] + [f"the product is {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:9]) + "\n")
+    out = tmp_path / "full"
+    assert main(["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "train.csv"),
+                 "--validation-file", str(tmp_path / "dev.csv"), "--text-columns", "text", "--method", "full",
+                 "--output-dir", str(out), *FAST]) == 0
+    results = _results(out)
+    assert results["trainable_params"] == results["total_params"]
+    assert {"accuracy", "f1"} <= set(results["metrics"]["validation"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "nope"], "Unknown task"),
+    (["--task", "rte", "--data-dir", "/nonexistent/glue"], "does not exist"),
+    (["--task", "demo", "--mask-file", "/nonexistent/mask.safetensors"], "No mask file"),
+])
+def test_bad_input_is_a_clear_error(tiny_bert_dir, tmp_path, capsys, argv, message):
+    code = main(["train", "--model", str(tiny_bert_dir), *argv, "--output-dir", str(tmp_path / "x"), *FAST])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_keep_ratio_out_of_range_and_missing_output_dir(tiny_bert_dir):
+    with pytest.raises(ValueError, match="keep-ratio"):
+        main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--keep-ratio", "2", "--output-dir", "/tmp/x"])
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "demo"])
