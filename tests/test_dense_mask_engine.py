@@ -130,3 +130,19 @@ def test_unselected_tensors_are_frozen_and_detach_restores():
 def test_engine_refuses_a_mask_of_another_model():
     with pytest.raises(ValueError, match="another model"):
         DenseMaskEngine(make_model("gpt2"), _mask(make_model("bert")))
+
+
+def test_clipping_sees_only_the_masked_gradient():
+    model = make_model("bert")
+    mask = _mask(model)
+    DenseMaskEngine(model, mask).attach()
+    model.train()
+    model(**_batches(1)[0]).loss.backward()
+    squares = 0.0
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            assert mask.kept(name) == 0
+            continue
+        assert not param.grad[~mask.dense(name)].any(), name
+        squares += float(param.grad.double().square().sum())
+    assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)) == pytest.approx(squares**0.5, rel=1e-5)

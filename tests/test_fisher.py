@@ -138,3 +138,13 @@ def test_rule_lookup_respects_overridden_forward():
     assert find_rule(nn.Linear(2, 2)) is not None
     assert find_rule(Renamed(2, 2)) is find_rule(nn.Linear(2, 2))
     assert find_rule(Reimplemented(2, 2)) is None
+
+
+def test_non_finite_gradient_with_finite_loss_names_the_parameter():
+    model = make_model("bert")
+
+    def loss_fn(logits, batch):  # finite loss, but d sqrt(|x|)/dx at x = 0 is not finite
+        return (logits[:, 0] * 0).abs().sqrt()
+
+    with pytest.raises(FloatingPointError, match=r"per-sample gradients of \['bert"):
+        estimate_fisher(model, make_examples(4), num_samples=4, batch_size=2, progress=False, loss_fn=loss_fn)

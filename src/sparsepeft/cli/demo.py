@@ -34,7 +34,8 @@ def run_demo(output_dir: str = "sparsepeft-demo", extra: list[str] | None = None
 
 
 def format_table(results: dict[str, dict]) -> str:
-    rows = [("method", "dev accuracy", "trainable params", "Fisher + mask s", "train s", "peak RSS MB")]
+    rows = [("method", "dev accuracy", "trainable params", "Fisher + mask s", "train s", "train peak RSS MB",
+             "mask peak RSS MB")]
     for method, r in results.items():
         rows.append((
             method,
@@ -42,7 +43,8 @@ def format_table(results: dict[str, dict]) -> str:
             f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%)",
             f"{r.get('mask_seconds', 0.0):.1f}",
             f"{r['train_seconds']:.1f}",
-            f"{r['peak_rss_mb']:.0f}",
+            f"{r['train_peak_rss_mb']:.0f}",
+            "-" if r.get("mask_peak_rss_mb") is None else f"{r['mask_peak_rss_mb']:.0f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

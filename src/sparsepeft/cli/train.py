@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from ..data import compute_metrics
-from ..experiments.pipeline import build_mask, featurize, load_model_and_tokenizer, load_task_data, peak_memory_mb
+from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..integrations import MASK_FILE, SparseMaskCallback, mask_from_checkpoint
 from ..selection import SparseMask
 from ..utils.io import write_json
@@ -66,8 +66,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     recipe = sparse_args.recipe(training_args.seed)
     resume = training_args.resume_from_checkpoint
     mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
+    mask_phase = PeakMemory()
     if mask is None:
         mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
+    mask_peak = mask_phase.read_mb()
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
@@ -88,9 +90,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         callbacks=[SparseMaskCallback(mask)] if mask is not None else None,
     )
     trainable = mask.num_selected if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_phase = PeakMemory()
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
+    train_peak = train_phase.read_mb()
     metrics = {}
     for split, features in evaluation.items():
         scores = trainer.evaluate(features, metric_key_prefix=split)
@@ -111,7 +115,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_seconds": train_seconds,
         "train_loss": train_output.training_loss,
         **recipe.timings,
-        **peak_memory_mb(),
+        "train_peak_rss_mb": train_peak["peak_rss_mb"],
+        "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
+        **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
     write_json(output_dir / "results.json", results)
     return results

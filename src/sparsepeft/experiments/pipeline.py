@@ -129,9 +129,34 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
     return mask
 
 
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and of the GPU allocator, when there is one)."""
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peak["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return peak
+class PeakMemory:
+    """Peak resident memory of a phase of this process (Linux resets the high-water mark on request).
+
+    ``ru_maxrss`` alone only knows the whole process's peak, which would charge the Fisher pass's peak
+    to training and the first method's peak to the second.
+    """
+
+    def __init__(self):
+        self.resettable = self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            return True
+        except OSError:
+            return False
+
+    def read_mb(self) -> dict[str, float]:
+        peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.resettable:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        peak["peak_rss_mb"] = int(line.split()[1]) / 1024
+        if torch.cuda.is_available():
+            peak["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return peak

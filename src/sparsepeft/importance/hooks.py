@@ -27,7 +27,7 @@ class PerSampleGradCapture:
     the rest are listed in :attr:`uncovered` for the caller's exact fallback.
     """
 
-    def __init__(self, model: nn.Module, scored: dict[str, nn.Parameter], max_chunk_elements: int = 2**26):
+    def __init__(self, model: nn.Module, scored: dict[str, nn.Parameter], max_chunk_elements: int = 2**20):
         self.model = model
         self.max_chunk_elements = max_chunk_elements
         names_by_id = {id(p): n for n, p in scored.items()}
