@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data.collate import PaddingCollator
 from .hooks import PerSampleGradCapture
 from .losses import PerSampleLoss, TaskType, empirical_nll, expected_terms, infer_task_type
-from .rules import DenseGrads, PerSampleGrads, RowGrads
+from .rules import FactoredGrads, PerSampleGrads, RowGrads
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ class _FisherAccumulator:
     contributions *added* before the transform, as the true per-sample gradient requires.
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], transform: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, params: Mapping[str, nn.Parameter], mode: FisherMode):
         self.totals = {
             n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
             for n, p in params.items()
         }
-        self.transform = transform
+        self.mode = mode
+        self.transform = torch.abs_ if mode is FisherMode.ABSOLUTE else torch.square_  # in place: blocks are ours
         self._buffers: dict[str, torch.Tensor] = {}
         self._multi_use: set[str] = set()
         self._batch_size = 0
@@ -56,39 +57,47 @@ class _FisherAccumulator:
         self._batch_size = batch_size
         self._multi_use = multi_use
 
-    def __call__(self, name: str, grads: PerSampleGrads, offset: int) -> None:
+    def __call__(self, name: str, grads: PerSampleGrads) -> None:
+        total = self.totals[name]
         if name in self._multi_use:
-            self._add_to_buffer(name, grads, offset)
+            self._add_to_buffer(name, grads)
         elif isinstance(grads, RowGrads):
-            self.totals[name].index_add_(0, grads.row, self.transform(grads.values))
+            total.index_add_(0, grads.row, self.transform(grads.values))
+        elif isinstance(grads, FactoredGrads):
+            self._reduce_factored(total, grads)
         else:
-            total = self.totals[name]
-            values = grads.values.reshape(grads.values.shape[0], *total.shape)
-            if values.shape[0] == 1 and self.transform is torch.square_:
-                total.addcmul_(values[0], values[0])  # one fused pass over a cache-sized block
-            else:
-                total += self.transform(values).sum(dim=0)
+            total += self.transform(grads.values.reshape(-1, *total.shape)).sum(dim=0)
 
-    def _add_to_buffer(self, name: str, grads: PerSampleGrads, offset: int) -> None:
+    def _reduce_factored(self, total: torch.Tensor, grads: FactoredGrads) -> None:
+        first, second = grads.first, grads.second
+        if first.shape[1] == 1:
+            # one position per sample: sum_b (u_b v_b^T)^2 = (u^2)^T (v^2) exactly, one GEMM for the batch
+            u, v = self.transform(first[:, 0].clone()), self.transform(second[:, 0].clone())
+            total.addmm_(u.t(), v)
+            return
+        block = torch.empty_like(total)
+        for b in range(first.shape[0]):  # one cache-sized block per sample, reduced in the same pass
+            torch.mm(first[b].t(), second[b], out=block)
+            if self.mode is FisherMode.ABSOLUTE:
+                total.add_(block.abs_())
+            else:
+                total.addcmul_(block, block)
+
+    def _add_to_buffer(self, name: str, grads: PerSampleGrads) -> None:
         total = self.totals[name]
         buffer = self._buffers.get(name)
         if buffer is None:
             buffer = self._buffers[name] = total.new_zeros(self._batch_size, *total.shape)
         if isinstance(grads, RowGrads):
-            buffer.index_put_((grads.sample + offset, grads.row), grads.values, accumulate=True)
+            buffer.index_put_((grads.sample, grads.row), grads.values, accumulate=True)
         else:
-            values = grads.values
-            buffer[offset : offset + values.shape[0]] += values.reshape(values.shape[0], *total.shape)
+            values = grads.materialize() if isinstance(grads, FactoredGrads) else grads.values
+            buffer += values.reshape(buffer.shape)
 
     def end_pass(self) -> None:
         for name, buffer in self._buffers.items():
             self.totals[name] += self.transform(buffer).sum(dim=0)
         self._buffers.clear()
-
-
-def _transform(mode: FisherMode) -> Callable[[torch.Tensor], torch.Tensor]:
-    """In place: the per-sample blocks handed to the accumulator are its own and can be overwritten."""
-    return torch.abs_ if mode is FisherMode.ABSOLUTE else torch.square_
 
 
 def scored_parameters(model: nn.Module, params: ParamSelector = None) -> dict[str, nn.Parameter]:
@@ -194,7 +203,6 @@ def estimate_fisher(
     loss_fn: PerSampleLoss | None = None,
     seed: int = 0,
     progress: bool = True,
-    max_chunk_elements: int = 2**20,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of ``model`` on ``num_samples`` samples of ``data``.
 
@@ -207,9 +215,6 @@ def estimate_fisher(
             names or a predicate ``(name, parameter) -> bool`` (e.g. only PEFT parameters).
         collate_fn: batches the examples; default pads with the model's ``pad_token_id``.
         task_type / loss_fn: override the head's loss; ``loss_fn(logits, batch)`` returns per-sample NLL.
-        max_chunk_elements: per-sample gradient blocks are formed a few samples at a time so that one
-            block (at most this many elements) stays in cache while it is squared and summed; this is
-            about 2x faster on CPU than materialising the whole batch's block, and bounds memory.
 
     Returns:
         ``{name: tensor}`` with each parameter's shape, float32, averaged over the samples. The model's
@@ -222,8 +227,8 @@ def estimate_fisher(
         collate_fn = PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
     loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed)
     device = next(iter(scored.values())).device
-    accumulator = _FisherAccumulator(scored, _transform(mode))
-    capture = PerSampleGradCapture(model, scored, max_chunk_elements=max_chunk_elements)
+    accumulator = _FisherAccumulator(scored, mode)
+    capture = PerSampleGradCapture(model, scored)
     seen = 0
     first_batch = None
     with _FrozenForMeasurement(model):

@@ -16,8 +16,7 @@ from torch import nn
 
 from .rules import PerSampleGrads, find_rule
 
-GradSink = Callable[[str, PerSampleGrads, int], None]
-"""(parameter name, per-sample grads of a chunk of the batch, index of the chunk's first sample)."""
+GradSink = Callable[[str, PerSampleGrads], None]
 
 
 class PerSampleGradCapture:
@@ -27,9 +26,8 @@ class PerSampleGradCapture:
     the rest are listed in :attr:`uncovered` for the caller's exact fallback.
     """
 
-    def __init__(self, model: nn.Module, scored: dict[str, nn.Parameter], max_chunk_elements: int = 2**20):
+    def __init__(self, model: nn.Module, scored: dict[str, nn.Parameter]):
         self.model = model
-        self.max_chunk_elements = max_chunk_elements
         names_by_id = {id(p): n for n, p in scored.items()}
         self._layers: list[tuple[nn.Module, Callable, dict[str, str]]] = []
         covered: set[str] = set()
@@ -107,16 +105,10 @@ class PerSampleGradCapture:
         return forward_hook
 
     def _on_output_grad(self, module, rule, local, activation, grad_output) -> None:
-        batch = grad_output.shape[0]
-        numel = max(p.numel() for p in module.parameters(recurse=False))
-        chunk = max(1, min(batch, self.max_chunk_elements // max(numel, 1)))
-        for start in range(0, batch, chunk):
-            stop = min(batch, start + chunk)
-            grads = rule(module, activation[start:stop], grad_output[start:stop])
-            if grads is None:
-                self.not_covered_at_runtime.update(local.values())
-                return
-            for local_name, per_sample in grads.items():
-                if local_name in local:
-                    self._sink(local[local_name], per_sample, start)
-
+        grads = rule(module, activation, grad_output)
+        if grads is None:
+            self.not_covered_at_runtime.update(local.values())
+            return
+        for local_name, per_sample in grads.items():
+            if local_name in local:
+                self._sink(local[local_name], per_sample)

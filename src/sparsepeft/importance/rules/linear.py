@@ -1,7 +1,7 @@
 """Rules for affine layers: ``nn.Linear`` and GPT-2's ``Conv1D`` (a Linear with a transposed weight).
 
-For one sample with positions t, the weight gradient is ``sum_t g_t a_t^T``; one einsum over the batch
-gives all samples' gradients at the cost of one ordinary weight-gradient computation.
+For one sample with positions t, the weight gradient is ``sum_t g_t a_t^T``: the rule hands over the
+factors ``g`` and ``a`` and lets the accumulator form and reduce the products (see ``FactoredGrads``).
 """
 
 from __future__ import annotations
@@ -9,18 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import DenseGrads, as_sequence, register_rule, upcast
+from .registry import DenseGrads, FactoredGrads, as_sequence, register_rule, upcast
 
 
-def _affine_grads(activation, grad_output, has_bias: bool, transposed: bool) -> dict[str, DenseGrads]:
+def _affine_grads(activation, grad_output, has_bias: bool, transposed: bool) -> dict:
     batch = grad_output.shape[0]
     a = upcast(as_sequence(activation, batch))
     g = upcast(as_sequence(grad_output, batch))
-    if transposed:
-        weight = torch.einsum("bti,bto->bio", a, g)
-    else:
-        weight = torch.einsum("bto,bti->boi", g, a)
-    grads = {"weight": DenseGrads(weight)}
+    grads = {"weight": FactoredGrads(first=a, second=g) if transposed else FactoredGrads(first=g, second=a)}
     if has_bias:
         grads["bias"] = DenseGrads(g.sum(dim=1))
     return grads

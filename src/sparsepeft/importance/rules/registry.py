@@ -40,7 +40,24 @@ class RowGrads:
     batch_size: int
 
 
-PerSampleGrads = Union[DenseGrads, RowGrads]
+@dataclass
+class FactoredGrads:
+    """Per-sample gradients of an affine weight, kept as the factors they are made of.
+
+    Sample ``b``'s gradient is ``first[b]^T @ second[b]`` (``first``: ``[batch, positions, m]``,
+    ``second``: ``[batch, positions, n]``, gradient ``[m, n]``). The accumulator chooses how to reduce it
+    — one cache-sized product per sample, a single GEMM when there is one position per sample — instead
+    of materialising ``batch x m x n`` values.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        return torch.bmm(self.first.transpose(1, 2), self.second)
+
+
+PerSampleGrads = Union[DenseGrads, RowGrads, FactoredGrads]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], "dict[str, PerSampleGrads] | None"]
 """(layer, input activation, output gradient) -> {local parameter name: per-sample grads}.
 
