@@ -93,3 +93,18 @@ def test_keep_ratio_out_of_range_and_missing_output_dir(tiny_bert_dir):
         main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--keep-ratio", "2", "--output-dir", "/tmp/x"])
     with pytest.raises(SystemExit):
         main(["train", "--task", "demo"])
+
+
+def test_resume_from_checkpoint_reuses_the_checkpoint_mask(tiny_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "32",
+              "--max-eval-samples", "16", "--num-samples", "16", "--keep-ratio", "0.05", "--output-dir", str(out),
+              *[a for a in FAST if a not in ("--save-strategy", "no")], "--save-strategy", "steps", "--save-steps", "2"]
+    assert main(common) == 0
+    first = SparseMask.load(out / "sparse_mask.safetensors")
+    checkpoint = out / "checkpoint-2"
+    assert SparseMask.load(checkpoint / "sparse_mask.safetensors").num_selected == first.num_selected
+    # a different seed would draw other Fisher samples; the resumed run must keep the checkpoint's mask
+    assert main([*common, "--seed", "7", "--resume-from-checkpoint", str(checkpoint)]) == 0
+    resumed = SparseMask.load(out / "sparse_mask.safetensors")
+    assert all(torch.equal(resumed.indices[n], first.indices[n]) for n in first.indices)

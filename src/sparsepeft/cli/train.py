@@ -69,10 +69,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     mask_phase = PeakMemory()
     if mask is None:
         mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
-    mask_peak = mask_phase.read_mb()
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
+    mask_peak = mask_phase.read_mb()
     if mask is not None:
         _save_mask(mask, output_dir)
 
