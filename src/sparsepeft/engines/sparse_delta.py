@@ -1,0 +1,165 @@
+"""Sparse-delta training: trainable state and optimizer state proportional to the mask, not the model.
+
+Per partly-trained tensor ``W`` the trainable state is a value vector of its selected entries
+(registered on ``W``'s own module as ``<name>_sparse_values``, so Trainer's weight-decay grouping treats
+it exactly like ``W``) and their flat indices (a buffer, ``<name>_sparse_index``). ``W``'s storage
+always holds the current weights, so the forward pass is the model's own — no extra copy, no sparse
+kernels. In backward, ``W``'s dense gradient exists only until its layer's gradient is accumulated: a
+hook gathers the selected entries into the value vector's ``.grad`` and frees it. The optimizer sees
+only the value vectors (and whole-trained tensors such as the head), so AdamW's two moments cost
+``2k`` numbers instead of two copies of the model; after each step the values are written into ``W``.
+
+AdamW on the value vector is the same arithmetic as the dense-mask engine on those entries, so both
+engines end at the same weights (see the tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..selection.mask import SparseMask, model_fingerprint
+from .delta import base_content_hash, fully_trained, save_delta
+from .dense_mask import unwrap_optimizer
+
+VALUES_SUFFIX = "_sparse_values"
+INDEX_SUFFIX = "_sparse_index"
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+class SparseDeltaEngine:
+    """Train a mask's entries with O(k) trainable and optimizer state.
+
+    Plain PyTorch::
+
+        engine = SparseDeltaEngine(model, mask).attach()          # on the *base* model
+        optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+        engine.attach_optimizer(optimizer)
+        ...                                                        # usual loop
+        engine.save_delta("delta.safetensors")                     # k indices + k values
+        engine.detach()                                            # model is now the plain fine-tuned model
+    """
+
+    def __init__(self, model: nn.Module, mask: SparseMask):
+        mask.check_compatible(model)
+        self.model = model
+        self.mask = mask
+        self._params = dict(model.named_parameters())
+        self.partial: dict[str, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
+        self._handles: list = []
+        self._saved_flags: dict[str, bool] | None = None
+        self.base_hash: str | None = None
+        self.base_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ model
+    def attach(self) -> "SparseDeltaEngine":
+        if self._saved_flags is not None:
+            raise RuntimeError("This SparseDeltaEngine is already attached.")
+        self.base_hash = base_content_hash(self.model, skip=fully_trained(self.mask))
+        self.base_fingerprint = model_fingerprint(self.model)
+        self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
+        for name, param in self._params.items():
+            kept = self.mask.kept(name) if name in self.mask.shapes else 0
+            if kept == 0:
+                param.requires_grad_(False)
+            elif self.mask.is_full(name):
+                param.requires_grad_(True)
+            else:
+                self._split(name, param)
+        return self
+
+    def _split(self, name: str, param: nn.Parameter) -> None:
+        module, attr = _owner(self.model, name)
+        index = self.mask.indices[name].to(param.device)
+        values = nn.Parameter(param.detach().reshape(-1)[index].clone())
+        module.register_parameter(attr + VALUES_SUFFIX, values)
+        module.register_buffer(attr + INDEX_SUFFIX, index)
+        param.requires_grad_(True)  # its dense gradient is still computed, and dropped right away
+        self._handles.append(param.register_post_accumulate_grad_hook(self._gather_into(values, index)))
+        self.partial[name] = (param, values, index)
+
+    @staticmethod
+    def _gather_into(values: nn.Parameter, index: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            selected = param.grad.reshape(-1)[index]
+            if values.grad is None:
+                values.grad = selected
+            else:
+                values.grad.add_(selected)  # gradient accumulation
+            param.grad = None
+
+        return hook
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        for name, param in self._params.items():
+            if name in self.partial:
+                yield self.partial[name][1]
+            elif name in self.mask.shapes and self.mask.kept(name) and self.mask.is_full(name):
+                yield param
+
+    # ------------------------------------------------------------------ optimizer
+    def attach_optimizer(self, optimizer) -> "SparseDeltaEngine":
+        inner = unwrap_optimizer(optimizer)
+        in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
+        missing = [n for n, (_, values, _) in self.partial.items() if id(values) not in in_optimizer]
+        if missing:
+            raise RuntimeError(
+                f"The optimizer does not hold the sparse value vectors (e.g. of {missing[0]}): build it after "
+                "attaching the engine (with Trainer: pass the callback to Trainer(callbacks=[...]))."
+            )
+        self._handles.append(inner.register_step_post_hook(self._write_back))
+        return self
+
+    @torch.no_grad()
+    def _write_back(self, optimizer=None, args=None, kwargs=None) -> None:
+        for param, values, index in self.partial.values():
+            param.view(-1)[index] = values.to(param.dtype)
+
+    # ------------------------------------------------------------------ accounting and saving
+    def trainable_state_bytes(self) -> int:
+        """Bytes of what is trained: value vectors, their indices, and whole-trained tensors."""
+        total = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for _, v, i in self.partial.values())
+        return total + sum(p.numel() * p.element_size() for n, p in self._params.items()
+                           if n not in self.partial and p.requires_grad)
+
+    def save_delta(self, path: str | os.PathLike) -> int:
+        self._write_back()
+        return save_delta(self.model, self.mask, path, self.base_hash, self.base_fingerprint)
+
+    # ------------------------------------------------------------------ teardown
+    def detach(self) -> nn.Module:
+        """Remove the value vectors and hooks; the model is left as a plain model with trained weights."""
+        self._write_back()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name in self.partial:
+            module, attr = _owner(self.model, name)
+            delattr(module, attr + VALUES_SUFFIX)
+            delattr(module, attr + INDEX_SUFFIX)
+        self.partial.clear()
+        if self._saved_flags is not None:
+            for name, flag in self._saved_flags.items():
+                self._params[name].requires_grad_(flag)
+        self._saved_flags = None
+        return self.model
+
+    def __enter__(self) -> "SparseDeltaEngine":
+        return self.attach() if self._saved_flags is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held in an optimizer's state tensors (AdamW: both moments and the step counters)."""
+    inner = unwrap_optimizer(optimizer)
+    return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))

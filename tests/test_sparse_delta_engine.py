@@ -1,0 +1,140 @@
+"""The sparse-delta engine: same weights as the dense-mask engine, O(k) state, exact delta checkpoints."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from conftest import make_examples, make_model
+from sparsepeft import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, SparseMaskCallback, apply_delta, select_mask
+from sparsepeft.data.collate import PaddingCollator
+from sparsepeft.engines import optimizer_state_bytes
+
+
+def _mask(model, ratio=0.05):
+    g = torch.Generator().manual_seed(0)
+    return select_mask({n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}, ratio, model=model)
+
+
+def _batches(n=10, size=4, seed=3):
+    examples = make_examples(n * size, seed=seed)
+    collate = PaddingCollator(0)
+    return [collate(examples[i * size : (i + 1) * size]) for i in range(n)]
+
+
+def _loop(model, engine_cls, mask, steps=50, accumulate=1):
+    engine = engine_cls(model, mask).attach()
+    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=5e-3, weight_decay=0.1)
+    engine.attach_optimizer(optimizer)
+    batches = _batches()
+    model.train()
+    torch.manual_seed(11)
+    for step in range(steps):
+        for micro in range(accumulate):
+            (model(**batches[(step * accumulate + micro) % len(batches)]).loss / accumulate).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return engine, optimizer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sparse_engine_ends_at_the_dense_mask_engines_weights(accumulate):
+    dense_model, sparse_model = make_model("bert"), make_model("bert")
+    mask = _mask(dense_model)
+    _loop(dense_model, DenseMaskEngine, mask, accumulate=accumulate)
+    engine, _ = _loop(sparse_model, SparseDeltaEngine, mask, accumulate=accumulate)
+    engine.detach()
+    worst = max(float((a - b).detach().abs().max()) for a, b in zip(dense_model.parameters(), sparse_model.parameters()))
+    assert worst < 1e-6
+    assert dict(sparse_model.named_parameters()).keys() == dict(dense_model.named_parameters()).keys()
+
+
+def test_state_is_proportional_to_the_mask_and_frozen_entries_stay():
+    model = make_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = _mask(model, ratio=0.02)
+    engine, optimizer = _loop(model, SparseDeltaEngine, mask, steps=3)
+    whole = sum(mask.kept(n) for n in mask.shapes if mask.kept(n) and mask.is_full(n))
+    partial = mask.num_selected - whole
+    # AdamW: two fp32 moments per trained entry, plus one step counter per tensor
+    n_tensors = sum(1 for _ in engine.trainable_parameters())
+    assert optimizer_state_bytes(optimizer) == 2 * 4 * mask.num_selected + 4 * n_tensors
+    assert engine.trainable_state_bytes() == 4 * whole + (4 + 8) * partial
+    for name, param in model.named_parameters():
+        if name.endswith(("_sparse_values",)):
+            continue
+        keep = mask.dense(name)
+        assert torch.equal(param.detach()[~keep], before[name][~keep]), name
+        assert param.grad is None  # no dense gradient survives the backward pass
+
+
+def test_delta_round_trip_is_bit_exact_and_small(tmp_path):
+    model = make_model("bert")
+    mask = _mask(model, ratio=0.02)
+    engine, _ = _loop(model, SparseDeltaEngine, mask, steps=5)
+    size = engine.save_delta(tmp_path / "delta.safetensors")
+    engine.detach()
+    header_length = int.from_bytes((tmp_path / "delta.safetensors").read_bytes()[:8], "little")
+    whole = sum(mask.kept(n) for n in mask.shapes if mask.kept(n) and mask.is_full(n))
+    # payload: int32 index + fp32 value per partly-trained entry, fp32 per whole-trained entry; no more
+    assert size - 8 - header_length == 8 * (mask.num_selected - whole) + 4 * whole
+    rebuilt = apply_delta(make_model("bert"), tmp_path / "delta.safetensors")
+    for (name, a), (_, b) in zip(model.named_parameters(), rebuilt.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_delta_on_the_wrong_base_is_refused(tmp_path):
+    model = make_model("bert")
+    engine, _ = _loop(model, SparseDeltaEngine, _mask(model), steps=2)
+    engine.save_delta(tmp_path / "delta.safetensors")
+    with pytest.raises(DeltaMismatchError, match="other parameter names or shapes"):
+        apply_delta(make_model("gpt2"), tmp_path / "delta.safetensors")
+    with pytest.raises(DeltaMismatchError, match="weights differ"):
+        apply_delta(make_model("bert", seed=5), tmp_path / "delta.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "delta.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        apply_delta(make_model("bert"), tmp_path / "bad.safetensors")
+
+
+def test_merged_model_saves_and_loads_with_from_pretrained(tmp_path):
+    model = make_model("bert")
+    engine, _ = _loop(model, SparseDeltaEngine, _mask(model), steps=3)
+    merged = engine.detach()
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    merged.eval()
+    batch = _batches(1)[0]
+    batch.pop("labels")
+    assert torch.equal(merged(**batch).logits, loaded(**batch).logits)
+
+
+def _trainer(model, mask, out, **overrides):
+    args = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
+                max_grad_norm=0.5, num_train_epochs=2, report_to="none", disable_tqdm=True, use_cpu=True,
+                logging_strategy="no", save_strategy="no", seed=3, data_seed=3, dataloader_pin_memory=False)
+    args.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=make_examples(24, seed=4),
+                   data_collator=PaddingCollator(0), callbacks=[SparseMaskCallback(mask, engine="sparse")])
+
+
+def test_trainer_sparse_engine_matches_dense_mask_and_resumes(tmp_path):
+    dense = make_model("bert")
+    mask = _mask(dense)
+    Trainer(model=dense, args=_trainer(make_model("bert"), mask, tmp_path / "x").args,
+            train_dataset=make_examples(24, seed=4), data_collator=PaddingCollator(0),
+            callbacks=[SparseMaskCallback(mask)]).train()
+    straight = make_model("bert")
+    _trainer(straight, mask, tmp_path / "a", gradient_accumulation_steps=2).train()
+    assert (tmp_path / "a" / "sparse_delta.safetensors").is_file()
+    interrupted = make_model("bert")
+    _trainer(interrupted, mask, tmp_path / "b", gradient_accumulation_steps=2, save_strategy="steps", save_steps=2).train()
+    assert (tmp_path / "b" / "checkpoint-2" / "sparse_delta.safetensors").is_file()
+    resumed = make_model("bert")
+    _trainer(resumed, mask, tmp_path / "b", gradient_accumulation_steps=2, save_strategy="steps", save_steps=2).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    single = make_model("bert")
+    _trainer(single, mask, tmp_path / "c").train()
+    for (name, a), (_, b) in zip(dense.named_parameters(), single.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
