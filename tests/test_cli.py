@@ -108,3 +108,27 @@ def test_resume_from_checkpoint_reuses_the_checkpoint_mask(tiny_bert_dir, tmp_pa
     assert main([*common, "--seed", "7", "--resume-from-checkpoint", str(checkpoint)]) == 0
     resumed = SparseMask.load(out / "sparse_mask.safetensors")
     assert all(torch.equal(resumed.indices[n], first.indices[n]) for n in first.indices)
+
+
+def test_sparse_engine_writes_a_delta_that_merges_into_the_same_model(tiny_bert_dir, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "sparse"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--engine", "sparse", "--max-train-samples",
+                 "32", "--max-eval-samples", "16", "--num-samples", "16", "--keep-ratio", "0.05",
+                 "--learning-rate", "1e-2", "--weight-decay", "0.1", "--output-dir", str(out), *FAST]) == 0
+    results = _results(out)
+    mask = SparseMask.load(out / "sparse_mask.safetensors")
+    assert results["engine"] == "sparse"
+    assert results["optimizer_state_bytes"] <= 8 * mask.num_selected + 4 * len(mask.indices)
+    assert results["delta_file_bytes"] < results["dense_checkpoint_bytes"]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_bert_dir), "--delta", str(out / "sparse_delta.safetensors"),
+                 "--output-dir", str(merged)]) == 0
+    a = AutoModelForSequenceClassification.from_pretrained(out)
+    b = AutoModelForSequenceClassification.from_pretrained(merged)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+    assert main(["merge", "--model", str(out), "--delta", str(out / "sparse_delta.safetensors"),
+                 "--output-dir", str(tmp_path / "wrong")]) == 2
+    assert "weights differ" in capsys.readouterr().err

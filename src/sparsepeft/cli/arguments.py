@@ -56,6 +56,10 @@ class SparseArguments:
     always_train: str = field(default=",".join(DEFAULT_ALWAYS_TRAIN), metadata={
         "help": "Modules trained in full, inside the budget (comma-separated; '' for none)."})
     mask_file: Optional[str] = field(default=None, metadata={"help": "Use this saved mask instead of computing one."})
+    engine: str = field(default="dense-mask", metadata={
+        "help": "dense-mask: masked gradients on dense weights (reference); sparse: value vectors of the selected "
+                "entries, optimizer state O(k), writes sparse_delta.safetensors.",
+        "choices": ["dense-mask", "sparse"]})
 
     def __post_init__(self):
         if not (0 < self.keep_ratio <= 1):

@@ -14,7 +14,7 @@ DEMO_RUNS = {
     # Sparse updates of 0.5% of the weights need a larger step than full fine-tuning (FISH Mask used
     # 5x); both rates were picked on the demo's dev set, see docs/benchmarks.md.
     "full": ["--method", "full", "--learning-rate", "5e-5"],
-    "fish": ["--method", "fish", "--learning-rate", "2e-3", "--num-samples", "256"],
+    "fish": ["--method", "fish", "--engine", "sparse", "--learning-rate", "2e-3", "--num-samples", "256"],
 }
 COMMON = ["--task", "demo", "--num-train-epochs", "3", "--per-device-train-batch-size", "16",
           "--per-device-eval-batch-size", "64", "--max-seq-length", "64", "--save-strategy", "no",
@@ -34,17 +34,20 @@ def run_demo(output_dir: str = "sparsepeft-demo", extra: list[str] | None = None
 
 
 def format_table(results: dict[str, dict]) -> str:
-    rows = [("method", "dev accuracy", "trainable params", "Fisher + mask s", "train s", "train peak RSS MB",
-             "mask peak RSS MB")]
+    rows = [("method", "dev accuracy", "trainable params", "trainable state MB", "optimizer state MB",
+             "Fisher + mask s", "train s", "train peak RSS MB", "mask peak RSS MB", "saved MB")]
     for method, r in results.items():
         rows.append((
-            method,
+            f"{method} ({r['engine']} engine)" if r.get("engine") else method,
             f"{r['metrics']['validation']['accuracy']:.4f}",
             f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%)",
+            f"{r['trainable_state_bytes'] / 2**20:.2f}",
+            f"{r['optimizer_state_bytes'] / 2**20:.2f}",
             f"{r.get('mask_seconds', 0.0):.1f}",
             f"{r['train_seconds']:.1f}",
             f"{r['train_peak_rss_mb']:.0f}",
             "-" if r.get("mask_peak_rss_mb") is None else f"{r['mask_peak_rss_mb']:.0f}",
+            f"{r.get('delta_file_bytes', r['dense_checkpoint_bytes']) / 2**20:.2f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

@@ -9,6 +9,7 @@ USAGE = """usage: sparsepeft {train,mask,demo} [flags]
 
   train   fine-tune (--method full|fish|random) and write the model, the mask and results.json
   mask    compute and save a mask only (sparse_mask.safetensors, mask_density.png, mask_summary.json)
+  merge   base model + sparse_delta.safetensors -> a dense checkpoint: merge --model BASE --delta D --output-dir OUT
   demo    FISH Mask vs full fine-tuning of the packaged MiniLM on the packaged data (offline, minutes)
 
 Run `sparsepeft train --help` for every flag (all of transformers' TrainingArguments are accepted)."""
@@ -26,6 +27,25 @@ def _parse(argv: list[str]):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def _merge(argv: list[str]) -> int:
+    import argparse
+
+    from .train import run_merge
+
+    parser = argparse.ArgumentParser(prog="sparsepeft merge", description="Apply a sparse delta to its base model.")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="the base model")
+    parser.add_argument("--delta", required=True, help="sparse_delta.safetensors written by `train --engine sparse`")
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        out = run_merge(args.model, args.delta, args.output_dir)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sparsepeft merge: error: {error}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -39,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = rest[rest.index("--output-dir") + 1] if "--output-dir" in rest else "sparsepeft-demo"
         run_demo(output_dir)
         return 0
+    if command == "merge":
+        return _merge(rest)
     if command not in ("train", "mask"):
         print(f"sparsepeft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from ..data import compute_metrics
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
-from ..integrations import MASK_FILE, SparseMaskCallback, mask_from_checkpoint
+from ..engines import apply_delta, optimizer_state_bytes, read_delta
+from ..integrations import DELTA_FILE, MASK_FILE, SparseMaskCallback, mask_from_checkpoint
 from ..selection import SparseMask
 from ..utils.io import write_json
 from .arguments import DataArguments, ModelArguments, SparseArguments
@@ -80,6 +81,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
 
     total_params = sum(p.numel() for p in model.parameters())
+    callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -87,7 +89,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=metrics_fn,
-        callbacks=[SparseMaskCallback(mask)] if mask is not None else None,
+        callbacks=[callback] if callback is not None else None,
     )
     trainable = mask.num_selected if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_phase = PeakMemory()
@@ -100,12 +102,22 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         scores = trainer.evaluate(features, metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
                           if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(output_dir))  # a plain dense model: the callback detached its engine at train end
+    if callback is not None:
+        state = callback.stats
+    else:
+        state = {"trainable_state_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                 "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer)}
+    delta = output_dir / DELTA_FILE
+    if delta.is_file():
+        state["delta_file_bytes"] = delta.stat().st_size
+    state["dense_checkpoint_bytes"] = (output_dir / "model.safetensors").stat().st_size if (output_dir / "model.safetensors").is_file() else None
     results = {
         "task": task.name,
         "data_source": task.source,
         "model": model_args.model,
         "method": sparse_args.method,
+        "engine": sparse_args.engine if mask is not None else None,
         "seed": training_args.seed,
         "keep_ratio": sparse_args.keep_ratio if mask is not None else 1.0,
         "trainable_params": trainable,
@@ -115,9 +127,28 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_seconds": train_seconds,
         "train_loss": train_output.training_loss,
         **recipe.timings,
+        **state,
         "train_peak_rss_mb": train_peak["peak_rss_mb"],
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
     write_json(output_dir / "results.json", results)
     return results
+
+
+def run_merge(base: str, delta_path: str, output_dir: str) -> Path:
+    """Base model + sparse delta -> a normal dense transformers checkpoint (``from_pretrained`` loads it)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..experiments.pipeline import resolve_model
+
+    header, _ = read_delta(delta_path)
+    path = resolve_model(base)
+    head = [s for n, s in header["shapes"].items() if n.split(".")[0] in ("classifier", "score") and n.endswith("weight")]
+    kwargs = {"num_labels": head[-1][0], "ignore_mismatched_sizes": True} if head else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    apply_delta(model, delta_path)
+    out = Path(output_dir)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out

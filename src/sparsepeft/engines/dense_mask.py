@@ -114,6 +114,10 @@ class DenseMaskEngine:
     def num_trainable(self) -> int:
         return self.mask.num_selected
 
+    def trainable_state_bytes(self) -> int:
+        """Bytes of the tensors the optimizer updates: whole tensors, even if one entry is selected."""
+        return sum(p.numel() * p.element_size() for p in self._params.values() if p.requires_grad)
+
     # ------------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer) -> "DenseMaskEngine":
         optimizer = unwrap_optimizer(optimizer)

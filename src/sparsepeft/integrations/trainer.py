@@ -16,7 +16,7 @@ import os
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..engines import ENGINES, SparseDeltaEngine
+from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
 from ..selection.mask import SparseMask
 
 MASK_FILE = "sparse_mask.safetensors"
@@ -43,6 +43,7 @@ class SparseMaskCallback(TrainerCallback):
         self.save_in_checkpoints = save_in_checkpoints
         self.engine = None
         self._attached_at_init = False
+        self.stats: dict[str, int] = {}
 
     def _ensure_attached(self, model):
         if self.engine is None:
@@ -75,9 +76,12 @@ class SparseMaskCallback(TrainerCallback):
                 if isinstance(self.engine, SparseDeltaEngine):
                     self.engine.save_delta(os.path.join(folder, DELTA_FILE))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.engine is None:
             return
+        self.stats = {"trainable_state_bytes": self.engine.trainable_state_bytes()}
+        if optimizer is not None:
+            self.stats["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
         if isinstance(self.engine, SparseDeltaEngine) and state.is_world_process_zero:
             self.engine.save_delta(os.path.join(args.output_dir, DELTA_FILE))
         self.engine.detach()  # the model goes back as a plain model holding the trained weights
