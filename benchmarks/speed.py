@@ -86,6 +86,7 @@ def fisher_vs_training(model, data, batch_size, loop_samples, device):
         "loop_samples_timed": len(loop_times), "loop_per_sample_median_s": median(loop_times),
         "loop_estimated_total_s": median(loop_times) * n,
         "loop_over_batched": median(loop_times) * n / sum(fisher_times),
+        "loop_over_batched_from_medians": median(loop_times) * batch_size / median(fisher_times),
         "loop_vs_batched_max_relative_error": rel,
     }
     return result

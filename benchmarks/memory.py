@@ -1,0 +1,185 @@
+"""Memory, state and checkpoint size of the sparse-delta engine against the dense-mask engine and full FT.
+
+    python benchmarks/memory.py --out docs/results/memory_cpu.json
+
+Each (model, engine) is measured in its own worker process, so peak resident memory is that engine's
+alone: the high-water mark is reset after the model is loaded and the engine attached, then a warm-up
+step and the timed steps run. Workers of the engines alternate (A B C A B C ...) for ``--repeats``
+rounds, and step times are compared as medians over rounds. Masks are random at the keep ratio (the
+memory and time of an engine depend on how many entries and tensors are touched, not on which), except
+on MiniLM where ``--fisher`` uses the real FISH mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median, random_token_data, write_json  # noqa: E402
+
+CONFIGS = {
+    # name: (hidden, layers, heads, intermediate) of random-init BERT; "minilm" is the packaged checkpoint
+    "minilm": None,
+    "bert-20m": (256, 8, 4, 1024),
+    "bert-110m": (768, 12, 12, 3072),
+    "bert-340m": (1024, 24, 16, 4096),
+}
+ENGINES = ("full", "dense-mask", "sparse")
+
+
+def build_model(config: str):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if config == "minilm":
+        from sparsepeft.experiments.pipeline import resolve_model
+
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
+    hidden, layers, heads, intermediate = CONFIGS[config]
+    return BertForSequenceClassification(BertConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                                    num_attention_heads=heads, intermediate_size=intermediate))
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> dict:
+    from sparsepeft import DenseMaskEngine, SparseDeltaEngine, estimate_fisher, random_mask, select_mask
+    from sparsepeft.data import PaddingCollator
+    from sparsepeft.engines import optimizer_state_bytes
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.config).train()
+    data = random_token_data(args.batch_size * (args.steps + 1), args.seq_len, model.config.vocab_size)
+    collate = PaddingCollator(0)
+    batches = [collate(data[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 1)]
+    mask, engine = None, None
+    if args.engine != "full":
+        if args.fisher:
+            fisher = estimate_fisher(model, data[:256], num_samples=256, batch_size=32, progress=False)
+            mask = select_mask(fisher, args.keep_ratio, model=model)
+            del fisher
+        else:
+            mask = random_mask(model, args.keep_ratio, seed=0)
+        engine = (SparseDeltaEngine if args.engine == "sparse" else DenseMaskEngine)(model, mask).attach()
+        params = list(engine.trainable_parameters())
+    else:
+        params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    if engine is not None:
+        engine.attach_optimizer(optimizer)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    rss_before = rss_mb("VmRSS:")
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if i:  # the first step is warm-up (optimizer state is created there)
+            times.append(time.perf_counter() - start)
+    result = {
+        "config": args.config, "engine": args.engine,
+        "params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_sparse_values")),
+        "rss_before_train_mb": rss_before, "peak_rss_train_mb": rss_mb("VmHWM:"),
+        "step_median_s": median(times), "step_times_s": times,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "trainable_state_bytes": engine.trainable_state_bytes() if engine else sum(p.numel() * 4 for p in params),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(engine, SparseDeltaEngine):
+            result["checkpoint_bytes"] = engine.save_delta(os.path.join(tmp, "delta.safetensors"))
+        else:
+            if engine is not None:
+                engine.detach()
+            model.save_pretrained(tmp)
+            result["checkpoint_bytes"] = os.path.getsize(os.path.join(tmp, "model.safetensors"))
+    return result
+
+
+def run_worker(args, config: str, engine: str, fisher: bool) -> dict:
+    command = [sys.executable, __file__, "--worker", "--config", config, "--engine", engine, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--keep-ratio", str(args.keep_ratio),
+               "--threads", str(args.threads)] + (["--fisher"] if fisher else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    by_engine = {}
+    for run in runs:
+        by_engine.setdefault(run["engine"], []).append(run)
+    summary = {e: {"params": rs[0]["params"],
+                   "step_median_s": median([r["step_median_s"] for r in rs]),
+                   "peak_rss_train_mb": median([r["peak_rss_train_mb"] for r in rs]),
+                   "rss_before_train_mb": median([r["rss_before_train_mb"] for r in rs]),
+                   "optimizer_state_bytes": rs[0]["optimizer_state_bytes"],
+                   "trainable_state_bytes": rs[0]["trainable_state_bytes"],
+                   "checkpoint_bytes": rs[0]["checkpoint_bytes"]} for e, rs in by_engine.items()}
+    if {"sparse", "dense-mask", "full"} <= summary.keys():
+        s, d, f = summary["sparse"], summary["dense-mask"], summary["full"]
+        summary["ratios"] = {
+            "optimizer_state_sparse_over_full_adamw": s["optimizer_state_bytes"] / f["optimizer_state_bytes"],
+            "optimizer_state_sparse_over_dense_mask": s["optimizer_state_bytes"] / d["optimizer_state_bytes"],
+            "peak_rss_sparse_over_dense_mask": s["peak_rss_train_mb"] / d["peak_rss_train_mb"],
+            "step_time_sparse_over_dense_mask": s["step_median_s"] / d["step_median_s"],
+            "checkpoint_sparse_over_dense": s["checkpoint_bytes"] / f["checkpoint_bytes"],
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="minilm")
+    parser.add_argument("--configs", default="minilm,bert-20m,bert-110m,bert-340m")
+    parser.add_argument("--engine", default="sparse")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--scaling-batch-size", type=int, default=8)
+    parser.add_argument("--scaling-steps", type=int, default=2)
+    parser.add_argument("--keep-ratio", type=float, default=0.005)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fisher", action="store_true")
+    parser.add_argument("--out", default="docs/results/memory.json")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    result = {"machine": machine(), "args": vars(args), "models": {}}
+    for config in args.configs.split(","):
+        main_run = config == "minilm"
+        sub = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size if main_run else args.scaling_batch_size,
+                                    "steps": args.steps if main_run else args.scaling_steps})
+        runs = []
+        for _ in range(args.repeats if main_run else 1):
+            for engine in ENGINES:
+                runs.append(run_worker(sub, config, engine, fisher=main_run))
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "step_times_s"}), flush=True)
+        result["models"][config] = {"batch_size": sub.batch_size, "runs": runs, "summary": summarise(runs)}
+        write_json(args.out, result)
+    print(json.dumps({c: m["summary"].get("ratios") for c, m in result["models"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
