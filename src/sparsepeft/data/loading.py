@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .tasks import TaskSpec, glue_task
+from .tasks import LabelSpace, TaskSpec, glue_task
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -42,7 +42,7 @@ class Split:
 
 
 @dataclass
-class TaskData:
+class TaskData(LabelSpace):
     name: str
     train: Split
     evaluation: dict[str, Split]
@@ -50,14 +50,6 @@ class TaskData:
     metrics: tuple[str, ...]
     source: str = ""
     extra: dict = field(default_factory=dict)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
 
 
 # ---------------------------------------------------------------------------------------------- GLUE

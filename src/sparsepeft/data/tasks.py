@@ -10,8 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class LabelSpace:
+    """``label_names`` of a task: None for regression (one output), else the class names in id order."""
+
+    label_names: tuple[str, ...] | None
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+
 @dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(LabelSpace):
     name: str
     folder: str
     text_columns: tuple[str, ...]  # in the local TSV header (or positions, for header-less files)
@@ -24,14 +38,6 @@ class TaskSpec:
     header: bool = True
     positions: dict[str, int] | None = None  # column name -> index, for header-less files
     local_label_values: tuple[str, ...] | None = None  # how labels are written locally, in id order
-
-    @property
-    def is_regression(self) -> bool:
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
 
 
 _DEV = {"validation": "dev.tsv"}

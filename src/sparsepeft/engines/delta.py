@@ -10,17 +10,14 @@ weights — is refused instead of silently producing a different model.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..selection.mask import SparseMask, model_fingerprint
-from ..utils.io import atomic_path
+from ..utils.io import load_tensors_with_header, save_tensors_with_header
 
 DELTA_FORMAT_VERSION = 1
 DELTA_HEADER_KEY = "sparsepeft_delta"
@@ -75,26 +72,12 @@ def save_delta(model: nn.Module, mask: SparseMask, path: str | os.PathLike, base
         "mask_config": mask.config,
         "num_selected": mask.num_selected,
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={DELTA_HEADER_KEY: json.dumps(header)})
+    save_tensors_with_header(path, tensors, DELTA_HEADER_KEY, header)
     return os.path.getsize(path)
 
 
 def read_delta(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No delta file at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if DELTA_HEADER_KEY not in metadata:
-                raise ValueError(f"{path} is not a sparsepeft delta (no '{DELTA_HEADER_KEY}' header).")
-            header = json.loads(metadata[DELTA_HEADER_KEY])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (json.JSONDecodeError, OSError, RuntimeError, SafetensorError) as error:
-        raise ValueError(f"Cannot read the delta file {path}: {error}. It may be truncated or corrupt.") from error
-    if header.get("format_version", 0) > DELTA_FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer sparsepeft; upgrade to read it.")
-    return header, tensors
+    return load_tensors_with_header(path, DELTA_HEADER_KEY, "delta", DELTA_FORMAT_VERSION)
 
 
 @torch.no_grad()

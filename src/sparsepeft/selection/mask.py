@@ -8,7 +8,6 @@ to another model is refused with the names that differ, instead of training the 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections import OrderedDict, defaultdict
@@ -16,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.io import atomic_path
+from ..utils.io import load_tensors_with_header, save_tensors_with_header
 from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk
 
 FORMAT_VERSION = 1
@@ -185,24 +182,12 @@ class SparseMask:
             "config": self.config,
             "num_selected": self.num_selected,
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+        save_tensors_with_header(path, tensors, HEADER_KEY, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparseMask":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No mask file at {path}.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if HEADER_KEY not in metadata:
-                    raise ValueError(f"{path} is a safetensors file but not a sparsepeft mask (no '{HEADER_KEY}' header).")
-                header = json.loads(metadata[HEADER_KEY])
-                indices = {name: handle.get_tensor(name).to(torch.int64) for name in handle.keys()}
-        except (json.JSONDecodeError, OSError, RuntimeError, SafetensorError) as error:
-            raise ValueError(f"Cannot read the mask file {path}: {error}. It may be truncated or corrupt.") from error
-        if header.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer sparsepeft (format {header['format_version']}); upgrade.")
+        header, tensors = load_tensors_with_header(path, HEADER_KEY, "mask", FORMAT_VERSION)
+        indices = {name: value.to(torch.int64) for name, value in tensors.items()}
         shapes = {n: tuple(s) for n, s in header["shapes"].items()}
         mask = cls(shapes=shapes, indices=indices, fingerprint=header.get("fingerprint"), config=header.get("config", {}))
         if mask.num_selected != header.get("num_selected", mask.num_selected):

@@ -29,3 +29,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_tensors_with_header(path: str | os.PathLike, tensors: dict, header_key: str, header: dict) -> None:
+    """safetensors file whose metadata carries a JSON header under ``header_key``; written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={header_key: json.dumps(header)})
+
+
+def load_tensors_with_header(path: str | os.PathLike, header_key: str, what: str, format_version: int):
+    """Read a file written by :func:`save_tensors_with_header`, with errors that say what is wrong.
+
+    ``what`` names the kind of file in messages ("mask", "delta").
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {what} file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if header_key not in metadata:
+                raise ValueError(f"{path} is a safetensors file but not a sparsepeft {what} (no '{header_key}' header).")
+            header = json.loads(metadata[header_key])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (json.JSONDecodeError, OSError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"Cannot read the {what} file {path}: {error}. It may be truncated or corrupt.") from error
+    if header.get("format_version", 0) > format_version:
+        raise ValueError(f"{path} was written by a newer sparsepeft ({what} format {header['format_version']}); upgrade.")
+    return header, tensors
