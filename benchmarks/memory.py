@@ -59,6 +59,17 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def worker(args) -> dict:
     from sparsepeft import DenseMaskEngine, SparseDeltaEngine, estimate_fisher, random_mask, select_mask
     from sparsepeft.data import PaddingCollator
@@ -84,6 +95,7 @@ def worker(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     if engine is not None:
         engine.attach_optimizer(optimizer)
+    _release_freed_memory()  # the Fisher pass's freed blocks would otherwise count as resident
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     rss_before = rss_mb("VmRSS:")
