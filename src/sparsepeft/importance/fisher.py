@@ -253,7 +253,7 @@ def estimate_fisher(
         fallback += _used_outside_their_layer(model, first_batch, scored, capture, task, loss_fn, fallback)
         if fallback:
             _exact_fallback(model, loader, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
-    fisher = {name: total / seen for name, total in accumulator.totals.items()}
+    fisher = {name: total.div_(seen) for name, total in accumulator.totals.items()}  # in place: no second copy
     _raise_on_non_finite(fisher)
     return fisher
 
