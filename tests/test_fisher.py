@@ -148,3 +148,33 @@ def test_non_finite_gradient_with_finite_loss_names_the_parameter():
 
     with pytest.raises(FloatingPointError, match=r"per-sample gradients of \['bert"):
         estimate_fisher(model, make_examples(4), num_samples=4, batch_size=2, progress=False, loss_fn=loss_fn)
+
+
+class SometimesShared(nn.Module):
+    """A layer whose input is shared by the whole batch only in some batches: rules cannot split it then."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.bias_table = nn.Linear(1, inner.config.num_labels)
+        self.calls = 0
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, **inputs):
+        out = self.inner(**inputs)
+        self.calls += 1
+        batch = out.logits.shape[0]
+        feature = torch.ones(1 if self.calls % 2 == 0 else batch, 1, dtype=out.logits.dtype)
+        out.logits = out.logits + self.bias_table(feature)
+        return out
+
+
+def test_parameters_moved_to_the_fallback_midway_are_not_counted_twice():
+    model = SometimesShared(make_model("bert")).double()
+    examples = make_examples(8)
+    with pytest.warns(UserWarning, match="exact but slow"):
+        fast = estimate_fisher(model, examples, num_samples=8, batch_size=2, progress=False, task_type="classification")
+    assert relative_error(fast, loop_fisher(model, examples)) < 1e-10

@@ -88,6 +88,7 @@ class DenseMaskEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._frozen_copies: dict[str, torch.Tensor] = {}
         self._paused_decay: list[tuple[dict, float]] = []
+        self._names_by_id: dict[int, str] = {}
 
     # ------------------------------------------------------------------ model
     def attach(self) -> "DenseMaskEngine":
@@ -122,6 +123,7 @@ class DenseMaskEngine:
     def attach_optimizer(self, optimizer) -> "DenseMaskEngine":
         optimizer = unwrap_optimizer(optimizer)
         self._optimizer = optimizer
+        self._names_by_id = {id(p): n for n, p in self._params.items()}
         self._clear_frozen_state(optimizer)
         if self.guard == "restore" or not isinstance(optimizer, ZERO_UPDATE_SAFE):
             self._frozen_copies = {n: self._params[n].detach().clone() for n in self.partial}
@@ -142,7 +144,7 @@ class DenseMaskEngine:
                     value.mul_(keep)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        by_id = {id(p): n for n, p in self._params.items()}
+        by_id = self._names_by_id
         for group in optimizer.param_groups:
             decay = group.get("weight_decay", 0.0)
             if not decay:

@@ -278,7 +278,7 @@ def _used_outside_their_layer(model, batch, scored, capture, task, loss_fn, alre
 
     Their per-sample gradients never reached a rule, so they must be scored by the exact fallback.
     """
-    never_called = [n for n in capture.covered if capture.use_counts.get(n, 0) == 0 and n not in already]
+    never_called = [n for n in capture.covered if n not in capture.ever_used and n not in already]
     if not never_called or batch is None:
         return []
     params = [scored[n] for n in never_called]
@@ -305,6 +305,8 @@ def _exact_fallback(model, loader, target, scored, names, accumulator, mode, tas
     transform = accumulator.transform
     for p in params:
         p.requires_grad_(True)
+    for name in names:  # the loop re-scores every sample: drop what the batched pass may have added
+        accumulator.totals[name].zero_()
     seen = 0
     try:
         for batch in tqdm(loader, desc="Fisher (exact fallback)", disable=not progress, unit="batch"):

@@ -40,6 +40,7 @@ class PerSampleGradCapture:
         self.uncovered = [n for n in scored if n not in covered]
         self.use_counts: dict[str, int] = defaultdict(int)
         self.not_covered_at_runtime: set[str] = set()
+        self.ever_used: set[str] = set()  # over the whole pass; use_counts is per batch
         self._handles: list = []
         self._leaves: list[torch.Tensor] = []
         self._sink: GradSink | None = None
@@ -95,6 +96,7 @@ class PerSampleGradCapture:
                 return None
             for name in local.values():
                 self.use_counts[name] += 1
+                self.ever_used.add(name)
             activation = inputs[0].detach()
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
