@@ -107,3 +107,21 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def random_score_mask(model, ratio: float = 0.05, seed: int = 0):
+    """A mask from random scores: the same global top-k machinery as FISH, without a Fisher pass."""
+    from sparsepeft import select_mask
+
+    g = torch.Generator().manual_seed(seed)
+    return select_mask({n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}, ratio, model=model)
+
+
+def assert_only_mask_moved(before: dict, model, mask, min_moved_fraction: float = 0.0) -> None:
+    """Entries outside the mask are bit-identical to ``before``; more than the given share of kept ones moved."""
+    moved = 0
+    for name, param in model.named_parameters():
+        keep = mask.dense(name)
+        assert torch.equal(param.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
+        moved += int((param.detach()[keep] != before[name][keep]).sum())
+    assert moved > min_moved_fraction * mask.num_selected

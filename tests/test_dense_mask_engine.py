@@ -1,15 +1,12 @@
 import pytest
 import torch
 
-from conftest import make_examples, make_model
+from conftest import assert_only_mask_moved, make_examples, make_model, random_score_mask
 from sparsepeft import DenseMaskEngine, select_mask
 from sparsepeft.data.collate import PaddingCollator
 
 
-def _mask(model, ratio=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    scores = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
-    return select_mask(scores, ratio, model=model)
+_mask = random_score_mask
 
 
 def _batches(n_batches=6, batch_size=4):
@@ -36,15 +33,6 @@ def _train(model, engine_or_none, optimizer, batches, autocast_dtype=None, scale
             optimizer.step()
 
 
-def _assert_only_mask_moved(before, model, mask):
-    moved_somewhere = False
-    for name, param in model.named_parameters():
-        keep = mask.dense(name)
-        assert torch.equal(param.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
-        moved_somewhere |= not torch.equal(param.detach()[keep], before[name][keep])
-    assert moved_somewhere
-
-
 @pytest.mark.parametrize("autocast_dtype,use_scaler", [(None, False), (torch.bfloat16, False), (torch.float16, True)])
 def test_frozen_entries_bit_identical_under_adamw_decay_clipping_and_autocast(autocast_dtype, use_scaler):
     model = make_model("bert")
@@ -55,7 +43,7 @@ def test_frozen_entries_bit_identical_under_adamw_decay_clipping_and_autocast(au
     engine.attach_optimizer(optimizer)
     scaler = torch.amp.GradScaler("cpu") if use_scaler else None
     _train(model, engine, optimizer, _batches(), autocast_dtype, scaler)
-    _assert_only_mask_moved(before, model, mask)
+    assert_only_mask_moved(before, model, mask)
 
 
 @pytest.mark.parametrize("make_optimizer", [
@@ -72,7 +60,7 @@ def test_other_optimizers_keep_frozen_entries(make_optimizer):
     optimizer = make_optimizer(list(model.parameters()))
     engine.attach_optimizer(optimizer)
     _train(model, engine, optimizer, _batches())
-    _assert_only_mask_moved(before, model, mask)
+    assert_only_mask_moved(before, model, mask)
 
 
 def test_full_mask_reproduces_plain_adamw_exactly():
