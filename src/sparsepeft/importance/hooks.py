@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .rules import PerSampleGrads, find_rule
+from .rules.registry import ForwardContext
 
 GradSink = Callable[[str, PerSampleGrads], None]
 
@@ -57,7 +58,9 @@ class PerSampleGradCapture:
         for module, rule, local in self._layers:
             if isinstance(module, nn.Embedding):
                 self._handles.append(module.register_forward_pre_hook(self._expand_shared_input))
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(rule, local)))
+            with_kwargs = getattr(rule, "needs_context", False)
+            self._handles.append(
+                module.register_forward_hook(self._make_forward_hook(rule, local, with_kwargs), with_kwargs=with_kwargs))
         return self
 
     def detach(self) -> None:
@@ -84,30 +87,35 @@ class PerSampleGradCapture:
             return (ids.expand(self.batch_size, *ids.shape[1:]), *inputs[1:])
         return None
 
-    def _make_forward_hook(self, rule, local: dict[str, str]):
-        def forward_hook(module, inputs, output):
+    def _make_forward_hook(self, rule, local: dict[str, str], with_kwargs: bool):
+        def forward_hook(module, inputs, *rest):
+            kwargs, output = rest if with_kwargs else ({}, rest[0])
             if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
                 return None
             if not torch.is_grad_enabled():
                 return None
-            if output.dim() == 0 or output.shape[0] != self.batch_size:
-                # the layer saw something shared by the whole batch: per-sample grads cannot be split here
-                self.not_covered_at_runtime.update(local.values())
-                return None
-            for name in local.values():
-                self.use_counts[name] += 1
-                self.ever_used.add(name)
+            if output.dim() > 0 and output.shape[0] == self.batch_size:
+                # a call on something else than the batch (DoRA runs lora_A on an identity matrix to get
+                # its weight, then detaches it) is judged when and if a gradient reaches it
+                for name in local.values():
+                    self.use_counts[name] += 1
+                    self.ever_used.add(name)
             activation = inputs[0].detach()
+            context = ForwardContext(inputs=tuple(inputs), kwargs=dict(kwargs)) if with_kwargs else None
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
                 self._leaves.append(output)
-            output.register_hook(lambda grad: self._on_output_grad(module, rule, local, activation, grad))
+            output.register_hook(lambda grad: self._on_output_grad(module, rule, local, activation, grad, context))
             return output
 
         return forward_hook
 
-    def _on_output_grad(self, module, rule, local, activation, grad_output) -> None:
-        grads = rule(module, activation, grad_output)
+    def _on_output_grad(self, module, rule, local, activation, grad_output, context) -> None:
+        if grad_output.dim() == 0 or grad_output.shape[0] != self.batch_size:
+            # the layer saw something shared by the whole batch: per-sample grads cannot be split here
+            self.not_covered_at_runtime.update(local.values())
+            return
+        grads = rule(module, activation, grad_output) if context is None else rule(module, activation, grad_output, context)
         if grads is None:
             self.not_covered_at_runtime.update(local.values())
             return

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..utils.io import load_tensors_with_header, save_tensors_with_header
+from .budget import BudgetError
 from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk
 
 FORMAT_VERSION = 1
@@ -215,6 +216,7 @@ def select_mask(
     always_train: tuple[str, ...] | list[str] = DEFAULT_ALWAYS_TRAIN,
     model: nn.Module | None = None,
     config: dict[str, Any] | None = None,
+    budget: int | None = None,
 ) -> SparseMask:
     """Keep the ``keep_ratio`` highest-scoring entries of the candidate tensors in ``scores``.
 
@@ -224,17 +226,24 @@ def select_mask(
         always_train: modules trained in full (the freshly initialised task head by default); their
             entries count inside the budget.
         model: if given, the mask is fingerprinted to it and refused on any other model.
+        budget: an exact number of entries to keep (overrides ``keep_ratio``; see :class:`Budget`).
     """
     if strategy not in ("global", "per_tensor"):
         raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
-    budget = budget_for(keep_ratio, sum(s.numel() for s in scores.values()))
+    num_candidates = sum(s.numel() for s in scores.values())
+    ratio_given = keep_ratio if budget is None else None
+    if budget is None:
+        budget = budget_for(keep_ratio, num_candidates)
+    elif not (1 <= budget <= num_candidates):
+        raise BudgetError(f"A budget of {budget} entries is outside 1..{num_candidates}, the number of candidates.")
     forced = [n for n in scores if matches_module(n, always_train)]
     forced_count = sum(scores[n].numel() for n in forced)
     if forced_count > budget:
-        raise ValueError(
-            f"The budget of {budget} entries (keep_ratio={keep_ratio}) is smaller than the {forced_count} entries "
-            f"of the always-trained modules {sorted(set(forced))[:4]}. Raise keep_ratio or pass always_train=()."
+        raise BudgetError(
+            f"The budget of {budget} entries is smaller than the {forced_count} entries of the always-trained "
+            f"modules {sorted(set(forced))[:4]}, which count inside it. Raise the budget, or pass always_train=() "
+            "to rank the head like the rest."
         )
     ranked = {n: s for n, s in scores.items() if n not in forced}
     chooser = global_topk if strategy == "global" else per_tensor_topk
@@ -242,7 +251,7 @@ def select_mask(
     for name in forced:
         indices[name] = torch.arange(scores[name].numel())
     indices = {n: indices[n] for n in scores if indices[n].numel()}
-    info = {"keep_ratio": keep_ratio, "strategy": strategy, "always_train": list(always_train), **(config or {})}
+    info = {"keep_ratio": ratio_given or budget / num_candidates, "budget": budget, "strategy": strategy, "always_train": list(always_train), **(config or {})}
     return SparseMask(
         shapes=shapes,
         indices=indices,
@@ -259,6 +268,7 @@ def random_mask(
     strategy: str = "global",
     always_train: tuple[str, ...] | list[str] = DEFAULT_ALWAYS_TRAIN,
     seed: int = 0,
+    budget: int | None = None,
 ) -> SparseMask:
     """The random-selection baseline: same candidates, same budget, uniformly random entries."""
     from ..importance.fisher import scored_parameters
@@ -267,5 +277,5 @@ def random_mask(
     scores = {n: torch.rand(p.shape, generator=generator) for n, p in scored_parameters(model, params).items()}
     return select_mask(
         scores, keep_ratio, strategy=strategy, always_train=always_train, model=model,
-        config={"selection": "random", "seed": seed},
+        config={"selection": "random", "seed": seed}, budget=budget,
     )

@@ -58,8 +58,22 @@ class FactoredGrads:
 
 
 PerSampleGrads = Union[DenseGrads, RowGrads, FactoredGrads]
-Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], "dict[str, PerSampleGrads] | None"]
-"""(layer, input activation, output gradient) -> {local parameter name: per-sample grads}.
+
+
+@dataclass
+class ForwardContext:
+    """What a call saw besides its first input, for rules registered with ``context=True``.
+
+    PEFT's DoRA magnitude layer, for instance, receives the LoRA factors and the base layer as keyword
+    arguments: its per-sample gradient cannot be formed from the activation alone.
+    """
+
+    inputs: tuple
+    kwargs: dict
+
+
+Rule = Callable[..., "dict[str, PerSampleGrads] | None"]
+"""(layer, input activation, output gradient[, context]) -> {local parameter name: per-sample grads}.
 
 The returned tensors must be new (not views of the activation or output gradient): the Fisher
 accumulator squares them in place. Returning ``None`` means "this instance is not covered" (e.g. an embedding with ``max_norm``); its
@@ -69,10 +83,15 @@ _RULES_BY_TYPE: dict[type, Rule] = {}
 _RULES_BY_NAME: dict[str, Rule] = {}
 
 
-def register_rule(*layer_types: Union[type, str]) -> Callable[[Rule], Rule]:
-    """Decorator: register ``rule`` for layer classes, given as types or as class names."""
+def register_rule(*layer_types: Union[type, str], context: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator: register ``rule`` for layer classes, given as types or as class names.
+
+    With ``context=True`` the rule also receives a :class:`ForwardContext` (all positional and keyword
+    arguments of the call) as a fourth argument.
+    """
 
     def decorator(rule: Rule) -> Rule:
+        rule.needs_context = context
         for layer_type in layer_types:
             if isinstance(layer_type, str):
                 _RULES_BY_NAME[layer_type] = rule
