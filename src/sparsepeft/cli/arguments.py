@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..experiments.pipeline import DEFAULT_MODEL, METHODS, MaskRecipe
-from ..selection import DEFAULT_ALWAYS_TRAIN
+from ..integrations.peft import ADAPTER_KINDS, METHODS as PEFT_METHODS
+from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
+from ..selection.budget import parse_options
+from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
 
 
 @dataclass
@@ -42,8 +45,10 @@ class DataArguments:
 @dataclass
 class SparseArguments:
     method: str = field(default="fish", metadata={
-        "help": "full: every weight; fish: Fisher-selected mask; random: random mask of the same budget.",
-        "choices": list(METHODS)})
+        "help": "full: every weight; fish: Fisher-selected mask (FISH Mask); random: random mask of the same budget; "
+                "or a PEFT method (lora, dora, rslora, pissa, adalora, ia3, loha, lokr, vera) or a bottleneck "
+                "adapter (adapter = houlsby = series, pfeiffer, parallel). Add --fish to mask inside the PEFT method.",
+        "choices": list(METHODS) + list(PEFT_METHODS)})
     keep_ratio: float = field(default=0.005, metadata={"help": "Fraction of weights trained (0, 1]; 0.005 = 0.5%."})
     num_samples: int = field(default=1024, metadata={"help": "Training samples the Fisher is measured on."})
     fisher_mode: str = field(default="empirical", metadata={
@@ -61,6 +66,14 @@ class SparseArguments:
                 "entries, optimizer state O(k), writes sparse_delta.safetensors.",
         "choices": ["dense-mask", "sparse"]})
 
+    selection: str = field(default="fisher", metadata={
+        "help": "Which entries a mask keeps: fisher (highest Fisher), random, or lowest (lowest Fisher; a baseline).",
+        "choices": list(SELECTIONS)})
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method in PEFT_METHODS
+
     def __post_init__(self):
         if not (0 < self.keep_ratio <= 1):
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio} (0.005 keeps 0.5% of the weights).")
@@ -69,7 +82,66 @@ class SparseArguments:
 
     def recipe(self, seed: int) -> MaskRecipe:
         return MaskRecipe(
-            method=self.method, keep_ratio=self.keep_ratio, num_samples=self.num_samples,
+            method=self.method, selection=self.selection, keep_ratio=self.keep_ratio, num_samples=self.num_samples,
             fisher_mode=self.fisher_mode, fisher_batch_size=self.fisher_batch_size, strategy=self.selection_strategy,
             always_train=tuple(p for p in self.always_train.split(",") if p), seed=seed,
         )
+
+
+@dataclass
+class PeftArguments:
+    fish: bool = field(default=False, metadata={
+        "help": "FISH-Tuning: train only a Fisher-selected subset of the PEFT method's parameters (--budget)."})
+    budget: Optional[str] = field(default=None, metadata={
+        "help": "Entries a FISH-Tuning mask keeps: a count (74498), a ratio of the PEFT parameters (50%), or a "
+                "reference config with the same budget ('lora:r=8'; options default to this run's). Default 50%."})
+    fisher_at: str = field(default="warmup", metadata={
+        "help": "init: Fisher of the freshly initialised adapter; warmup: after --fisher-warmup-steps dense steps, then "
+                "the adapter is restored to its initial values.", "choices": list(FISHER_AT)})
+    fisher_warmup_steps: int = field(default=30, metadata={
+        "help": "Dense warm-up steps of the adapter before its Fisher is measured (--fisher-at warmup)."})
+    fisher_warmup_lr: float = field(default=1e-3, metadata={"help": "Learning rate of that warm-up."})
+    lora_r: int = field(default=8, metadata={"help": "Rank of LoRA-family methods (target rank for AdaLoRA)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={
+        "help": "LoRA alpha. Default 2*r, so every rank has the same scale alpha/r = 2."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: Optional[str] = field(default=None, metadata={
+        "help": "Modules the PEFT method wraps, comma-separated (query,value). Default: PEFT's for the architecture."})
+    bottleneck_size: int = field(default=64, metadata={"help": "Bottleneck width of adapters."})
+    peft_options: str = field(default="", metadata={
+        "help": "Any other option of the method's config, k=v comma-separated, lists joined by + "
+                "(e.g. 'use_rslora=true,layers_to_transform=0+1' or 'non_linearity=gelu,scaling=4')."})
+
+    def __post_init__(self):
+        if self.budget is not None:
+            Budget.parse(self.budget)
+        if self.fisher_warmup_steps < 0:
+            raise ValueError("--fisher-warmup-steps must be >= 0.")
+
+    def method_options(self, method: str, total_steps: int | None = None) -> dict:
+        """The options of ``method``'s config from these flags (PEFT's own field names)."""
+        options: dict = {}
+        if method in ADAPTER_KINDS:
+            options["bottleneck_size"] = self.bottleneck_size
+        else:
+            if self.target_modules:
+                options["target_modules"] = [m for m in self.target_modules.split(",") if m]
+            if method in ("lora", "dora", "rslora", "pissa", "adalora"):
+                options.update(r=self.lora_r, lora_dropout=self.lora_dropout)
+                if self.lora_alpha is not None:
+                    options["lora_alpha"] = self.lora_alpha
+            elif method in ("loha", "lokr", "vera"):
+                options["r"] = self.lora_r
+                if self.lora_alpha is not None and method != "vera":
+                    options["alpha"] = self.lora_alpha
+            if method == "adalora" and total_steps:
+                options["total_step"] = total_steps
+        options.update(parse_options(self.peft_options))
+        return options
+
+    def fish_config(self, sparse: SparseArguments, seed: int) -> FishTuningConfig:
+        return FishTuningConfig(
+            budget=self.budget or "50%", selection=sparse.selection, fisher_at=self.fisher_at,
+            warmup_steps=self.fisher_warmup_steps, warmup_lr=self.fisher_warmup_lr, strategy=sparse.selection_strategy,
+            num_samples=sparse.num_samples, fisher_mode=sparse.fisher_mode, fisher_batch_size=sparse.fisher_batch_size,
+            always_train=tuple(p for p in sparse.always_train.split(",") if p), seed=seed)

@@ -7,15 +7,20 @@ import os
 import time
 from pathlib import Path
 
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+import math
+
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..data import compute_metrics
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
+from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from ..integrations import DELTA_FILE, MASK_FILE, SparseMaskCallback, mask_from_checkpoint
+from ..integrations.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
+from ..selection.fish_tuning import fish_tuning_mask
 from ..utils.io import write_json
-from .arguments import DataArguments, ModelArguments, SparseArguments
+from .arguments import DataArguments, ModelArguments, PeftArguments, SparseArguments
 
 logger = logging.getLogger("sparsepeft")
 
@@ -30,12 +35,57 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
     return task, model, tokenizer, train, evaluation
 
 
-def _make_mask(model, tokenizer, train, sparse_args: SparseArguments, recipe, model_name: str):
+def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments) -> None:
+    if peft_args.fish and not sparse_args.is_peft:
+        raise ValueError("--fish masks inside a PEFT method (--method lora/dora/adapter/...). For a Fisher mask over "
+                         "the whole model use --method fish without --fish.")
+    if sparse_args.is_peft and peft_args.fish and sparse_args.engine == "sparse":
+        raise ValueError("--engine sparse stores value vectors of full-model masks; a PEFT adapter is already small, "
+                         "so FISH-Tuning trains with --engine dense-mask (its optimizer state is the adapter's).")
+
+
+def _total_steps(training_args: TrainingArguments, num_train: int) -> int:
+    if training_args.max_steps and training_args.max_steps > 0:
+        return training_args.max_steps
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    return max(1, math.ceil(num_train / per_step) * math.ceil(training_args.num_train_epochs))
+
+
+def _tune(model, sparse_args: SparseArguments, peft_args: PeftArguments, training_args, num_train: int):
+    """Add the PEFT method (if one is asked for); returns (model, the method's options)."""
+    if not sparse_args.is_peft:
+        return model, {}
+    options = peft_args.method_options(sparse_args.method, _total_steps(training_args, num_train))
+    return apply_method(model, sparse_args.method, options), options
+
+
+def _make_mask(model, tokenizer, train, sparse_args: SparseArguments, peft_args: PeftArguments, recipe,
+               model_name: str, options: dict, seed: int):
     if sparse_args.mask_file:
         mask = SparseMask.load(sparse_args.mask_file)
         mask.check_compatible(model)
         return mask
-    return build_mask(model, train, recipe, DataCollatorWithPadding(tokenizer), model_name=model_name)
+    collate = DataCollatorWithPadding(tokenizer)
+    if not sparse_args.is_peft:
+        return build_mask(model, train, recipe, collate, model_name=model_name)
+    if not peft_args.fish:
+        return None  # the vanilla PEFT method
+    counter = lambda method, overrides: reference_count(model, method, overrides, defaults=options)  # noqa: E731
+    mask = fish_tuning_mask(model, train, peft_args.fish_config(sparse_args, seed), collate_fn=collate,
+                            reference_count=counter)
+    mask.config.update(model=model_name, method=sparse_args.method, method_options=options)
+    recipe.timings["mask_seconds"] = mask.config["mask_seconds"]
+    return mask
+
+
+class AdaLoraAllocationCallback(TrainerCallback):
+    """AdaLoRA reallocates its ranks from the gradients after every optimizer step (Trainer does not)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
 
 
 def _save_mask(mask: SparseMask, output_dir: Path) -> None:
@@ -43,15 +93,20 @@ def _save_mask(mask: SparseMask, output_dir: Path) -> None:
     mask.plot(output_dir / "mask_density.png")
 
 
-def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments) -> dict:
+def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments,
+             peft_args: PeftArguments | None = None) -> dict:
     """Compute and save a mask only (``sparse_mask.safetensors``, density plot, ``mask_summary.json``)."""
-    if sparse_args.method == "full":
-        raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random.")
+    peft_args = peft_args or PeftArguments()
+    if sparse_args.method == "full" or (sparse_args.is_peft and not peft_args.fish):
+        raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random, or a PEFT method with --fish.")
+    _check_combination(sparse_args, peft_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
+    model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     recipe = sparse_args.recipe(training_args.seed)
-    mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
+    mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
+                      training_args.seed)
     _save_mask(mask, output_dir)
     summary = {"task": task.name, "model": model_args.model, **recipe.timings, **mask.summary()}
     write_json(output_dir / "mask_summary.json", summary)
@@ -59,17 +114,23 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     return summary
 
 
-def run_train(model_args, data_args, sparse_args, training_args: TrainingArguments) -> dict:
+def run_train(model_args, data_args, sparse_args, training_args: TrainingArguments,
+              peft_args: PeftArguments | None = None) -> dict:
     """Fine-tune with the chosen method, evaluate on every dev split, write model, mask and results.json."""
+    peft_args = peft_args or PeftArguments()
+    _check_combination(sparse_args, peft_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
+    total_params = sum(p.numel() for p in model.parameters())
+    model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     recipe = sparse_args.recipe(training_args.seed)
     resume = training_args.resume_from_checkpoint
     mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
     mask_phase = PeakMemory()
     if mask is None:
-        mask = _make_mask(model, tokenizer, train, sparse_args, recipe, model_args.model)
+        mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
+                          training_args.seed)
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
@@ -80,8 +141,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     def metrics_fn(prediction):
         return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
 
-    total_params = sum(p.numel() for p in model.parameters())
+    peft_params = count_trainable(model) if sparse_args.is_peft else None  # before the mask freezes anything
     callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
+    callbacks = [callback] if callback is not None else []
+    if sparse_args.method == "adalora" and mask is None:
+        callbacks.append(AdaLoraAllocationCallback(model))  # with --fish the mask is the allocation
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -89,9 +153,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=metrics_fn,
-        callbacks=[callback] if callback is not None else None,
+        callbacks=callbacks or None,
     )
-    trainable = mask.num_selected if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = mask.num_selected if mask is not None else count_trainable(model)
     train_phase = PeakMemory()
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -102,7 +166,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         scores = trainer.evaluate(features, metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
                           if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
-    trainer.save_model(str(output_dir))  # a plain dense model: the callback detached its engine at train end
+    if has_bottleneck_adapters(model):
+        save_bottleneck_adapters(model, output_dir)  # adapters + head only; the base checkpoint holds the rest
+        tokenizer.save_pretrained(output_dir)
+    else:  # a PEFT adapter (PEFT's format) or a plain dense model: the callback detached its engine at train end
+        trainer.save_model(str(output_dir))
     if callback is not None:
         state = callback.stats
     else:
@@ -117,9 +185,14 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "data_source": task.source,
         "model": model_args.model,
         "method": sparse_args.method,
+        "fish": bool(peft_args.fish) if sparse_args.is_peft else None,
+        "selection": mask.config.get("selection") if mask is not None else None,
+        "budget": mask.config.get("budget_spec") if mask is not None and sparse_args.is_peft else None,
+        "method_options": options or None,
+        "peft_params": peft_params,
         "engine": sparse_args.engine if mask is not None else None,
         "seed": training_args.seed,
-        "keep_ratio": sparse_args.keep_ratio if mask is not None else 1.0,
+        "keep_ratio": mask.density if mask is not None else 1.0,
         "trainable_params": trainable,
         "total_params": total_params,
         "train_samples": len(train),

@@ -96,6 +96,7 @@ class MaskRecipe:
     """How to make a mask; one field per CLI flag."""
 
     method: str = "fish"
+    selection: str = "fisher"
     keep_ratio: float = 0.005
     num_samples: int = 1024
     fisher_mode: str = "empirical"
@@ -113,15 +114,17 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
     if recipe.method == "full":
         return None
     start = time.perf_counter()
-    if recipe.method == "random":
+    if recipe.method == "random" or recipe.selection == "random":
         mask = random_mask(model, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
                            seed=recipe.seed)
     else:
         fisher = estimate_fisher(model, train_features, num_samples=recipe.num_samples, mode=recipe.fisher_mode,
                                  batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed)
         recipe.timings["fisher_seconds"] = time.perf_counter() - start
+        if recipe.selection == "lowest":
+            fisher = {n: f.neg_() for n, f in fisher.items()}
         mask = select_mask(fisher, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
-                           model=model, config={"selection": "fisher", "fisher_mode": recipe.fisher_mode,
+                           model=model, config={"selection": recipe.selection, "fisher_mode": recipe.fisher_mode,
                                                 "num_samples": min(recipe.num_samples, len(train_features)),
                                                 "seed": recipe.seed})
     mask.config["model"] = model_name
