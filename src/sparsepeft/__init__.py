@@ -1,17 +1,27 @@
 """sparsepeft — importance-aware sparse fine-tuning on the Hugging Face stack.
 
-Importance estimation (``estimate_fisher``) -> selection (``select_mask``, ``SparseMask``) ->
-training engines (``DenseMaskEngine``, ``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``).
+Importance estimation (``estimate_fisher``) -> selection (``select_mask``, ``SparseMask``,
+``fish_tuning_mask`` inside PEFT modules at a ``Budget``) -> training engines (``DenseMaskEngine``,
+``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``,
+``apply_method`` for PEFT methods and the bottleneck adapters of ``sparsepeft.adapters``).
 """
 
 from .engines import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, apply_delta
 from .importance import FisherMode, TaskType, estimate_fisher, register_rule
 from .integrations import SparseMaskCallback, mask_from_checkpoint
-from .selection import MaskMismatchError, SparseMask, random_mask, select_mask
+from .integrations.peft import apply_method, reference_count
+from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
+from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "BudgetError",
+    "FishTuningConfig",
+    "apply_method",
+    "fish_tuning_mask",
+    "reference_count",
     "DeltaMismatchError",
     "DenseMaskEngine",
     "SparseDeltaEngine",
