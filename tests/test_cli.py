@@ -132,3 +132,23 @@ def test_sparse_engine_writes_a_delta_that_merges_into_the_same_model(tiny_bert_
     assert main(["merge", "--model", str(out), "--delta", str(out / "sparse_delta.safetensors"),
                  "--output-dir", str(tmp_path / "wrong")]) == 2
     assert "weights differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--method", "fish"], ["--method", "lora", "--lora-r", "4", "--fish",
+                                                          "--budget", "50%", "--fisher-warmup-steps", "2"]])
+def test_ird_selection_from_the_cli_writes_its_report_and_plot(tiny_bert_dir, tmp_path, extra):
+    out = tmp_path / "ird"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "64",
+                 "--max-eval-samples", "16", "--num-samples", "32", "--selection", "ird", "--ird-rounds", "2",
+                 "--ird-criterion-samples", "16", "--keep-ratio", "0.05", *extra, "--output-dir", str(out), *FAST]) == 0
+    report = json.loads((out / "ird_report.json").read_text())
+    assert [r["samples"] for r in report["rounds"]] == [32, 16] and (out / "ird_rounds.png").is_file()
+    assert _results(out)["selection"] == "ird"
+    mask = SparseMask.load(out / "sparse_mask.safetensors")
+    assert mask.config["selection"] == "ird"
+
+
+def test_ird_bad_shrink_is_refused_before_any_work(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="sample_shrink"):
+        main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--selection", "ird",
+              "--ird-sample-shrink", "1.5", "--output-dir", str(tmp_path), *FAST])

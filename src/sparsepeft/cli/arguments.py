@@ -14,6 +14,7 @@ from ..integrations.peft import ADAPTER_KINDS, METHODS as PEFT_METHODS
 from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
+from ..selection.ird import IRDConfig
 
 
 @dataclass
@@ -67,8 +68,19 @@ class SparseArguments:
         "choices": ["dense-mask", "sparse"]})
 
     selection: str = field(default="fisher", metadata={
-        "help": "Which entries a mask keeps: fisher (highest Fisher), random, or lowest (lowest Fisher; a baseline).",
+        "help": "Which entries a mask keeps: fisher (highest Fisher), random, lowest (lowest Fisher; a baseline), or "
+                "ird (IRD: narrows samples and parameters over rounds; writes ird_report.json and ird_rounds.png).",
         "choices": list(SELECTIONS)})
+    ird_rounds: int = field(default=3, metadata={"help": "IRD: rounds (1 = plain FISH)."})
+    ird_sample_shrink: float = field(default=0.5, metadata={"help": "IRD: share of samples kept per round, in (0, 1)."})
+    ird_param_shrink: float = field(default=0.1, metadata={
+        "help": "IRD: share of the parameter range kept per round, in (0, 1)."})
+    ird_criterion: str = field(default="mass", metadata={
+        "help": "IRD: how the best round is chosen — mass (held-out Fisher mass retained) or probe (held-out loss "
+                "after a short masked training).", "choices": ["mass", "probe"]})
+    ird_criterion_samples: int = field(default=256, metadata={
+        "help": "IRD: held-out training samples (outside the Fisher samples) the criterion is measured on."})
+    ird_probe_steps: int = field(default=20, metadata={"help": "IRD probe criterion: masked training steps."})
 
     @property
     def is_peft(self) -> bool:
@@ -79,9 +91,20 @@ class SparseArguments:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio} (0.005 keeps 0.5% of the weights).")
         if self.num_samples < 1:
             raise ValueError("--num-samples must be at least 1.")
+        if self.selection == "ird":
+            self.ird_config(0)  # shrink factors and criterion are checked here, before any model is loaded
+
+    def ird_config(self, seed: int) -> IRDConfig:
+        return IRDConfig(
+            rounds=self.ird_rounds, sample_shrink=self.ird_sample_shrink, param_shrink=self.ird_param_shrink,
+            criterion=self.ird_criterion, criterion_samples=self.ird_criterion_samples,
+            probe_steps=self.ird_probe_steps, num_samples=self.num_samples, fisher_mode=self.fisher_mode,
+            fisher_batch_size=self.fisher_batch_size, always_train=tuple(p for p in self.always_train.split(",") if p),
+            seed=seed)
 
     def recipe(self, seed: int) -> MaskRecipe:
         return MaskRecipe(
+            ird=self.ird_config(seed) if self.selection == "ird" else None,
             method=self.method, selection=self.selection, keep_ratio=self.keep_ratio, num_samples=self.num_samples,
             fisher_mode=self.fisher_mode, fisher_batch_size=self.fisher_batch_size, strategy=self.selection_strategy,
             always_train=tuple(p for p in self.always_train.split(",") if p), seed=seed,
@@ -144,4 +167,5 @@ class PeftArguments:
             budget=self.budget or "50%", selection=sparse.selection, fisher_at=self.fisher_at,
             warmup_steps=self.fisher_warmup_steps, warmup_lr=self.fisher_warmup_lr, strategy=sparse.selection_strategy,
             num_samples=sparse.num_samples, fisher_mode=sparse.fisher_mode, fisher_batch_size=sparse.fisher_batch_size,
-            always_train=tuple(p for p in sparse.always_train.split(",") if p), seed=seed)
+            always_train=tuple(p for p in sparse.always_train.split(",") if p), seed=seed,
+            ird=sparse.ird_config(seed) if sparse.selection == "ird" else None)

@@ -91,6 +91,12 @@ class AdaLoraAllocationCallback(TrainerCallback):
 def _save_mask(mask: SparseMask, output_dir: Path) -> None:
     mask.save(output_dir / MASK_FILE)
     mask.plot(output_dir / "mask_density.png")
+    report = mask.config.get("ird_report")
+    if report is not None:  # IRD: the rounds, as JSON and as a plot
+        from ..selection.plot import plot_ird_rounds
+
+        write_json(output_dir / "ird_report.json", report)
+        plot_ird_rounds(report, output_dir / "ird_rounds.png")
 
 
 def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments,

@@ -104,7 +104,9 @@ class MaskRecipe:
     strategy: str = "global"
     always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN
     seed: int = 0
+    ird: Any = None  # an IRDConfig when selection == "ird"
     timings: dict[str, float] = field(default_factory=dict)
+    ird_result: Any = None  # filled by build_mask when selection == "ird"
 
 
 def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn, model_name: str = "") -> SparseMask | None:
@@ -114,7 +116,16 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
     if recipe.method == "full":
         return None
     start = time.perf_counter()
-    if recipe.method == "random" or recipe.selection == "random":
+    if recipe.selection == "ird" and recipe.method != "random":
+        from ..selection.ird import IRDConfig, ird_search
+
+        result = ird_search(model, train_features, recipe.keep_ratio, recipe.ird or IRDConfig(seed=recipe.seed),
+                            collate_fn=collate_fn)
+        recipe.ird_result = result
+        recipe.timings["fisher_seconds"] = result.seconds
+        mask = result.mask
+        mask.config["ird_report"] = result.report()
+    elif recipe.method == "random" or recipe.selection == "random":
         mask = random_mask(model, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
                            seed=recipe.seed)
     else:

@@ -42,7 +42,8 @@ class _FisherAccumulator:
     contributions *added* before the transform, as the true per-sample gradient requires.
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], mode: FisherMode):
+    def __init__(self, params: Mapping[str, nn.Parameter], mode: FisherMode,
+                 mass_range: Mapping[str, torch.Tensor | None] | None = None, num_samples: int = 0):
         self.totals = {
             n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
             for n, p in params.items()
@@ -52,36 +53,89 @@ class _FisherAccumulator:
         self._buffers: dict[str, torch.Tensor] = {}
         self._multi_use: set[str] = set()
         self._batch_size = 0
+        # per-sample Fisher mass over a parameter range (IRD ranks samples by it): {name: bool mask or None=all}
+        self.mass_range = None if mass_range is None else {
+            n: (None if r is None else r.to(device=self.totals[n].device, dtype=self.totals[n].dtype))
+            for n, r in mass_range.items()}
+        self._num_samples = num_samples
+        self.mass_by_name: dict[str, torch.Tensor] = {}  # per tensor, so a tensor re-scored by the fallback is redone
+        self._offset = 0
 
-    def begin_pass(self, batch_size: int, multi_use: set[str]) -> None:
+    def begin_pass(self, batch_size: int, multi_use: set[str], offset: int = 0) -> None:
         self._batch_size = batch_size
         self._multi_use = multi_use
+        self._offset = offset
+
+    def _tracks(self, name: str) -> bool:
+        return self.mass_range is not None and name in self.mass_range
+
+    def _add_mass(self, name: str, per_sample: torch.Tensor, offset: int | None = None) -> None:
+        mass = self.mass_by_name.get(name)
+        if mass is None:
+            mass = self.mass_by_name[name] = torch.zeros(self._num_samples, dtype=torch.float64)
+        start = self._offset if offset is None else offset
+        mass[start : start + per_sample.numel()] += per_sample.detach().to("cpu", torch.float64).reshape(-1)
+
+    def sample_mass(self) -> torch.Tensor:
+        """Each sample's summed Fisher contribution over the range (float64, in pass order)."""
+        total = torch.zeros(self._num_samples, dtype=torch.float64)
+        for mass in self.mass_by_name.values():
+            total += mass
+        return total
+
+    def _in_range(self, name: str, transformed: torch.Tensor) -> torch.Tensor:
+        """Sum over each sample's entries inside the range: ``transformed`` is ``[batch, *shape]``."""
+        rng = self.mass_range[name]
+        flat = transformed.reshape(transformed.shape[0], -1)
+        return flat.sum(dim=1) if rng is None else flat @ rng.reshape(-1)
 
     def __call__(self, name: str, grads: PerSampleGrads) -> None:
         total = self.totals[name]
         if name in self._multi_use:
             self._add_to_buffer(name, grads)
         elif isinstance(grads, RowGrads):
-            total.index_add_(0, grads.row, self.transform(grads.values))
+            values = self.transform(grads.values)
+            total.index_add_(0, grads.row, values)
+            if self._tracks(name):
+                rng = self.mass_range[name]
+                per_entry = values.sum(dim=1) if rng is None else (values * rng[grads.row]).sum(dim=1)
+                per_sample = per_entry.new_zeros(self._batch_size).index_add_(0, grads.sample, per_entry)
+                self._add_mass(name, per_sample)
         elif isinstance(grads, FactoredGrads):
-            self._reduce_factored(total, grads)
+            self._reduce_factored(name, total, grads)
         else:
-            total += self.transform(grads.values.reshape(-1, *total.shape)).sum(dim=0)
+            values = self.transform(grads.values.reshape(-1, *total.shape))
+            total += values.sum(dim=0)
+            if self._tracks(name):
+                self._add_mass(name, self._in_range(name, values))
 
-    def _reduce_factored(self, total: torch.Tensor, grads: FactoredGrads) -> None:
+    def _reduce_factored(self, name: str, total: torch.Tensor, grads: FactoredGrads) -> None:
         first, second = grads.first, grads.second
+        tracks = self._tracks(name)
+        rng = self.mass_range[name] if tracks else None
         if first.shape[1] == 1:
             # one position per sample: sum_b (u_b v_b^T)^2 = (u^2)^T (v^2) exactly, one GEMM for the batch
             u, v = self.transform(first[:, 0].clone()), self.transform(second[:, 0].clone())
             total.addmm_(u.t(), v)
+            if tracks:  # per sample: (u_b^2)^T R (v_b^2), or |u_b|^2 |v_b|^2 over the whole tensor
+                self._add_mass(name, u.sum(1) * v.sum(1) if rng is None else ((u @ rng) * v).sum(1))
             return
         block = torch.empty_like(total)
+        masses = torch.zeros(first.shape[0], dtype=total.dtype, device=total.device) if tracks else None
         for b in range(first.shape[0]):  # one cache-sized block per sample, reduced in the same pass
             torch.mm(first[b].t(), second[b], out=block)
             if self.mode is FisherMode.ABSOLUTE:
-                total.add_(block.abs_())
+                block.abs_()
+                total.add_(block)
+                if tracks:
+                    masses[b] = block.sum() if rng is None else torch.vdot(block.reshape(-1), rng.reshape(-1))
             else:
                 total.addcmul_(block, block)
+                if tracks:
+                    masses[b] = torch.vdot(block.reshape(-1), block.reshape(-1)) if rng is None else \
+                        torch.vdot(block.reshape(-1), (block * rng).reshape(-1))
+        if tracks:
+            self._add_mass(name, masses)
 
     def _add_to_buffer(self, name: str, grads: PerSampleGrads) -> None:
         total = self.totals[name]
@@ -96,7 +150,10 @@ class _FisherAccumulator:
 
     def end_pass(self) -> None:
         for name, buffer in self._buffers.items():
-            self.totals[name] += self.transform(buffer).sum(dim=0)
+            values = self.transform(buffer)
+            self.totals[name] += values.sum(dim=0)
+            if self._tracks(name):
+                self._add_mass(name, self._in_range(name, values))
         self._buffers.clear()
 
 
@@ -220,14 +277,55 @@ def estimate_fisher(
         ``{name: tensor}`` with each parameter's shape, float32, averaged over the samples. The model's
         train/eval mode and ``requires_grad`` flags are restored afterwards.
     """
+    fisher, _ = _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed,
+                          progress)
+    return fisher
+
+
+def estimate_fisher_and_sample_mass(
+    model: nn.Module,
+    data,
+    sample_indices: Sequence[int],
+    mass_range: Mapping[str, torch.Tensor | None] | None = None,
+    mode: str | FisherMode = FisherMode.EMPIRICAL,
+    batch_size: int = 16,
+    *,
+    params: ParamSelector = None,
+    collate_fn: Callable | None = None,
+    task_type: str | TaskType | None = None,
+    loss_fn: PerSampleLoss | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The Fisher over exactly ``data[sample_indices]`` and each of those samples' Fisher *mass* — its
+    summed contribution ``sum_theta g_i(theta)^2`` over ``mass_range`` (``{name: bool mask}``; a tensor
+    missing from it counts nothing, ``None`` as a value counts the whole tensor; default everything).
+
+    The masses come out of the same single batched pass as the Fisher (IRD ranks samples by them).
+    Returns ``(fisher, mass)`` with ``mass[j]`` belonging to ``sample_indices[j]``.
+    """
+    indices = [int(i) for i in sample_indices]
+    if not indices:
+        raise ValueError("sample_indices is empty: give the samples to measure.")
+    fisher, accumulator = _estimate(model, Subset(data, indices), len(indices), mode, batch_size, params, collate_fn,
+                                    task_type, loss_fn, 0, progress, mass_range=mass_range or "all", in_order=True)
+    return fisher, accumulator.sample_mass()
+
+
+def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed, progress,
+              mass_range=None, in_order: bool = False):
     mode = FisherMode(mode)
     scored = scored_parameters(model, params)
     task = TaskType(task_type) if task_type is not None else (None if loss_fn else infer_task_type(model))
     if collate_fn is None:
         collate_fn = PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
-    loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed)
+    if in_order:
+        loader, target = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn), len(data)
+    else:
+        loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed)
+    if mass_range == "all":
+        mass_range = {name: None for name in scored}
     device = next(iter(scored.values())).device
-    accumulator = _FisherAccumulator(scored, mode)
+    accumulator = _FisherAccumulator(scored, mode, mass_range, num_samples=target if mass_range is not None else 0)
     capture = PerSampleGradCapture(model, scored)
     seen = 0
     first_batch = None
@@ -255,7 +353,7 @@ def estimate_fisher(
             _exact_fallback(model, loader, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
     fisher = {name: total.div_(seen) for name, total in accumulator.totals.items()}  # in place: no second copy
     _raise_on_non_finite(fisher)
-    return fisher
+    return fisher, accumulator
 
 
 def _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen: int) -> None:
@@ -267,7 +365,7 @@ def _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen:
         return
     multi_use = {name for name, count in capture.use_counts.items() if count > 1}
     for i, term in enumerate(terms):
-        accumulator.begin_pass(_batch_size(batch), multi_use)
+        accumulator.begin_pass(_batch_size(batch), multi_use, offset=seen)
         if term.requires_grad:
             torch.autograd.backward(term.sum(), inputs=capture.leaves or None, retain_graph=i < len(terms) - 1)
         accumulator.end_pass()
@@ -307,6 +405,7 @@ def _exact_fallback(model, loader, target, scored, names, accumulator, mode, tas
         p.requires_grad_(True)
     for name in names:  # the loop re-scores every sample: drop what the batched pass may have added
         accumulator.totals[name].zero_()
+        accumulator.mass_by_name.pop(name, None)
     seen = 0
     try:
         for batch in tqdm(loader, desc="Fisher (exact fallback)", disable=not progress, unit="batch"):
@@ -321,7 +420,10 @@ def _exact_fallback(model, loader, target, scored, names, accumulator, mode, tas
                     grads = torch.autograd.grad(term.sum(), params, allow_unused=True, retain_graph=j < len(terms) - 1)
                     for name, grad in zip(names, grads):
                         if grad is not None:
-                            accumulator.totals[name] += transform(grad.to(accumulator.totals[name].dtype, copy=True))
+                            value = transform(grad.to(accumulator.totals[name].dtype, copy=True))
+                            accumulator.totals[name] += value
+                            if accumulator._tracks(name):
+                                accumulator._add_mass(name, accumulator._in_range(name, value[None]), offset=seen)
                 seen += 1
     finally:
         for p in params:

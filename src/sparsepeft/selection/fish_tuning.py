@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,10 +23,11 @@ from torch import nn
 from ..importance.fisher import estimate_fisher
 from ..importance.warmup import dense_warmup
 from .budget import Budget
+from .ird import IRDConfig, ird_search
 from .mask import SparseMask, select_mask
 from .topk import DEFAULT_ALWAYS_TRAIN
 
-SELECTIONS = ("fisher", "random", "lowest")
+SELECTIONS = ("fisher", "random", "lowest", "ird")
 FISHER_AT = ("init", "warmup")
 
 
@@ -35,7 +36,8 @@ class FishTuningConfig:
     budget: str = field(default="50%", metadata={
         "help": "Entries kept: a count (74498), a ratio of the PEFT parameters (0.5 or 50%), or a reference "
                 "config whose trainable count is the budget ('lora:r=8')."})
-    selection: str = field(default="fisher", metadata={"help": "fisher (highest), random, or lowest (lowest Fisher)."})
+    selection: str = field(default="fisher", metadata={
+        "help": "fisher (highest), random, lowest (lowest Fisher), or ird (IRD's sample/parameter range search)."})
     fisher_at: str = field(default="warmup", metadata={
         "help": "init: Fisher of the freshly initialised adapter; warmup: after a short dense warm-up, then "
                 "the adapter is restored to its initial values."})
@@ -49,6 +51,7 @@ class FishTuningConfig:
     fisher_batch_size: int = field(default=16, metadata={"help": "Batch size of the Fisher pass."})
     always_train: tuple[str, ...] = DEFAULT_ALWAYS_TRAIN
     seed: int = 0
+    ird: Optional[IRDConfig] = None  # selection="ird": its schedule and criterion (default IRDConfig())
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -82,8 +85,10 @@ def fish_tuning_mask(
     budget = Budget.parse(config.budget)
     count = budget.resolve(sum(p.numel() for p in candidates.values()), reference_count)
     info = {"scope": "peft", "selection": config.selection, "budget_spec": budget.describe(),
-            **{k: v for k, v in asdict(config).items() if k not in ("budget", "selection", "always_train")}}
+            **{k: v for k, v in asdict(config).items() if k not in ("budget", "selection", "always_train", "ird")}}
     start = time.perf_counter()
+    if config.selection == "ird":
+        return _ird_mask(model, data, candidates, count, config, collate_fn, progress, info, start)
     if config.selection == "random":
         generator = torch.Generator().manual_seed(config.seed)
         scores = {n: torch.rand(p.shape, generator=generator) for n, p in candidates.items()}
@@ -106,3 +111,19 @@ def _fisher(model, data, candidates, config: FishTuningConfig, collate_fn, progr
                                  seed=config.seed, progress=progress)
     info["warmup"] = warmup
     return fisher
+
+
+def _ird_mask(model, data, candidates, count: int, config: FishTuningConfig, collate_fn, progress, info, start):
+    """IRD inside the PEFT scope: the search runs where the Fisher would be measured (after the warm-up)."""
+    steps = config.warmup_steps if config.fisher_at == "warmup" else 0
+    ird = config.ird or IRDConfig(num_samples=config.num_samples, fisher_mode=config.fisher_mode,
+                                  fisher_batch_size=config.fisher_batch_size, always_train=config.always_train,
+                                  seed=config.seed)
+    with dense_warmup(model, data, candidates, steps=steps, lr=config.warmup_lr,
+                      batch_size=config.warmup_batch_size, collate_fn=collate_fn, seed=config.seed) as warmup:
+        result = ird_search(model, data, config=ird, budget=count, params=list(candidates), collate_fn=collate_fn,
+                            progress=progress)
+    mask = result.mask
+    mask.config.update(info, warmup=warmup, ird_report=result.report(), mask_seconds=time.perf_counter() - start)
+    mask.config["selection"] = "ird"
+    return mask

@@ -55,3 +55,35 @@ def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_ird_rounds(report: dict, path: str | os.PathLike) -> None:
+    """IRD's rounds: the sample and parameter ranges shrinking, the criterion, and how far masks move."""
+    rounds = report["rounds"]
+    x = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].plot(x, [r["samples"] for r in rounds], "o-", label="samples")
+    axes[0].set_ylabel("samples")
+    twin = axes[0].twinx()
+    twin.plot(x, [r["parameter_range"] for r in rounds], "s--", color="tab:orange", label="parameter range")
+    twin.set_yscale("log")
+    twin.set_ylabel("parameter range (log)")
+    axes[0].set_title("ranges")
+    criterion = [r.get("criterion") for r in rounds]
+    if any(c is not None for c in criterion):
+        axes[1].plot(x, criterion, "o-", color="tab:green")
+        axes[1].axvline(report["best_round"], color="grey", linestyle=":")
+    axes[1].set_title(f"criterion: {report['config']['criterion']} (chosen: round {report['best_round']})")
+    axes[2].plot(x, [r["overlap_with_fish"] for r in rounds], "o-", label="with FISH (round 0)")
+    axes[2].plot(x, [r["overlap_with_previous"] if r["overlap_with_previous"] is not None else np.nan for r in rounds],
+                 "s--", label="with previous round")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].legend(fontsize=8)
+    axes[2].set_title("mask overlap")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_xticks(x)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

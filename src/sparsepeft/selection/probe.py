@@ -1,0 +1,60 @@
+"""IRD's ``probe`` criterion: held-out loss after a few masked training steps, then everything undone."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.collate import PaddingCollator
+from ..importance.fisher import _forward_logits, _to_device
+from ..importance.losses import empirical_nll, infer_task_type
+from .mask import SparseMask
+
+
+def probe_loss(model, data, mask: SparseMask, held_out, config, collate_fn=None) -> float:
+    """Mean held-out loss after ``config.probe_steps`` AdamW steps on ``mask``'s entries.
+
+    Every candidate sees the same batches (seeded) from the same starting weights, which are restored
+    exactly afterwards, so the masks are compared on equal terms.
+    """
+    from ..engines import DenseMaskEngine
+
+    task = infer_task_type(model)
+    collate_fn = collate_fn or PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in mask.shapes}
+    was_training = model.training
+    engine = DenseMaskEngine(model, mask).attach()
+    try:
+        optimizer = torch.optim.AdamW(list(engine.trainable_parameters()), lr=config.probe_lr, weight_decay=0.0)
+        engine.attach_optimizer(optimizer)
+        generator = torch.Generator().manual_seed(config.seed)
+        device = next(iter(saved.values())).device
+        model.train()
+        steps = 0
+        while steps < config.probe_steps:
+            for batch in DataLoader(data, batch_size=config.probe_batch_size, shuffle=True, generator=generator,
+                                    collate_fn=collate_fn):
+                batch = _to_device(batch, device)
+                empirical_nll(task, _forward_logits(model, batch, task), batch).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                if steps >= config.probe_steps:
+                    break
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in DataLoader(held_out, batch_size=config.probe_batch_size, collate_fn=collate_fn):
+                batch = _to_device(batch, device)
+                losses = empirical_nll(task, _forward_logits(model, batch, task), batch)
+                total += float(losses.sum())
+                count += losses.numel()
+        return total / max(count, 1)
+    finally:
+        engine.detach()
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+                params[name].grad = None
+        model.train(was_training)
