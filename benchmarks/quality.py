@@ -17,6 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+# extra arms beside --method full/fish/random: IRD and the plain FISH mask from the same initial samples
+# (768 of the 1000 rows, so that IRD's criterion has 232 held-out training rows)
+ARMS = {
+    "fish-768": ["--method", "fish", "--num-samples", "768"],
+    "ird-768": ["--method", "fish", "--selection", "ird", "--num-samples", "768"],
+}
+
 METRIC = {"rte": "accuracy", "cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy",
           "mrpc": "f1", "qqp": "accuracy", "qnli": "accuracy", "wnli": "accuracy", "mnli": "accuracy"}
 
@@ -27,13 +34,13 @@ def run_one(args, task: str, method: str, seed: int) -> dict:
     if not results.is_file():
         lr = args.full_lr if method == "full" else args.sparse_lr
         command = [sys.executable, "-m", "sparsepeft", "train", "--task", task, "--data-dir", args.glue_dir,
-                   "--method", method, "--keep-ratio", str(args.keep_ratio), "--num-samples", str(args.num_samples),
+                   "--keep-ratio", str(args.keep_ratio), "--num-samples", str(args.num_samples),
                    "--max-train-samples", str(args.max_train_samples), "--max-seq-length", str(args.max_seq_length),
                    "--learning-rate", str(lr), "--num-train-epochs", str(args.epochs),
                    "--per-device-train-batch-size", str(args.batch_size), "--per-device-eval-batch-size", "64",
                    "--warmup-steps", str(args.warmup_steps), "--seed", str(seed), "--save-strategy", "no",
                    "--logging-strategy", "no", "--report-to", "none", "--disable-tqdm", "true",
-                   "--output-dir", str(out)]
+                   "--output-dir", str(out), *ARMS.get(method, ["--method", method])]
         start = time.time()
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "w") as log:

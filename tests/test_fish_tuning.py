@@ -209,3 +209,28 @@ def test_bad_input_is_a_clear_error():
         apply_method(make_model("bert"), "lora", {"target_modules": ["no_such_proj"]})
     with pytest.raises(ValueError, match="selection"):
         FishTuningConfig(selection="best")
+
+
+@pytest.mark.parametrize("method,options", [c for c in PEFT_CASES if c[0] not in ("lora", "dora", "houlsby", "parallel")],
+                         ids=[c[0] for c in PEFT_CASES if c[0] not in ("lora", "dora", "houlsby", "parallel")])
+def test_every_other_method_trains_only_its_selected_entries(method, options):
+    from sparsepeft import DenseMaskEngine
+
+    model = _tuned(method, options)
+    mask = fish_tuning_mask(model, make_examples(12), FishTuningConfig(budget="40%", fisher_at="init", num_samples=12),
+                            progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = DenseMaskEngine(model, mask).attach()
+    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    engine.attach_optimizer(optimizer)
+    model.train()
+    batch = PaddingCollator(0)(make_examples(8, seed=9))
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.detach()
+    for name, param in model.named_parameters():
+        if name not in mask.shapes:
+            assert torch.equal(param, before[name]), f"base weight {name} moved"
+    assert_only_mask_moved({n: before[n] for n in mask.shapes}, _Scoped(model, mask), mask, min_moved_fraction=0.3)
