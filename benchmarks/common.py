@@ -41,3 +41,61 @@ def random_token_data(n: int, seq_len: int, vocab: int, num_labels: int = 2, see
 def write_json(path: str | Path, payload) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+METRIC = {"rte": "accuracy", "cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy",
+          "mrpc": "f1", "qqp": "accuracy", "qnli": "accuracy", "wnli": "accuracy", "mnli": "accuracy"}
+
+
+def glue_train_command(task: str, glue_dir: str, out: Path, seed: int, *, max_train: int, max_len: int, lr: float,
+                       epochs: float, batch_size: int, warmup_steps: int) -> list[str]:
+    """The `sparsepeft train` command line every quality sweep shares; arms append their own flags."""
+    import sys
+
+    return [sys.executable, "-m", "sparsepeft", "train", "--task", task, "--data-dir", glue_dir,
+            "--max-train-samples", str(max_train), "--max-seq-length", str(max_len), "--learning-rate", str(lr),
+            "--num-train-epochs", str(epochs), "--per-device-train-batch-size", str(batch_size),
+            "--per-device-eval-batch-size", "64", "--warmup-steps", str(warmup_steps), "--seed", str(seed),
+            "--save-strategy", "no", "--logging-strategy", "no", "--report-to", "none", "--disable-tqdm", "true",
+            "--output-dir", str(out)]
+
+
+def train_once(command: list[str], out: Path, label: str) -> dict:
+    """Run one training process into ``out`` unless its results.json exists (sweeps resume)."""
+    import subprocess
+
+    results = out / "results.json"
+    if not results.is_file():
+        start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        print(f"  {label}: {time.time() - start:.0f}s", flush=True)
+    return json.loads(results.read_text())
+
+
+def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
+    """Mean ± sample std over seeds of each task's official metric (x100), per arm, as markdown and JSON."""
+    table: dict = {}
+    lines = ["| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable | train s (median) |",
+             "|" + " --- |" * (len(tasks) + 3)]
+    for arm in arms:
+        cells, trainable, seconds = [], "", []
+        for task in tasks:
+            runs = all_results.get((task, arm), [])
+            values = [100 * r["metrics"]["validation"][METRIC[task]] for r in runs]
+            if not values:
+                cells.append("—")
+                continue
+            mean = statistics.mean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            table.setdefault(arm, {})[task] = {"mean": mean, "std": std, "values": values,
+                                               "trainable_params": runs[0]["trainable_params"],
+                                               "train_seconds": [r["train_seconds"] for r in runs]}
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+            share = 100 * runs[0]["trainable_params"] / runs[0]["total_params"]
+            trainable = f"{runs[0]['trainable_params']:,} ({share:.3f}%)"
+            seconds += [r["train_seconds"] for r in runs]
+        median_s = f"{statistics.median(seconds):.0f}" if seconds else ""
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | {median_s} |")
+    return "\n".join(lines), table

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-METRIC = {"rte": "accuracy", "cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy",
-          "mrpc": "f1", "qqp": "accuracy", "qnli": "accuracy", "wnli": "accuracy", "mnli": "accuracy"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import METRIC, glue_train_command, summarise_runs, train_once  # noqa: E402
 
 LORA = ["--target-modules", "query,value"]
 ARMS: dict[str, list[str]] = {
@@ -53,49 +50,13 @@ ARMS: dict[str, list[str]] = {
 
 def run_one(args, task: str, arm: str, seed: int) -> dict:
     out = Path(args.out) / task / arm.replace(">", "_to_") / f"seed{seed}"
-    results = out / "results.json"
-    if not results.is_file():
-        command = [sys.executable, "-m", "sparsepeft", "train", "--task", task, "--data-dir", args.glue_dir,
-                   *ARMS[arm], "--num-samples", str(args.num_samples), "--fisher-warmup-steps", str(args.fisher_warmup),
-                   "--max-train-samples", str(args.max_train_samples), "--max-seq-length", str(args.max_seq_length),
-                   "--learning-rate", str(args.lr), "--num-train-epochs", str(args.epochs),
-                   "--per-device-train-batch-size", str(args.batch_size), "--per-device-eval-batch-size", "64",
-                   "--warmup-steps", str(args.warmup_steps), "--seed", str(seed), "--save-strategy", "no",
-                   "--logging-strategy", "no", "--report-to", "none", "--disable-tqdm", "true",
-                   "--output-dir", str(out)]
-        if METRIC[task] == "pearson":
-            command += ["--ignore-mismatched-sizes", "true"]
-        start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train.log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
-        print(f"  {task} {arm} seed {seed}: {time.time() - start:.0f}s", flush=True)
-    return json.loads(results.read_text())
-
-
-def summarise(all_results: dict, tasks, arms) -> tuple[str, dict]:
-    table = {}
-    header = "| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable | train s |"
-    lines = [header, "|" + " --- |" * (len(tasks) + 3)]
-    for arm in arms:
-        cells, trainable, seconds = [], "", []
-        for task in tasks:
-            runs = all_results.get((task, arm), [])
-            values = [100 * r["metrics"]["validation"][METRIC[task]] for r in runs]
-            if not values:
-                cells.append("—")
-                continue
-            mean = statistics.mean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            table.setdefault(arm, {})[task] = {"mean": mean, "std": std, "values": values,
-                                               "trainable_params": runs[0]["trainable_params"],
-                                               "train_seconds": [r["train_seconds"] for r in runs]}
-            cells.append(f"{mean:.2f} ± {std:.2f}")
-            trainable = f"{runs[0]['trainable_params']:,}"
-            seconds += [r["train_seconds"] for r in runs]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | "
-                     f"{statistics.median(seconds):.0f} |" if seconds else f"| {arm} | " + " | ".join(cells) + " | | |")
-    return "\n".join(lines), table
+    command = glue_train_command(task, args.glue_dir, out, seed, max_train=args.max_train_samples,
+                                 max_len=args.max_seq_length, lr=args.lr, epochs=args.epochs,
+                                 batch_size=args.batch_size, warmup_steps=args.warmup_steps)
+    command += [*ARMS[arm], "--num-samples", str(args.num_samples), "--fisher-warmup-steps", str(args.fisher_warmup)]
+    if METRIC[task] == "pearson":
+        command += ["--ignore-mismatched-sizes", "true"]
+    return train_once(command, out, f"{task} {arm} seed {seed}")
 
 
 def main() -> None:
@@ -123,7 +84,7 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             for arm in arms:
                 results.setdefault((task, arm), []).append(run_one(args, task, arm, seed))
-        markdown, table = summarise(results, tasks, arms)
+        markdown, table = summarise_runs(results, tasks, arms)
         print(markdown, flush=True)
     out = Path(args.out)
     (out / "fish_tuning.md").write_text(markdown + "\n")

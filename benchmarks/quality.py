@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import glue_train_command, summarise_runs, train_once  # noqa: E402
 
 # extra arms beside --method full/fish/random: IRD and the plain FISH mask from the same initial samples
 # (768 of the 1000 rows, so that IRD's criterion has 232 held-out training rows)
@@ -24,50 +24,15 @@ ARMS = {
     "ird-768": ["--method", "fish", "--selection", "ird", "--num-samples", "768"],
 }
 
-METRIC = {"rte": "accuracy", "cola": "matthews_correlation", "stsb": "pearson", "sst2": "accuracy",
-          "mrpc": "f1", "qqp": "accuracy", "qnli": "accuracy", "wnli": "accuracy", "mnli": "accuracy"}
-
 
 def run_one(args, task: str, method: str, seed: int) -> dict:
     out = Path(args.out) / task / method / f"seed{seed}"
-    results = out / "results.json"
-    if not results.is_file():
-        lr = args.full_lr if method == "full" else args.sparse_lr
-        command = [sys.executable, "-m", "sparsepeft", "train", "--task", task, "--data-dir", args.glue_dir,
-                   "--keep-ratio", str(args.keep_ratio), "--num-samples", str(args.num_samples),
-                   "--max-train-samples", str(args.max_train_samples), "--max-seq-length", str(args.max_seq_length),
-                   "--learning-rate", str(lr), "--num-train-epochs", str(args.epochs),
-                   "--per-device-train-batch-size", str(args.batch_size), "--per-device-eval-batch-size", "64",
-                   "--warmup-steps", str(args.warmup_steps), "--seed", str(seed), "--save-strategy", "no",
-                   "--logging-strategy", "no", "--report-to", "none", "--disable-tqdm", "true",
-                   "--output-dir", str(out), *ARMS.get(method, ["--method", method])]
-        start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train.log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
-        print(f"  {task} {method} seed {seed}: {time.time() - start:.0f}s", flush=True)
-    return json.loads(results.read_text())
-
-
-def summarise(all_results: dict, tasks, methods) -> tuple[str, dict]:
-    table = {}
-    header = "| method | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable |"
-    lines = [header, "|" + " --- |" * (len(tasks) + 2)]
-    for method in methods:
-        cells, trainable = [], ""
-        for task in tasks:
-            runs = all_results.get((task, method), [])
-            values = [100 * r["metrics"]["validation"][METRIC[task]] for r in runs]
-            if not values:
-                cells.append("—")
-                continue
-            mean = statistics.mean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            table.setdefault(method, {})[task] = {"mean": mean, "std": std, "values": values}
-            cells.append(f"{mean:.2f} ± {std:.2f}")
-            trainable = f"{100 * runs[0]['trainable_params'] / runs[0]['total_params']:.2f}%"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {trainable} |")
-    return "\n".join(lines), table
+    command = glue_train_command(task, args.glue_dir, out, seed, max_train=args.max_train_samples,
+                                 max_len=args.max_seq_length, lr=args.full_lr if method == "full" else args.sparse_lr,
+                                 epochs=args.epochs, batch_size=args.batch_size, warmup_steps=args.warmup_steps)
+    command += ["--keep-ratio", str(args.keep_ratio), "--num-samples", str(args.num_samples),
+                *ARMS.get(method, ["--method", method])]
+    return train_once(command, out, f"{task} {method} seed {seed}")
 
 
 def main() -> None:
@@ -93,7 +58,7 @@ def main() -> None:
         for task in tasks:
             for method in methods:
                 results.setdefault((task, method), []).append(run_one(args, task, method, seed))
-    markdown, table = summarise(results, tasks, methods)
+    markdown, table = summarise_runs(results, tasks, methods)
     print(markdown)
     out = Path(args.out)
     (out / "quality.md").write_text(markdown + "\n")
