@@ -1,7 +1,7 @@
 """sparsepeft — importance-aware sparse fine-tuning on the Hugging Face stack.
 
 Importance estimation (``estimate_fisher``) -> selection (``select_mask``, ``SparseMask``,
-``fish_tuning_mask`` inside PEFT modules at a ``Budget``) -> training engines (``DenseMaskEngine``,
+``fish_tuning_mask`` inside PEFT modules at a ``Budget``, ``ird_search``) -> training engines (``DenseMaskEngine``,
 ``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``,
 ``apply_method`` for PEFT methods and the bottleneck adapters of ``sparsepeft.adapters``).
 """
@@ -12,6 +12,7 @@ from .integrations import SparseMaskCallback, mask_from_checkpoint
 from .integrations.peft import apply_method, reference_count
 from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
 from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
+from .selection.ird import IRDConfig, IRDResult, ird_search
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,9 @@ __all__ = [
     "Budget",
     "BudgetError",
     "FishTuningConfig",
+    "IRDConfig",
+    "IRDResult",
+    "ird_search",
     "apply_method",
     "fish_tuning_mask",
     "reference_count",
