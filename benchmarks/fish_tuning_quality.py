@@ -32,6 +32,13 @@ ARMS: dict[str, list[str]] = {
                                    "--fisher-at", "init"],
     "lora-r16>r8-fisher-per-matrix": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
                                       "--selection-strategy", "per_tensor"],
+    "lora-r16>r8-fisher-expected": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
+                                    "--fisher-mode", "expected"],
+    "lora-r16>r8-fisher-warmup100": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
+                                     "--fisher-warmup-steps", "100"],
+    # not a Fisher selection: the whole budget to B (A frozen at its random init, as LoRA-FA does)
+    "lora-r16>r8-B-only": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
+                           "--always-train", "classifier,re:lora_B"],
     "dora-r8": ["--method", "dora", "--lora-r", "8", *LORA],
     "dora-r16>r8-fisher": ["--method", "dora", "--lora-r", "16", *LORA, "--fish", "--budget", "dora:r=8"],
     "dora-r16>r8-random": ["--method", "dora", "--lora-r", "16", *LORA, "--fish", "--budget", "dora:r=8",
@@ -53,7 +60,7 @@ def run_one(args, task: str, arm: str, seed: int) -> dict:
     command = glue_train_command(task, args.glue_dir, out, seed, max_train=args.max_train_samples,
                                  max_len=args.max_seq_length, lr=args.lr, epochs=args.epochs,
                                  batch_size=args.batch_size, warmup_steps=args.warmup_steps)
-    command += [*ARMS[arm], "--num-samples", str(args.num_samples), "--fisher-warmup-steps", str(args.fisher_warmup)]
+    command += ["--num-samples", str(args.num_samples), "--fisher-warmup-steps", str(args.fisher_warmup), *ARMS[arm]]
     if METRIC[task] == "pearson":
         command += ["--ignore-mismatched-sizes", "true"]
     return train_once(command, out, f"{task} {arm} seed {seed}")

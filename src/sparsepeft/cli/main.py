@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"sparsepeft {command}: error: {error}", file=sys.stderr)
         return 2
-    if command == "train":
+    if command == "train" and training_args.process_index == 0:
         print(f"results: {result['metrics']}  ->  {training_args.output_dir}/results.json")
     return 0
 

@@ -113,9 +113,11 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     recipe = sparse_args.recipe(training_args.seed)
     mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
                       training_args.seed)
-    _save_mask(mask, output_dir)
+    if training_args.process_index == 0:  # every rank holds the same mask (checked); one writes it
+        _save_mask(mask, output_dir)
     summary = {"task": task.name, "model": model_args.model, **recipe.timings, **mask.summary()}
-    write_json(output_dir / "mask_summary.json", summary)
+    if training_args.process_index == 0:
+        write_json(output_dir / "mask_summary.json", summary)
     logger.info("Saved a mask of %d entries (%.4f%%) to %s", mask.num_selected, 100 * mask.density, output_dir)
     return summary
 
@@ -141,7 +143,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
     mask_peak = mask_phase.read_mb()
-    if mask is not None:
+    if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
 
     def metrics_fn(prediction):
@@ -173,8 +175,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
                           if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
     if has_bottleneck_adapters(model):
-        save_bottleneck_adapters(model, output_dir)  # adapters + head only; the base checkpoint holds the rest
-        tokenizer.save_pretrained(output_dir)
+        if trainer.is_world_process_zero():
+            save_bottleneck_adapters(model, output_dir)  # adapters + head only; the base checkpoint holds the rest
+            tokenizer.save_pretrained(output_dir)
     else:  # a PEFT adapter (PEFT's format) or a plain dense model: the callback detached its engine at train end
         trainer.save_model(str(output_dir))
     if callback is not None:
@@ -211,7 +214,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
-    write_json(output_dir / "results.json", results)
+    results["world_size"] = training_args.world_size
+    if trainer.is_world_process_zero():
+        write_json(output_dir / "results.json", results)
     return results
 
 

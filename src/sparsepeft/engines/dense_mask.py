@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..selection.mask import SparseMask
+from ..utils.distributed import assert_same_on_all_ranks, is_distributed, refuse_sharded_model
 
 ZERO_UPDATE_SAFE = (
     torch.optim.SGD,
@@ -94,6 +95,9 @@ class DenseMaskEngine:
     def attach(self) -> "DenseMaskEngine":
         if self._saved_flags is not None:
             raise RuntimeError("This DenseMaskEngine is already attached.")
+        refuse_sharded_model(self.model)
+        if is_distributed():  # DDP all-reduces the masked gradients as they are; every rank must mask alike
+            assert_same_on_all_ranks(self.mask.digest(), "the mask")
         self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
         for name, param in self._params.items():
             kept = self.mask.kept(name) if name in self.mask.shapes else 0

@@ -11,6 +11,13 @@ only the value vectors (and whole-trained tensors such as the head), so AdamW's 
 
 AdamW on the value vector is the same arithmetic as the dense-mask engine on those entries, so both
 engines end at the same weights (see the tests).
+
+Under DDP the partly-trained dense weights and their value vectors are kept out of DDP's buckets (a
+dense all-reduce would cost what the engine saves, and the value vectors are not used in the forward
+pass, which DDP would report as unused). Instead, at the end of every backward the engine all-reduces
+the value vectors' new gradient contributions — k numbers per tensor — and averages them, so clipping
+and the optimizer see the same gradients on every rank. Attach before the model is wrapped (Trainer
+does this for you through the callback).
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ import torch
 from torch import nn
 
 from ..selection.mask import SparseMask, model_fingerprint
+from ..utils.distributed import (
+    all_reduce_sum_,
+    assert_same_on_all_ranks,
+    is_distributed,
+    refuse_sharded_model,
+    world_size,
+)
 from .delta import base_content_hash, fully_trained, save_delta
 from .dense_mask import unwrap_optimizer
 
@@ -57,11 +71,21 @@ class SparseDeltaEngine:
         self._saved_flags: dict[str, bool] | None = None
         self.base_hash: str | None = None
         self.base_fingerprint: str | None = None
+        self._distributed = False
+        self._reduced: dict[int, torch.Tensor] = {}  # id(values) -> gradient already averaged over ranks
+        self._reduction_queued = False
 
     # ------------------------------------------------------------------ model
     def attach(self) -> "SparseDeltaEngine":
         if self._saved_flags is not None:
             raise RuntimeError("This SparseDeltaEngine is already attached.")
+        refuse_sharded_model(self.model)
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise RuntimeError("Attach the sparse engine to the model before wrapping it in DistributedDataParallel "
+                               "(pass the unwrapped model; with Trainer, use SparseMaskCallback).")
+        self._distributed = is_distributed()
+        if self._distributed:
+            assert_same_on_all_ranks(self.mask.digest(), "the mask")
         self.base_hash = base_content_hash(self.model, skip=fully_trained(self.mask))
         self.base_fingerprint = model_fingerprint(self.model)
         self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
@@ -73,7 +97,18 @@ class SparseDeltaEngine:
                 param.requires_grad_(True)
             else:
                 self._split(name, param)
+        if self._distributed:
+            self._keep_out_of_ddp()
         return self
+
+    def _keep_out_of_ddp(self) -> None:
+        names = []
+        for name in self.partial:
+            module_path, _, attr = name.rpartition(".")
+            prefix = f"{module_path}." if module_path else ""
+            names += [name, f"{prefix}{attr}{VALUES_SUFFIX}", f"{prefix}{attr}{INDEX_SUFFIX}"]
+        previous = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, previous + names)
 
     def _split(self, name: str, param: nn.Parameter) -> None:
         module, attr = _owner(self.model, name)
@@ -85,17 +120,36 @@ class SparseDeltaEngine:
         self._handles.append(param.register_post_accumulate_grad_hook(self._gather_into(values, index)))
         self.partial[name] = (param, values, index)
 
-    @staticmethod
-    def _gather_into(values: nn.Parameter, index: torch.Tensor):
+    def _gather_into(self, values: nn.Parameter, index: torch.Tensor):
         def hook(param: torch.Tensor) -> None:
             selected = param.grad.reshape(-1)[index]
             if values.grad is None:
                 values.grad = selected
+                self._reduced.pop(id(values), None)  # a fresh accumulation: nothing averaged yet
             else:
                 values.grad.add_(selected)  # gradient accumulation
             param.grad = None
+            if self._distributed and not self._reduction_queued:
+                self._reduction_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._average_over_ranks)
 
         return hook
+
+    @torch.no_grad()
+    def _average_over_ranks(self) -> None:
+        """End of backward: average this backward's contributions to the value gradients over the ranks."""
+        self._reduction_queued = False
+        fresh = []
+        for _, values, _ in self.partial.values():
+            if values.grad is None:
+                values.grad = torch.zeros_like(values)  # every rank must send the same message
+            done = self._reduced.get(id(values))
+            fresh.append(values.grad - done if done is not None else values.grad.clone())
+        all_reduce_sum_(fresh)
+        for (_, values, _), increment in zip(self.partial.values(), fresh):
+            done = self._reduced.get(id(values))
+            values.grad.copy_(increment.div_(world_size()) if done is None else done + increment.div_(world_size()))
+            self._reduced[id(values)] = values.grad.clone()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         for name, param in self._params.items():

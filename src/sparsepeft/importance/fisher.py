@@ -20,6 +20,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data.collate import PaddingCollator
+from ..utils.distributed import (
+    all_reduce_sum_,
+    assert_same_on_all_ranks,
+    digest,
+    is_distributed,
+    rank,
+    union_of_names,
+    world_size,
+)
 from .hooks import PerSampleGradCapture
 from .losses import PerSampleLoss, TaskType, empirical_nll, expected_terms, infer_task_type
 from .rules import FactoredGrads, PerSampleGrads, RowGrads
@@ -178,7 +187,8 @@ def scored_parameters(model: nn.Module, params: ParamSelector = None) -> dict[st
     return chosen
 
 
-def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int) -> tuple[Iterable, int]:
+def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int,
+                 shard: bool = False) -> tuple[Iterable, int]:
     if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         return data, num_samples  # an iterable of ready batches: consume until num_samples are seen
     available = len(data)
@@ -189,8 +199,13 @@ def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int)
         num_samples = available
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(available, generator=generator)[:num_samples].tolist()
+    if shard:  # the same draw on every rank (same seed), a disjoint share of it each
+        indices = indices[rank()::world_size()]
+        if not indices:
+            raise ValueError(f"{num_samples} Fisher samples cannot be shared by {world_size()} processes: rank {rank()} "
+                             "gets none. Use more samples or fewer processes.")
     loader = DataLoader(Subset(data, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    return loader, num_samples
+    return loader, len(indices)
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
@@ -260,6 +275,7 @@ def estimate_fisher(
     loss_fn: PerSampleLoss | None = None,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of ``model`` on ``num_samples`` samples of ``data``.
 
@@ -272,13 +288,20 @@ def estimate_fisher(
             names or a predicate ``(name, parameter) -> bool`` (e.g. only PEFT parameters).
         collate_fn: batches the examples; default pads with the model's ``pad_token_id``.
         task_type / loss_fn: override the head's loss; ``loss_fn(logits, batch)`` returns per-sample NLL.
+        distributed: under ``torch.distributed`` (default: whenever a group of more than one process is
+            running), every rank draws the same ``num_samples`` samples, scores a disjoint shard of them,
+            and the sums are all-reduced: every rank returns the same Fisher (checked across ranks), equal
+            to the one-process result up to float summation order. An iterable of ready batches is used
+            as each rank's own shard.
 
     Returns:
         ``{name: tensor}`` with each parameter's shape, float32, averaged over the samples. The model's
         train/eval mode and ``requires_grad`` flags are restored afterwards.
     """
+    if distributed is None:
+        distributed = is_distributed()
     fisher, _ = _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed,
-                          progress)
+                          progress, distributed=distributed)
     return fisher
 
 
@@ -312,7 +335,7 @@ def estimate_fisher_and_sample_mass(
 
 
 def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed, progress,
-              mass_range=None, in_order: bool = False):
+              mass_range=None, in_order: bool = False, distributed: bool = False):
     mode = FisherMode(mode)
     scored = scored_parameters(model, params)
     task = TaskType(task_type) if task_type is not None else (None if loss_fn else infer_task_type(model))
@@ -321,9 +344,11 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
     if in_order:
         loader, target = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn), len(data)
     else:
-        loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed)
+        loader, target = _make_loader(data, num_samples, batch_size, collate_fn, seed, shard=distributed)
     if mass_range == "all":
         mass_range = {name: None for name in scored}
+    if distributed:  # sharding is only meaningful if every rank scores the same model
+        assert_same_on_all_ranks(digest(scored.values()), "the weights of the parameters being scored")
     device = next(iter(scored.values())).device
     accumulator = _FisherAccumulator(scored, mode, mass_range, num_samples=target if mass_range is not None else 0)
     capture = PerSampleGradCapture(model, scored)
@@ -349,11 +374,24 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
             raise ValueError("The data produced no batch to estimate the Fisher on.")
         fallback = list(capture.uncovered) + sorted(capture.not_covered_at_runtime)
         fallback += _used_outside_their_layer(model, first_batch, scored, capture, task, loss_fn, fallback)
+        if distributed:  # a parameter one rank must re-score exactly, every rank must
+            fallback = union_of_names(fallback, list(scored))
         if fallback:
             _exact_fallback(model, loader, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
+    if distributed:
+        seen = _reduce_across_ranks(accumulator, seen)
     fisher = {name: total.div_(seen) for name, total in accumulator.totals.items()}  # in place: no second copy
     _raise_on_non_finite(fisher)
+    if distributed:
+        assert_same_on_all_ranks(digest(fisher.values()), "the Fisher (after all-reduce)")
     return fisher, accumulator
+
+
+def _reduce_across_ranks(accumulator: _FisherAccumulator, seen: int) -> int:
+    """Sum every rank's totals and sample count; each rank then holds the Fisher of all shards."""
+    count = torch.tensor([float(seen)], dtype=torch.float64)
+    all_reduce_sum_([*accumulator.totals.values(), count])
+    return int(count.item())
 
 
 def _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen: int) -> None:

@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
 from ..selection.mask import SparseMask
+from ..utils.distributed import refuse_sharded_args
 
 MASK_FILE = "sparse_mask.safetensors"
 DELTA_FILE = "sparse_delta.safetensors"
@@ -56,6 +57,7 @@ class SparseMaskCallback(TrainerCallback):
         return self.engine
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_args(args)
         self._ensure_attached(model)
         self._attached_at_init = True
 

@@ -146,6 +146,15 @@ class SparseMask:
             out[self.indices[name].to(out.device)] = True
         return out.reshape(self.shapes[name])
 
+    def digest(self) -> str:
+        """SHA-256 over every candidate's name, shape and kept indices: equal only for identical masks."""
+        hasher = hashlib.sha256()
+        for name in sorted(self.shapes):
+            hasher.update(f"{name}:{tuple(self.shapes[name])};".encode())
+            if name in self.indices:
+                hasher.update(self.indices[name].to(torch.int64).contiguous().numpy().tobytes())
+        return hasher.hexdigest()
+
     # ----------------------------------------------------------------- model checks
     def check_compatible(self, model: nn.Module) -> None:
         """Raise :class:`MaskMismatchError` naming what differs if ``model`` is not the mask's model."""

@@ -1,0 +1,82 @@
+"""Code that runs inside each process of the 2-process gloo tests (imported by the spawned workers)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from conftest import make_examples, make_model
+
+
+def init(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def fisher_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    init(rank, world, init_file)
+    from sparsepeft import estimate_fisher
+
+    model = make_model("bert").double()
+    fisher = estimate_fisher(model, make_examples(30), num_samples=23, batch_size=4, progress=False)
+    if rank == 0:
+        torch.save(fisher, out)
+    dist.destroy_process_group()
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def train(model, mask, engine_name: str, batches, steps: int, ddp: bool):
+    """A few AdamW steps (weight decay, clipping) with the engine, under DDP when asked."""
+    from sparsepeft import DenseMaskEngine, SparseDeltaEngine
+
+    engine = (SparseDeltaEngine(model, mask) if engine_name == "sparse" else DenseMaskEngine(model, mask)).attach()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    optimizer = torch.optim.AdamW(list(engine.trainable_parameters()), lr=1e-2, weight_decay=0.1)
+    engine.attach_optimizer(optimizer)
+    wrapped.train()
+    for step in range(steps):
+        loss = wrapped(**batches[step % len(batches)]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    engine.detach()
+    return model
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out: str, engine_name: str) -> None:
+    init(rank, world, init_file)
+    from sparsepeft.data.collate import PaddingCollator
+    from conftest import random_score_mask
+
+    model = no_dropout(make_model("bert"))
+    mask = random_score_mask(model, 0.1)
+    examples = make_examples(16, lengths=(8, 9))  # equal lengths: the halves pad like the whole batch
+    shard = [examples[i] for i in range(rank, len(examples), world)]
+    batches = [PaddingCollator(0)(shard[i : i + 4]) for i in range(0, len(shard), 4)]
+    train(model, mask, engine_name, batches, steps=4, ddp=True)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}.rank{rank}")
+    dist.destroy_process_group()
+
+
+def mismatch_worker(rank: int, world: int, init_file: str, what: str) -> None:
+    init(rank, world, init_file)
+    from conftest import random_score_mask
+    from sparsepeft import DenseMaskEngine, estimate_fisher
+
+    try:
+        if what == "mask":
+            model = make_model("bert")
+            DenseMaskEngine(model, random_score_mask(model, 0.1, seed=rank)).attach()
+        else:
+            estimate_fisher(make_model("bert", seed=rank), make_examples(8), num_samples=8, progress=False)
+    finally:
+        dist.destroy_process_group()
