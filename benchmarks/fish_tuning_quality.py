@@ -20,39 +20,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import METRIC, glue_train_command, summarise_runs, train_once  # noqa: E402
 
 LORA = ["--target-modules", "query,value"]
-ARMS: dict[str, list[str]] = {
-    "lora-r8": ["--method", "lora", "--lora-r", "8", *LORA],
-    "lora-r16>r8-fisher": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8"],
-    "lora-r16>r8-random": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                           "--selection", "random"],
-    "lora-r16>r8-lowest": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                           "--selection", "lowest"],
-    # how the Fisher of LoRA's A is measured (B = 0 at init): the default is chosen from these
-    "lora-r16>r8-fisher-at-init": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                                   "--fisher-at", "init"],
-    "lora-r16>r8-fisher-per-matrix": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                                      "--selection-strategy", "per_tensor"],
-    "lora-r16>r8-fisher-expected": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                                    "--fisher-mode", "expected"],
-    "lora-r16>r8-fisher-warmup100": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                                     "--fisher-warmup-steps", "100"],
-    # not a Fisher selection: the whole budget to B (A frozen at its random init, as LoRA-FA does)
-    "lora-r16>r8-B-only": ["--method", "lora", "--lora-r", "16", *LORA, "--fish", "--budget", "lora:r=8",
-                           "--always-train", "classifier,re:lora_B"],
-    "dora-r8": ["--method", "dora", "--lora-r", "8", *LORA],
-    "dora-r16>r8-fisher": ["--method", "dora", "--lora-r", "16", *LORA, "--fish", "--budget", "dora:r=8"],
-    "dora-r16>r8-random": ["--method", "dora", "--lora-r", "16", *LORA, "--fish", "--budget", "dora:r=8",
-                           "--selection", "random"],
-    "dora-r16>r8-lowest": ["--method", "dora", "--lora-r", "16", *LORA, "--fish", "--budget", "dora:r=8",
-                           "--selection", "lowest"],
-    "adapter-32": ["--method", "houlsby", "--bottleneck-size", "32"],
-    "adapter-64>32-fisher": ["--method", "houlsby", "--bottleneck-size", "64", "--fish",
-                             "--budget", "houlsby:bottleneck_size=32"],
-    "adapter-64>32-random": ["--method", "houlsby", "--bottleneck-size", "64", "--fish",
-                             "--budget", "houlsby:bottleneck_size=32", "--selection", "random"],
-    "adapter-64>32-lowest": ["--method", "houlsby", "--bottleneck-size", "64", "--fish",
-                             "--budget", "houlsby:bottleneck_size=32", "--selection", "lowest"],
+BASELINES = {  # vanilla config at the budget, and the larger config that is masked down to it
+    "lora": (["--method", "lora", "--lora-r", "8", *LORA], ["--method", "lora", "--lora-r", "16", *LORA], "lora:r=8"),
+    "dora": (["--method", "dora", "--lora-r", "8", *LORA], ["--method", "dora", "--lora-r", "16", *LORA], "dora:r=8"),
+    "adapter": (["--method", "houlsby", "--bottleneck-size", "32"], ["--method", "houlsby", "--bottleneck-size", "64"],
+                "houlsby:bottleneck_size=32"),
 }
+NAMES = {"lora": ("lora-r8", "lora-r16>r8"), "dora": ("dora-r8", "dora-r16>r8"), "adapter": ("adapter-32", "adapter-64>32")}
+# variants of LoRA's Fisher (B = 0 at init) the default is chosen from, and a structured non-Fisher arm
+LORA_VARIANTS = {
+    "fisher-at-init": ["--fisher-at", "init"],
+    "fisher-per-matrix": ["--selection-strategy", "per_tensor"],
+    "fisher-expected": ["--fisher-mode", "expected"],
+    "fisher-warmup100": ["--fisher-warmup-steps", "100"],
+    "B-only": ["--always-train", "classifier,re:lora_B"],  # the whole budget to B, A frozen at init (LoRA-FA)
+}
+
+
+def _arms() -> dict[str, list[str]]:
+    arms: dict[str, list[str]] = {}
+    for method, (vanilla, larger, budget) in BASELINES.items():
+        small, masked = NAMES[method]
+        arms[small] = vanilla
+        for selection in ("fisher", "random", "lowest"):
+            arms[f"{masked}-{selection}"] = [*larger, "--fish", "--budget", budget, "--selection", selection]
+        if method == "lora":
+            for variant, flags in LORA_VARIANTS.items():
+                arms[f"{masked}-{variant}"] = [*larger, "--fish", "--budget", budget, *flags]
+    return arms
+
+
+ARMS = _arms()
 
 
 def run_one(args, task: str, arm: str, seed: int) -> dict:
