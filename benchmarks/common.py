@@ -60,11 +60,15 @@ def glue_train_command(task: str, glue_dir: str, out: Path, seed: int, *, max_tr
             "--output-dir", str(out)]
 
 
-def train_once(command: list[str], out: Path, label: str) -> dict:
-    """Run one training process into ``out`` unless its results.json exists (sweeps resume)."""
+def train_once(command: list[str], out: Path, label: str, summary_only: bool = False) -> dict | None:
+    """Run one training process into ``out`` unless its results.json exists (sweeps resume).
+
+    With ``summary_only`` nothing is trained: a missing run is reported as None."""
     import subprocess
 
     results = out / "results.json"
+    if not results.is_file() and summary_only:
+        return None
     if not results.is_file():
         start = time.time()
         out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,7 @@ def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
     for arm in arms:
         cells, trainable, seconds = [], "", []
         for task in tasks:
-            runs = all_results.get((task, arm), [])
+            runs = [r for r in all_results.get((task, arm), []) if r is not None]
             values = [100 * r["metrics"]["validation"][METRIC[task]] for r in runs]
             if not values:
                 cells.append("—")

@@ -61,7 +61,7 @@ def run_one(args, task: str, arm: str, seed: int) -> dict:
     command += ["--num-samples", str(args.num_samples), "--fisher-warmup-steps", str(args.fisher_warmup), *ARMS[arm]]
     if METRIC[task] == "pearson":
         command += ["--ignore-mismatched-sizes", "true"]
-    return train_once(command, out, f"{task} {arm} seed {seed}")
+    return train_once(command, out, f"{task} {arm} seed {seed}", args.summary_only)
 
 
 def main() -> None:
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--fisher-warmup", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="runs/fish_tuning")
+    parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     args = parser.parse_args()
     tasks, arms = args.tasks.split(","), args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]

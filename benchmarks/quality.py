@@ -32,7 +32,7 @@ def run_one(args, task: str, method: str, seed: int) -> dict:
                                  epochs=args.epochs, batch_size=args.batch_size, warmup_steps=args.warmup_steps)
     command += ["--keep-ratio", str(args.keep_ratio), "--num-samples", str(args.num_samples),
                 *ARMS.get(method, ["--method", method])]
-    return train_once(command, out, f"{task} {method} seed {seed}")
+    return train_once(command, out, f"{task} {method} seed {seed}", args.summary_only)
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--sparse-lr", type=float, default=2e-3)
     parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     args = parser.parse_args()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     results: dict = {}
