@@ -81,7 +81,7 @@ def train_once(command: list[str], out: Path, label: str, summary_only: bool = F
 def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
     """Mean ± sample std over seeds of each task's official metric (x100), per arm, as markdown and JSON."""
     table: dict = {}
-    lines = ["| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable | train s (median) |",
+    lines = ["| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable (first task) | train s (median) |",
              "|" + " --- |" * (len(tasks) + 3)]
     for arm in arms:
         cells, trainable, seconds = [], "", []
@@ -97,8 +97,9 @@ def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
                                                "trainable_params": runs[0]["trainable_params"],
                                                "train_seconds": [r["train_seconds"] for r in runs]}
             cells.append(f"{mean:.2f} ± {std:.2f}")
-            share = 100 * runs[0]["trainable_params"] / runs[0]["total_params"]
-            trainable = f"{runs[0]['trainable_params']:,} ({share:.3f}%)"
+            if not trainable:  # of the first task (heads differ in size between tasks)
+                share = 100 * runs[0]["trainable_params"] / runs[0]["total_params"]
+                trainable = f"{runs[0]['trainable_params']:,} ({share:.3f}%)"
             seconds += [r["train_seconds"] for r in runs]
         median_s = f"{statistics.median(seconds):.0f}" if seconds else ""
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | {median_s} |")
