@@ -133,16 +133,13 @@ class _FisherAccumulator:
         masses = torch.zeros(first.shape[0], dtype=total.dtype, device=total.device) if tracks else None
         for b in range(first.shape[0]):  # one cache-sized block per sample, reduced in the same pass
             torch.mm(first[b].t(), second[b], out=block)
-            if self.mode is FisherMode.ABSOLUTE:
-                block.abs_()
-                total.add_(block)
-                if tracks:
-                    masses[b] = block.sum() if rng is None else torch.vdot(block.reshape(-1), rng.reshape(-1))
-            else:
-                total.addcmul_(block, block)
-                if tracks:
-                    masses[b] = torch.vdot(block.reshape(-1), block.reshape(-1)) if rng is None else \
-                        torch.vdot(block.reshape(-1), (block * rng).reshape(-1))
+            if not tracks and self.mode is not FisherMode.ABSOLUTE:
+                total.addcmul_(block, block)  # fused square-and-add: the common case
+                continue
+            self.transform(block)  # in place: the block is ours
+            total.add_(block)
+            if tracks:
+                masses[b] = block.sum() if rng is None else torch.vdot(block.reshape(-1), rng.reshape(-1))
         if tracks:
             self._add_mass(name, masses)
 
@@ -330,7 +327,8 @@ def estimate_fisher_and_sample_mass(
     if not indices:
         raise ValueError("sample_indices is empty: give the samples to measure.")
     fisher, accumulator = _estimate(model, Subset(data, indices), len(indices), mode, batch_size, params, collate_fn,
-                                    task_type, loss_fn, 0, progress, mass_range=mass_range or "all", in_order=True)
+                                    task_type, loss_fn, 0, progress, in_order=True,
+                                    mass_range="all" if mass_range is None else mass_range)
     return fisher, accumulator.sample_mass()
 
 

@@ -144,17 +144,19 @@ def ird_search(
     pairs: list[tuple[list[int], SparseMask]] = []
     previous: SparseMask | None = None
     for r in range(len(sizes)):
-        fisher, mass = estimate_fisher_and_sample_mass(model, data, samples, param_range, **fisher_kwargs)
+        last = r + 1 == len(sizes)  # no next round to rank samples for: skip the per-sample masses
+        fisher, mass = estimate_fisher_and_sample_mass(model, data, samples, {} if last else param_range,
+                                                       **fisher_kwargs)
         mask = _mask_in_range(fisher, param_range, budget, model, config, r)
         pairs.append((list(samples), mask))
         rounds.append({
             "round": r, "samples": len(samples), "parameter_range": range_size, "selected": mask.num_selected,
             "overlap_with_previous": None if previous is None else _overlap(mask, previous),
             "overlap_with_fish": _overlap(mask, pairs[0][1]),
-            "sample_mass_mean": float(mass.mean()), "sample_mass_kept_share": None,
+            "sample_mass_mean": None if last else float(mass.mean()), "sample_mass_kept_share": None,
         })
         previous = mask
-        if r + 1 < len(sizes):
+        if not last:
             ranking = torch.argsort(mass, descending=True, stable=True)[: sizes[r + 1]]  # ties: earlier sample
             rounds[-1]["sample_mass_kept_share"] = float(mass[ranking].sum() / mass.sum().clamp_min(1e-300))
             samples = [samples[j] for j in ranking.tolist()]
