@@ -33,3 +33,8 @@ class PaddingCollator:
     def _pad(self, key: str, sequences: list[torch.Tensor]) -> torch.Tensor:
         pad = _PAD_VALUES.get(key, self.pad_token_id if key == "input_ids" and self.pad_token_id is not None else 0)
         return torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad)
+
+
+def collator_for(model) -> PaddingCollator:
+    """Pads with the model's own ``pad_token_id`` (when the caller gives no collator)."""
+    return PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))

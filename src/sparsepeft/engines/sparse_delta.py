@@ -139,16 +139,17 @@ class SparseDeltaEngine:
     def _average_over_ranks(self) -> None:
         """End of backward: average this backward's contributions to the value gradients over the ranks."""
         self._reduction_queued = False
-        fresh = []
-        for _, values, _ in self.partial.values():
+        vectors = [values for _, values, _ in self.partial.values()]
+        for values in vectors:
             if values.grad is None:
                 values.grad = torch.zeros_like(values)  # every rank must send the same message
-            done = self._reduced.get(id(values))
-            fresh.append(values.grad - done if done is not None else values.grad.clone())
-        all_reduce_sum_(fresh)
-        for (_, values, _), increment in zip(self.partial.values(), fresh):
-            done = self._reduced.get(id(values))
-            values.grad.copy_(increment.div_(world_size()) if done is None else done + increment.div_(world_size()))
+        done = [self._reduced.get(id(values)) for values in vectors]
+        fresh = [v.grad if d is None else v.grad - d for v, d in zip(vectors, done)]
+        all_reduce_sum_(fresh)  # in place; ``fresh`` may be the gradient itself
+        for values, increment, averaged in zip(vectors, fresh, done):
+            increment.div_(world_size())
+            if averaged is not None:
+                values.grad.copy_(averaged.add_(increment))
             self._reduced[id(values)] = values.grad.clone()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

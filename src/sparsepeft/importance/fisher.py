@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..data.collate import PaddingCollator
+from ..data.collate import collator_for
 from ..utils.distributed import (
     all_reduce_sum_,
     assert_same_on_all_ranks,
@@ -337,8 +337,7 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
     mode = FisherMode(mode)
     scored = scored_parameters(model, params)
     task = TaskType(task_type) if task_type is not None else (None if loss_fn else infer_task_type(model))
-    if collate_fn is None:
-        collate_fn = PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
+    collate_fn = collate_fn or collator_for(model)
     if in_order:
         loader, target = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn), len(data)
     else:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.collate import collator_for
 from .fisher import _forward_logits, _to_device
 from .losses import TaskType, empirical_nll, infer_task_type
 
@@ -53,34 +54,40 @@ def dense_warmup(
 
 
 def _train(model, data, params, steps, lr, batch_size, collate_fn, seed, task_type) -> dict[str, float]:
-    from ..data.collate import PaddingCollator
-
-    task = TaskType(task_type) if task_type is not None else infer_task_type(model)
-    if collate_fn is None:
-        collate_fn = PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
     for param in model.parameters():
         param.requires_grad_(False)
     trainable = list(params.values())
     for param in trainable:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    losses = train_steps(model, data, optimizer, steps, batch_size, collate_fn, seed, task_type, what="warm-up")
+    return {"first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def train_steps(model: nn.Module, data, optimizer, steps: int, batch_size: int, collate_fn: Callable | None = None,
+                seed: int = 0, task_type: str | TaskType | None = None, what: str = "training") -> list[float]:
+    """``steps`` optimizer steps on seeded shuffled batches of ``data`` (train mode); returns the losses.
+
+    The short trainings sparsepeft runs for itself (the adapter warm-up, IRD's probe) share this loop,
+    so a given seed gives every caller the same batches.
+    """
+    task = TaskType(task_type) if task_type is not None else infer_task_type(model)
+    collate_fn = collate_fn or collator_for(model)
     generator = torch.Generator().manual_seed(seed)
-    device = trainable[0].device
+    device = next(p for group in optimizer.param_groups for p in group["params"]).device
     model.train()
-    losses = []
+    losses: list[float] = []
     while len(losses) < steps:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
-        for batch in loader:
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn):
             batch = _to_device(batch, device)
-            logits = _forward_logits(model, batch, task)
-            loss = empirical_nll(task, logits, batch).mean()
+            loss = empirical_nll(task, _forward_logits(model, batch, task), batch).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"The warm-up loss became {float(loss)} at step {len(losses)}: lower the "
-                                         "warm-up learning rate.")
+                raise FloatingPointError(f"The {what} loss became {float(loss)} at step {len(losses)}: lower its "
+                                         "learning rate.")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if len(losses) >= steps:
                 break
-    return {"first_loss": losses[0], "last_loss": losses[-1]}
+    return losses

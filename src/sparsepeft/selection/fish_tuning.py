@@ -102,10 +102,15 @@ def fish_tuning_mask(
     return mask
 
 
-def _fisher(model, data, candidates, config: FishTuningConfig, collate_fn, progress, info) -> dict[str, torch.Tensor]:
+def _measured_state(model, data, candidates, config: FishTuningConfig, collate_fn):
+    """Where the Fisher is measured: after the warm-up (undone on exit), or at initialisation."""
     steps = config.warmup_steps if config.fisher_at == "warmup" else 0
-    with dense_warmup(model, data, candidates, steps=steps, lr=config.warmup_lr,
-                      batch_size=config.warmup_batch_size, collate_fn=collate_fn, seed=config.seed) as warmup:
+    return dense_warmup(model, data, candidates, steps=steps, lr=config.warmup_lr,
+                        batch_size=config.warmup_batch_size, collate_fn=collate_fn, seed=config.seed)
+
+
+def _fisher(model, data, candidates, config: FishTuningConfig, collate_fn, progress, info) -> dict[str, torch.Tensor]:
+    with _measured_state(model, data, candidates, config, collate_fn) as warmup:
         fisher = estimate_fisher(model, data, num_samples=config.num_samples, mode=config.fisher_mode,
                                  batch_size=config.fisher_batch_size, params=list(candidates), collate_fn=collate_fn,
                                  seed=config.seed, progress=progress)
@@ -115,12 +120,10 @@ def _fisher(model, data, candidates, config: FishTuningConfig, collate_fn, progr
 
 def _ird_mask(model, data, candidates, count: int, config: FishTuningConfig, collate_fn, progress, info, start):
     """IRD inside the PEFT scope: the search runs where the Fisher would be measured (after the warm-up)."""
-    steps = config.warmup_steps if config.fisher_at == "warmup" else 0
     ird = config.ird or IRDConfig(num_samples=config.num_samples, fisher_mode=config.fisher_mode,
                                   fisher_batch_size=config.fisher_batch_size, always_train=config.always_train,
                                   seed=config.seed)
-    with dense_warmup(model, data, candidates, steps=steps, lr=config.warmup_lr,
-                      batch_size=config.warmup_batch_size, collate_fn=collate_fn, seed=config.seed) as warmup:
+    with _measured_state(model, data, candidates, config, collate_fn) as warmup:
         result = ird_search(model, data, config=ird, budget=count, params=list(candidates), collate_fn=collate_fn,
                             progress=progress)
     mask = result.mask

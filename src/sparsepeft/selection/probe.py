@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.collate import PaddingCollator
+from ..data.collate import collator_for
 from ..importance.fisher import _forward_logits, _to_device
 from ..importance.losses import empirical_nll, infer_task_type
+from ..importance.warmup import train_steps
 from .mask import SparseMask
 
 
@@ -20,7 +21,7 @@ def probe_loss(model, data, mask: SparseMask, held_out, config, collate_fn=None)
     from ..engines import DenseMaskEngine
 
     task = infer_task_type(model)
-    collate_fn = collate_fn or PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))
+    collate_fn = collate_fn or collator_for(model)
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in mask.shapes}
     was_training = model.training
@@ -28,20 +29,9 @@ def probe_loss(model, data, mask: SparseMask, held_out, config, collate_fn=None)
     try:
         optimizer = torch.optim.AdamW(list(engine.trainable_parameters()), lr=config.probe_lr, weight_decay=0.0)
         engine.attach_optimizer(optimizer)
-        generator = torch.Generator().manual_seed(config.seed)
+        train_steps(model, data, optimizer, config.probe_steps, config.probe_batch_size, collate_fn, config.seed, task,
+                    what="IRD probe")
         device = next(iter(saved.values())).device
-        model.train()
-        steps = 0
-        while steps < config.probe_steps:
-            for batch in DataLoader(data, batch_size=config.probe_batch_size, shuffle=True, generator=generator,
-                                    collate_fn=collate_fn):
-                batch = _to_device(batch, device)
-                empirical_nll(task, _forward_logits(model, batch, task), batch).mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                steps += 1
-                if steps >= config.probe_steps:
-                    break
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
