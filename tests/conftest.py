@@ -34,12 +34,13 @@ def _small(**extra):
     return dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, **extra)
 
 
-def make_model(family: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+def make_model(family: str, num_labels: int = 2, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A tiny model of ``family``: bert, roberta, gpt2, gpt2-lm, llama, llama-lm."""
     torch.manual_seed(seed)
-    bert_like = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    llama_like = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
-    gpt2_like = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
+    bert_like = dict(hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32)
+    llama_like = dict(hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=32)
+    gpt2_like = dict(n_embd=16, n_layer=layers, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
     if family == "bert":
         model = BertForSequenceClassification(BertConfig(**_small(**bert_like), num_labels=num_labels))
     elif family == "roberta":

@@ -4,15 +4,19 @@ Importance estimation (``estimate_fisher``) -> selection (``select_mask``, ``Spa
 ``fish_tuning_mask`` inside PEFT modules at a ``Budget``, ``ird_search``) -> training engines (``DenseMaskEngine``,
 ``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``,
 ``apply_method`` for PEFT methods and the bottleneck adapters of ``sparsepeft.adapters``).
+Layer-wise tuning (IST, LISA, random, full): ``LayerwiseConfig`` -> ``LayerwiseEngine`` (plain loops) or
+``LayerwiseCallback`` (``Trainer``).
 """
 
 from .engines import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, apply_delta
+from .engines.layerwise import LayerwiseEngine
 from .importance import FisherMode, TaskType, estimate_fisher, register_rule
-from .integrations import SparseMaskCallback, mask_from_checkpoint
+from .integrations import LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
 from .integrations.peft import apply_method, reference_count
 from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
 from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
 from .selection.ird import IRDConfig, IRDResult, ird_search
+from .selection.layers import LayerSelectionError, LayerwiseConfig, ist_score_update
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,11 @@ __all__ = [
     "FishTuningConfig",
     "IRDConfig",
     "IRDResult",
+    "LayerSelectionError",
+    "LayerwiseCallback",
+    "LayerwiseConfig",
+    "LayerwiseEngine",
+    "ist_score_update",
     "ird_search",
     "apply_method",
     "fish_tuning_mask",

@@ -8,6 +8,8 @@ of same-class children that holds the most parameters. Unusual models name it wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 
@@ -45,3 +47,46 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, 
 
 def _candidates(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+
+
+@dataclass
+class BlockParameters:
+    """A model's trainable parameters grouped by transformer block.
+
+    ``blocks[i]`` holds the trainable parameters under block ``i`` (its PEFT modules on a PEFT model, all its
+    weights on a plain one); ``outside`` the trainable ones under no block (a task head, trained embeddings);
+    ``block_ids`` the indices of the blocks that hold any, the candidates of layer-wise selection.
+    """
+
+    path: str
+    num_blocks: int
+    blocks: dict[int, list[tuple[str, nn.Parameter]]]
+    outside: list[tuple[str, nn.Parameter]]
+
+    @property
+    def block_ids(self) -> list[int]:
+        return sorted(self.blocks)
+
+    def names(self) -> list[str]:
+        return [name for i in self.block_ids for name, _ in self.blocks[i]] + [name for name, _ in self.outside]
+
+
+def block_parameters(model: nn.Module, blocks_path: str | None = None) -> BlockParameters:
+    """Group the parameters that require grad now by the block they live in."""
+    path, blocks = find_blocks(model, blocks_path)
+    prefix = f"{path}."
+    grouped: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    outside: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(prefix):
+            index = int(name[len(prefix):].split(".", 1)[0])
+            grouped.setdefault(index, []).append((name, param))
+        else:
+            outside.append((name, param))
+    if not grouped:
+        raise BlockDiscoveryError(
+            f"None of the {len(blocks)} blocks at {path!r} holds a trainable parameter: add a PEFT method (LoRA, DoRA, "
+            "bottleneck adapters) first, or pass blocks_path= if these are not the transformer blocks.")
+    return BlockParameters(path, len(blocks), grouped, outside)

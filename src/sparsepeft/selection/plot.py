@@ -87,3 +87,47 @@ def plot_ird_rounds(report: dict, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_layer_heatmap(history: dict, path: str | os.PathLike) -> None:
+    """Layer x step heat maps of a layer-wise run: which blocks trained, and (IST) how the scores moved."""
+    blocks = history["block_ids"]
+    selections = history["selections"]
+    steps = max(len(selections), 1)
+    chosen = np.zeros((len(blocks), steps))
+    row = {b: i for i, b in enumerate(blocks)}
+    for step, selected in enumerate(selections):
+        for block in selected:
+            chosen[row[block], step] = 1.0
+    probes = history.get("probes") or []
+    panels = 2 if probes else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(6, min(16, 0.05 * steps + 5)), (0.25 * len(blocks) + 1.6) * panels),
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.imshow(chosen, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+              extent=(-0.5, steps - 0.5, len(blocks) - 0.5, -0.5))
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_ylabel("block")
+    ax.set_xlabel("step")
+    counts = chosen.sum(axis=1)
+    ax.set_title(f"{history['config']['strategy']}: blocks trained per step (dark = trained; totals "
+                 f"{', '.join(f'{b}:{int(c)}' for b, c in zip(blocks, counts))})", fontsize=9)
+    if probes:
+        scores = np.zeros((len(blocks), steps))
+        current = np.zeros(len(blocks))
+        marks = {p["step"]: np.asarray(p["scores"]) for p in probes}
+        for step in range(steps):
+            current = marks.get(step, current)
+            scores[:, step] = current
+        ax = axes[1][0]
+        image = ax.imshow(scores, aspect="auto", interpolation="nearest", cmap="coolwarm",
+                          extent=(-0.5, steps - 0.5, len(blocks) - 0.5, -0.5))
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_ylabel("block")
+        ax.set_xlabel("step")
+        ax.set_title("IST score s_l (high = cheap to suppress = drawn less often)", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
