@@ -80,3 +80,50 @@ def mismatch_worker(rank: int, world: int, init_file: str, what: str) -> None:
             estimate_fisher(make_model("bert", seed=rank), make_examples(8), num_samples=8, progress=False)
     finally:
         dist.destroy_process_group()
+
+
+def layerwise_model():
+    from sparsepeft import apply_method
+
+    model = no_dropout(make_model("bert", layers=4))
+    model = apply_method(model, "lora", {"r": 2, "target_modules": ["query", "value"], "lora_dropout": 0.0})
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def layerwise_train(model, batches, probe_data, steps: int, ddp: bool):
+    """IST in a plain loop (under DDP when asked); returns the selections and which blocks got gradients."""
+    from sparsepeft import LayerwiseConfig, LayerwiseEngine
+    from sparsepeft.data.collate import PaddingCollator
+
+    engine = LayerwiseEngine(model, LayerwiseConfig("ist", fraction=0.5, probe_interval=2, probe_batch_size=8),
+                             probe_data, PaddingCollator(0)).attach()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    graded = []
+    for step in range(steps):
+        engine.step_begin(optimizer)
+        wrapped(**batches[step % len(batches)]).loss.backward()
+        graded.append(sorted({int(n.split(".layer.")[1].split(".")[0]) for n, p in model.named_parameters()
+                              if p.grad is not None and ".layer." in n}))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    engine.detach()
+    return {"selections": engine.selections, "graded": graded, "scores": engine.sampler.scores.tolist(),
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def layerwise_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    init(rank, world, init_file)
+    from sparsepeft.data.collate import PaddingCollator
+
+    examples = make_examples(16, lengths=(8, 9))
+    shard = [examples[i] for i in range(rank, len(examples), world)]
+    batches = [PaddingCollator(0)(shard[i : i + 4]) for i in range(0, len(shard), 4)]
+    result = layerwise_train(layerwise_model(), batches, examples, steps=6, ddp=True)
+    torch.save(result, f"{out}.rank{rank}")
+    dist.destroy_process_group()

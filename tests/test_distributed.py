@@ -101,3 +101,22 @@ def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
     next(model.parameters()).ds_id = 0  # DeepSpeed ZeRO-3 marks its partitioned parameters
     with pytest.raises(ShardedTrainingNotSupported, match="ZeRO-3"):
         DenseMaskEngine(model, random_score_mask(model, 0.1)).attach()
+
+
+def test_layerwise_ist_under_ddp_matches_one_process_and_ranks_choose_alike(tmp_path):
+    from distributed_workers import layerwise_model, layerwise_train, layerwise_worker
+
+    out = tmp_path / "layerwise"
+    _spawn(layerwise_worker, str(tmp_path / "init"), str(out))
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    examples = make_examples(16, lengths=(8, 9))
+    order = [examples[i] for i in range(0, 16, 2)], [examples[i] for i in range(1, 16, 2)]
+    batches = [PaddingCollator(0)(order[0][i : i + 4] + order[1][i : i + 4]) for i in (0, 4)]
+    single = layerwise_train(layerwise_model(), batches, examples, steps=6, ddp=False)
+    assert ranks[0]["selections"] == ranks[1]["selections"] == single["selections"]
+    assert ranks[0]["graded"] == ranks[0]["selections"]  # blocks that sat out kept .grad None under DDP
+    assert ranks[0]["scores"] == ranks[1]["scores"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["scores"]), torch.tensor(single["scores"]), rtol=1e-4, atol=1e-7)
+    for name, value in single["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5)
