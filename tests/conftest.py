@@ -91,23 +91,40 @@ WORDS = ("the a is not but and very good bad great terrible product it was i of 
          "never really quite awful lovely price sound battery fine poor man woman plane dog cat playing").split()
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A tiny BERT classifier and a WordPiece tokenizer saved like a hub checkpoint, for CLI tests."""
+def _save_tiny(folder: Path, model_class, config_class, **config) -> Path:
+    """A tiny random model and a WordPiece tokenizer saved like a hub checkpoint, for CLI tests."""
     from transformers import BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,';",
              *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, eos_token="[SEP]")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, pad_token_id=0)
-    model = BertForSequenceClassification(config)
+    model = model_class(config_class(vocab_size=len(vocab), max_position_embeddings=128, pad_token_id=0, **config))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny 2-block BERT classifier."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), BertForSequenceClassification, BertConfig, hidden_size=16,
+                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert4_dir(tmp_path_factory) -> Path:
+    """A tiny 4-block BERT classifier (IST needs enough blocks for 3 distinct probes)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert4"), BertForSequenceClassification, BertConfig, hidden_size=16,
+                      num_hidden_layers=4, num_attention_heads=2, intermediate_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lm_dir(tmp_path_factory) -> Path:
+    """A tiny 4-block LLaMA causal LM."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM, LlamaConfig, hidden_size=16,
+                      num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                      bos_token_id=2, eos_token_id=3)
 
 
 def random_score_mask(model, ratio: float = 0.05, seed: int = 0):

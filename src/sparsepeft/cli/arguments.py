@@ -15,6 +15,7 @@ from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
 from ..selection.ird import IRDConfig
+from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseConfig
 
 
 @dataclass
@@ -38,7 +39,11 @@ class DataArguments:
     text_columns: str = field(default="sentence", metadata={"help": "Text column(s) of your files, comma-separated."})
     label_column: str = field(default="label", metadata={"help": "Label column of your files."})
     task_type: str = field(default="auto", metadata={
-        "help": "For your files: classification, regression, or auto.", "choices": ["auto", "classification", "regression"]})
+        "help": "For your files: classification, regression, auto, or causal-lm (prompt/response pairs trained with "
+                "a response-only loss; reports loss and exact match).",
+        "choices": ["auto", "classification", "regression", "causal-lm"]})
+    prompt_column: str = field(default="prompt", metadata={"help": "causal-lm: the prompt column of your files."})
+    response_column: str = field(default="response", metadata={"help": "causal-lm: the response column."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on a random subset of this size."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on a random subset of this size."})
 
@@ -169,3 +174,42 @@ class PeftArguments:
             num_samples=sparse.num_samples, fisher_mode=sparse.fisher_mode, fisher_batch_size=sparse.fisher_batch_size,
             always_train=tuple(p for p in sparse.always_train.split(",") if p), seed=seed,
             ird=sparse.ird_config(seed) if sparse.selection == "ird" else None)
+
+
+@dataclass
+class LayerwiseArguments:
+    layers: Optional[str] = field(default=None, metadata={
+        "help": "Layer-wise tuning of the PEFT method: each step only some blocks' PEFT modules train. ist (learned "
+                "layer scores, Yao et al. 2024), lisa (every --layers-interval steps, --layers-count uniform blocks), "
+                "random (--layers-fraction uniform blocks each step), full (all blocks: the vanilla method).",
+        "choices": list(STRATEGIES)})
+    layers_fraction: Optional[float] = field(default=None, metadata={
+        "help": "Share of blocks trained per step, int(fraction*L) (ist, random; default 0.25)."})
+    layers_count: Optional[int] = field(default=None, metadata={
+        "help": "Blocks trained per step, instead of --layers-fraction (LISA's gamma; default 2 for lisa)."})
+    layers_interval: int = field(default=20, metadata={"help": "lisa: steps between re-draws (K)."})
+    layers_optimizer_state: str = field(default="keep", metadata={
+        "help": "Optimizer state of blocks not trained this step: keep (reference), offload (to CPU until selected "
+                "again) or drop (their Adam moments restart when selected).", "choices": list(OPTIMIZER_STATE_POLICIES)})
+    layers_blocks_path: Optional[str] = field(default=None, metadata={
+        "help": "Dotted path of the model's list of transformer blocks, when it is not found automatically."})
+    ist_suppress_fraction: float = field(default=0.5, metadata={"help": "ist: share of blocks suppressed per probe."})
+    ist_suppression_factor: float = field(default=0.25, metadata={"help": "ist: PEFT output scale while suppressed."})
+    ist_probe_interval: int = field(default=10, metadata={"help": "ist: steps between score updates."})
+    ist_num_probes: int = field(default=3, metadata={"help": "ist: probes (distinct block subsets) per update."})
+    ist_score_lr: float = field(default=10.0, metadata={"help": "ist: step size of the score update."})
+    ist_probe_batch_size: int = field(default=16, metadata={"help": "ist: training samples in a probe batch."})
+
+    def __post_init__(self):
+        if self.layers is not None:
+            self.config(0)  # fractions, counts and policies are checked before any model is loaded
+
+    def config(self, seed: int) -> LayerwiseConfig | None:
+        if self.layers is None:
+            return None
+        return LayerwiseConfig(
+            strategy=self.layers, fraction=self.layers_fraction, num_layers=self.layers_count,
+            interval=self.layers_interval, suppress_fraction=self.ist_suppress_fraction,
+            suppression_factor=self.ist_suppression_factor, probe_interval=self.ist_probe_interval,
+            num_probes=self.ist_num_probes, score_lr=self.ist_score_lr, probe_batch_size=self.ist_probe_batch_size,
+            optimizer_state=self.layers_optimizer_state, blocks_path=self.layers_blocks_path, seed=seed)

@@ -7,7 +7,8 @@ import sys
 
 USAGE = """usage: sparsepeft {train,mask,demo} [flags]
 
-  train   fine-tune (--method full|fish|random, or a PEFT method: lora|dora|adapter|ia3|... [--fish --budget lora:r=8])
+  train   fine-tune (--method full|fish|random, or a PEFT method: lora|dora|adapter|ia3|... [--fish --budget lora:r=8]
+          [--layers ist|lisa|random|full --layers-fraction 0.25]; --task-type causal-lm for prompt/response files)
           and write the model (or adapter), the mask and results.json
   mask    compute and save a mask only (sparse_mask.safetensors, mask_density.png, mask_summary.json)
   merge   base model + sparse_delta.safetensors -> a dense checkpoint: merge --model BASE --delta D --output-dir OUT
@@ -19,9 +20,10 @@ Run `sparsepeft train --help` for every flag (all of transformers' TrainingArgum
 def _parse(argv: list[str]):
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .arguments import DataArguments, ModelArguments, PeftArguments, SparseArguments
+    from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, PeftArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, PeftArguments, LayerwiseArguments,
+                               TrainingArguments))
     if not any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         parser.error("--output-dir is required: where the model, mask and results.json are written.")
@@ -67,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .train import run_mask, run_train
 
-    model_args, data_args, sparse_args, peft_args, training_args = _parse(rest)
-    run = run_train if command == "train" else run_mask
     try:
-        result = run(model_args, data_args, sparse_args, training_args, peft_args)
+        model_args, data_args, sparse_args, peft_args, layer_args, training_args = _parse(rest)
+        if command == "train":
+            result = run_train(model_args, data_args, sparse_args, training_args, peft_args, layer_args)
+        else:
+            if layer_args.layers is not None:
+                raise ValueError("--layers chooses blocks while training: use it with `sparsepeft train`.")
+            result = run_mask(model_args, data_args, sparse_args, training_args, peft_args)
     except (ValueError, FileNotFoundError) as error:
         print(f"sparsepeft {command}: error: {error}", file=sys.stderr)
         return 2

@@ -11,16 +11,17 @@ import math
 
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..data import compute_metrics
+from ..data import PaddingCollator, compute_metrics
+from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
-from ..integrations import DELTA_FILE, MASK_FILE, SparseMaskCallback, mask_from_checkpoint
+from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
 from ..integrations.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..utils.io import write_json
-from .arguments import DataArguments, ModelArguments, PeftArguments, SparseArguments
+from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
 logger = logging.getLogger("sparsepeft")
 
@@ -28,14 +29,19 @@ logger = logging.getLogger("sparsepeft")
 def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: SparseArguments, seed: int):
     task = load_task_data(data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file,
                           [c for c in data_args.text_columns.split(",") if c], data_args.label_column,
-                          data_args.task_type)
+                          data_args.task_type, data_args.prompt_column, data_args.response_column)
     model, tokenizer = load_model_and_tokenizer(model_args.model, task, model_args.ignore_mismatched_sizes)
     train, evaluation = featurize(task, tokenizer, model_args.max_seq_length, data_args.max_train_samples,
                                   data_args.max_eval_samples, seed)
     return task, model, tokenizer, train, evaluation
 
 
-def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments) -> None:
+def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
+                       layer_args: LayerwiseArguments | None = None) -> None:
+    if layer_args is not None and layer_args.layers is not None and sparse_args.method in ("fish", "random"):
+        raise ValueError(f"--layers chooses blocks of a PEFT method (--method lora/dora/adapter/...; add --fish for a "
+                         f"FISH-Tuning mask inside it) or of the whole model (--method full, LISA's own form), not of "
+                         f"--method {sparse_args.method}.")
     if peft_args.fish and not sparse_args.is_peft:
         raise ValueError("--fish masks inside a PEFT method (--method lora/dora/adapter/...). For a Fisher mask over "
                          "the whole model use --method fish without --fish.")
@@ -59,13 +65,20 @@ def _tune(model, sparse_args: SparseArguments, peft_args: PeftArguments, trainin
     return apply_method(model, sparse_args.method, options), options
 
 
+def _collator(task, tokenizer):
+    """Causal-LM examples carry label sequences, which the tokenizer's padding collator cannot pad."""
+    if isinstance(task, PromptResponseTask):
+        return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    return DataCollatorWithPadding(tokenizer)
+
+
 def _make_mask(model, tokenizer, train, sparse_args: SparseArguments, peft_args: PeftArguments, recipe,
-               model_name: str, options: dict, seed: int):
+               model_name: str, options: dict, seed: int, collate=None):
     if sparse_args.mask_file:
         mask = SparseMask.load(sparse_args.mask_file)
         mask.check_compatible(model)
         return mask
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = collate or DataCollatorWithPadding(tokenizer)
     if not sparse_args.is_peft:
         return build_mask(model, train, recipe, collate, model_name=model_name)
     if not peft_args.fish:
@@ -123,10 +136,11 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
 
 
 def run_train(model_args, data_args, sparse_args, training_args: TrainingArguments,
-              peft_args: PeftArguments | None = None) -> dict:
+              peft_args: PeftArguments | None = None, layer_args: LayerwiseArguments | None = None) -> dict:
     """Fine-tune with the chosen method, evaluate on every dev split, write model, mask and results.json."""
     peft_args = peft_args or PeftArguments()
-    _check_combination(sparse_args, peft_args)
+    layer_args = layer_args or LayerwiseArguments()
+    _check_combination(sparse_args, peft_args, layer_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
@@ -138,7 +152,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     mask_phase = PeakMemory()
     if mask is None:
         mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
-                          training_args.seed)
+                          training_args.seed, collate=_collator(task, tokenizer))
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
@@ -146,21 +160,31 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
 
+    causal = isinstance(task, PromptResponseTask)
+
     def metrics_fn(prediction):
+        if causal:
+            return exact_match_metrics(prediction.predictions, prediction.label_ids)
         return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
 
     peft_params = count_trainable(model) if sparse_args.is_peft else None  # before the mask freezes anything
+    collate = _collator(task, tokenizer)
     callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
     callbacks = [callback] if callback is not None else []
     if sparse_args.method == "adalora" and mask is None:
         callbacks.append(AdaLoraAllocationCallback(model))  # with --fish the mask is the allocation
+    layer_config = layer_args.config(training_args.seed)
+    layerwise = LayerwiseCallback(layer_config, probe_data=train, collate_fn=collate) if layer_config else None
+    if layerwise is not None:
+        callbacks.append(layerwise)  # after the mask's callback: it manages what the mask left trainable
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collate,
         processing_class=tokenizer,
         compute_metrics=metrics_fn,
+        preprocess_logits_for_metrics=greedy_predictions if causal else None,
         callbacks=callbacks or None,
     )
     trainable = mask.num_selected if mask is not None else count_trainable(model)
@@ -195,6 +219,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "model": model_args.model,
         "method": sparse_args.method,
         "fish": bool(peft_args.fish) if sparse_args.is_peft else None,
+        "layers": layer_config.to_dict() if layer_config else None,
         "selection": mask.config.get("selection") if mask is not None else None,
         "budget": mask.config.get("budget_spec") if mask is not None and sparse_args.is_peft else None,
         "method_options": options or None,
@@ -214,10 +239,22 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
+    if layerwise is not None:
+        results["layerwise"] = {**layerwise.stats, **_selection_summary(layerwise.history)}
     results["world_size"] = training_args.world_size
     if trainer.is_world_process_zero():
         write_json(output_dir / "results.json", results)
     return results
+
+
+def _selection_summary(history: dict) -> dict:
+    counts = {str(b): 0 for b in history["block_ids"]}
+    for selected in history["selections"]:
+        for block in selected:
+            counts[str(block)] += 1
+    lowest = [min(s) for s in history["selections"] if s]
+    return {"steps_trained_per_block": counts, "final_scores": {str(k): v for k, v in history["scores"].items()},
+            "mean_lowest_selected_block": sum(lowest) / len(lowest) if lowest else None}
 
 
 def run_merge(base: str, delta_path: str, output_dir: str) -> Path:

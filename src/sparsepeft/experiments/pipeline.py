@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data import DataError, TaskData, load_files, load_glue
+from ..data.causal_lm import CAUSAL_LM, PromptResponseTask, load_prompt_response, subset, tokenize_prompt_response
 from ..data.features import tokenize_split
 from ..importance import estimate_fisher
 from ..selection import DEFAULT_ALWAYS_TRAIN, SparseMask, random_mask, select_mask
@@ -43,8 +44,16 @@ def load_task_data(
     text_columns: Sequence[str] = (),
     label_column: str = "label",
     task_type: str = "auto",
-) -> TaskData:
-    """``task`` names a GLUE task (or ``demo``, the packaged sentiment set); else the user's files."""
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+) -> TaskData | PromptResponseTask:
+    """``task`` names a GLUE task (or ``demo``, the packaged sentiment set); else the user's files
+    (prompt/response pairs for a causal LM when ``task_type`` is ``causal-lm``)."""
+    if task_type == CAUSAL_LM:
+        if task or not (train_file and validation_file):
+            raise DataError("--task-type causal-lm trains on your prompt/response files: give --train-file and "
+                            "--validation-file (JSON lines with 'prompt' and 'response'), not --task.")
+        return load_prompt_response(train_file, validation_file, prompt_column, response_column)
     if task == "demo":
         return load_files(DEMO_DATA / "train.tsv", DEMO_DATA / "dev.tsv", ["sentence"], "label", "classification")
     if task:
@@ -54,10 +63,13 @@ def load_task_data(
     raise DataError("Say what to train on: --task (a GLUE task or 'demo'), or --train-file and --validation-file.")
 
 
-def load_model_and_tokenizer(name_or_path: str, task: TaskData, ignore_mismatched_sizes: bool = False):
+def load_model_and_tokenizer(name_or_path: str, task: TaskData | PromptResponseTask,
+                             ignore_mismatched_sizes: bool = False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    if isinstance(task, PromptResponseTask):
+        return _load_causal_lm(path)
     label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.is_regression:
         label_kwargs["problem_type"] = "regression"
@@ -82,7 +94,27 @@ def load_model_and_tokenizer(name_or_path: str, task: TaskData, ignore_mismatche
     return model, tokenizer
 
 
-def featurize(task: TaskData, tokenizer, max_length: int, max_train: int | None, max_eval: int | None, seed: int):
+def _load_causal_lm(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def featurize(task: TaskData | PromptResponseTask, tokenizer, max_length: int, max_train: int | None,
+              max_eval: int | None, seed: int):
+    if isinstance(task, PromptResponseTask):
+        train = tokenize_prompt_response(subset(task.train, max_train, seed), tokenizer, max_length)
+        evaluation = {name: tokenize_prompt_response(subset(pairs, max_eval, seed), tokenizer, max_length)
+                      for name, pairs in task.evaluation.items()}
+        return train, evaluation
     train = tokenize_split(task.train.subset(max_train, seed), tokenizer, max_length, task.is_regression)
     evaluation = {
         name: tokenize_split(split.subset(max_eval, seed), tokenizer, max_length, task.is_regression)

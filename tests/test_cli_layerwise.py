@@ -1,0 +1,142 @@
+"""`sparsepeft train --layers ...` on classifiers and on a causal LM trained from prompt/response files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, make_model
+from sparsepeft.cli.main import main
+from sparsepeft.data.causal_lm import exact_match_metrics, tokenize_prompt_response
+
+COMMON = ["--max-seq-length", "32", "--per-device-train-batch-size", "4", "--learning-rate", "1e-2",
+          "--report-to", "none", "--save-strategy", "no", "--disable-tqdm", "true", "--use-cpu", "true",
+          "--logging-steps", "1", "--seed", "0"]
+
+
+def _train(model_dir, out, *flags, task=("--task", "demo", "--max-train-samples", "48", "--max-eval-samples", "16")):
+    return main(["train", "--model", str(model_dir), *task, *COMMON, "--output-dir", str(out), *flags])
+
+
+@pytest.mark.parametrize("strategy", ["ist", "lisa", "random", "full"])
+def test_cli_trains_lora_layer_wise(tiny_bert4_dir, tmp_path, strategy):
+    out = tmp_path / strategy
+    flags = ["--method", "lora", "--lora-r", "2", "--layers", strategy, "--num-train-epochs", "2",
+             "--ist-probe-interval", "4", "--ist-probe-batch-size", "8"]
+    if strategy in ("ist", "random"):
+        flags += ["--layers-fraction", "0.5"]
+    assert _train(tiny_bert4_dir, out, *flags) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["layers"]["strategy"] == strategy
+    history = json.loads((out / "layerwise_history.json").read_text())
+    per_step = {"ist": 2, "random": 2, "lisa": 2, "full": 4}[strategy]
+    assert len(history["selections"]) == 24 and all(len(s) == per_step for s in history["selections"])
+    assert sum(results["layerwise"]["steps_trained_per_block"].values()) == 24 * per_step
+    assert (out / "layerwise_heatmap.png").is_file() and (out / "adapter_model.safetensors").is_file()
+    if strategy == "ist":
+        assert [p["step"] for p in history["probes"]] == [4, 8, 12, 16, 20]
+        assert any(v != 0 for v in results["layerwise"]["final_scores"].values())
+
+
+def test_cli_composes_layers_with_fish_tuning(tiny_bert4_dir, tmp_path):
+    flags = ["--method", "lora", "--lora-r", "4", "--fish", "--budget", "50%", "--fisher-warmup-steps", "2",
+             "--num-samples", "16", "--layers", "ist", "--layers-fraction", "0.5", "--ist-probe-interval", "3",
+             "--ist-probe-batch-size", "8", "--max-steps", "8", "--layers-optimizer-state", "drop"]
+    assert _train(tiny_bert4_dir, tmp_path, *flags) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["fish"] and results["layers"]["optimizer_state"] == "drop"
+    assert results["trainable_params"] < results["peft_params"]
+    assert (tmp_path / "sparse_mask.safetensors").is_file() and (tmp_path / "layerwise_history.json").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "fish", "--layers", "ist"], "--layers chooses blocks of a PEFT method"),
+    (["--method", "lora", "--layers", "ist", "--layers-fraction", "0"], "fraction must be in"),
+    (["--method", "lora", "--layers", "random", "--layers-fraction", "0.1"], "selects no block of 4"),
+    (["--method", "lora", "--layers", "lisa", "--layers-count", "9"], "model has 4"),
+    (["--method", "lora", "--layers", "ist", "--ist-probe-batch-size", "64"], "larger than the 48"),
+    (["--method", "full", "--layers", "ist"], "hold no PEFT module"),
+])
+def test_cli_bad_layer_settings_are_clear_errors(tiny_bert4_dir, tmp_path, capsys, flags, message):
+    assert _train(tiny_bert4_dir, tmp_path, "--max-steps", "2", *flags) == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+def _write_pairs(path, rows):
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+
+
+def _copy_task(tmp_path, n):
+    words = "good bad great film movie dog cat price".split()
+    rows = [(f"the {words[i % 8]} is", words[(i * 3) % 8]) for i in range(n)]
+    _write_pairs(tmp_path / "train.jsonl", rows)
+    _write_pairs(tmp_path / "dev.jsonl", rows[:16])
+    return ["--task-type", "causal-lm", "--train-file", str(tmp_path / "train.jsonl"),
+            "--validation-file", str(tmp_path / "dev.jsonl")]
+
+
+@pytest.mark.parametrize("flags", [["--method", "lora", "--lora-r", "4"],
+                                   ["--method", "lora", "--lora-r", "4", "--layers", "ist", "--layers-fraction", "0.5",
+                                    "--ist-probe-interval", "5", "--ist-probe-batch-size", "8"],
+                                   ["--method", "lora", "--lora-r", "4", "--layers", "lisa", "--layers-interval", "5"]],
+                         ids=["lora", "ist", "lisa"])
+def test_cli_trains_a_causal_lm_on_prompt_response_pairs(tiny_llama_lm_dir, tmp_path, flags):
+    data = _copy_task(tmp_path, 64)
+    assert _train(tiny_llama_lm_dir, tmp_path / "run", *flags, "--num-train-epochs", "6", "--learning-rate", "1e-1",
+                  task=data) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    metrics = results["metrics"]["validation"]
+    assert set(metrics) >= {"loss", "exact_match", "token_accuracy"}
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert metrics["loss"] < 4.5 and metrics["token_accuracy"] >= 0.5  # untrained: 4.58 (≈ ln |V|), 0.0
+
+
+def test_causal_lm_errors(tiny_llama_lm_dir, tmp_path, capsys):
+    _write_pairs(tmp_path / "t.jsonl", [("a", "b")] * 4)
+    assert _train(tiny_llama_lm_dir, tmp_path / "r", "--method", "lora",
+                  task=["--task-type", "causal-lm", "--task", "sst2"]) == 2
+    assert "not --task" in capsys.readouterr().err
+    assert _train(tiny_llama_lm_dir, tmp_path / "r", "--method", "lora", "--response-column", "answer",
+                  task=["--task-type", "causal-lm", "--train-file", str(tmp_path / "t.jsonl"),
+                        "--validation-file", str(tmp_path / "t.jsonl")]) == 2
+    assert "no column(s) ['answer']" in capsys.readouterr().err
+
+
+def test_response_only_labels_and_truncation(tiny_llama_lm_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_lm_dir)
+    (example,) = tokenize_prompt_response([("the good movie is", "great film")], tokenizer, max_length=64)
+    prompt = tokenizer("the good movie is")["input_ids"]
+    response = tokenizer("great film", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert example["input_ids"] == prompt + response
+    assert example["labels"] == [-100] * len(prompt) + response
+    (short,) = tokenize_prompt_response([("the good movie is", "great film")], tokenizer, max_length=5)
+    assert short["input_ids"] == prompt[-2:] + response and len(short["input_ids"]) == 5
+
+
+def test_exact_match_equals_greedy_decoding():
+    """Teacher-forced argmax at every response position == greedy generation reproducing the response."""
+    model = make_model("llama-lm", layers=2, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    features, expected = [], []
+    for i in range(12):
+        prompt = torch.randint(3, VOCAB, (5,), generator=g)
+        with torch.no_grad():
+            greedy = model.generate(prompt[None], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 5:]
+        response = greedy.clone()
+        if i % 3 == 0:  # a wrong last token
+            response[-1] = (response[-1] + 1 - 3) % (VOCAB - 3) + 3
+        if i % 3 == 1:  # a wrong first token
+            response[0] = (response[0] + 1 - 3) % (VOCAB - 3) + 3
+        ids = torch.cat([prompt, response])
+        features.append((ids, torch.cat([torch.full((5,), -100), response])))
+        expected.append(i % 3 == 2)
+    with torch.no_grad():
+        logits = model(torch.stack([f[0] for f in features])).logits
+    metrics = exact_match_metrics(logits.argmax(-1).numpy(), torch.stack([f[1] for f in features]).numpy())
+    assert metrics["exact_match"] == pytest.approx(np.mean(expected))
