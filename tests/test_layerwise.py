@@ -409,3 +409,14 @@ def test_an_optimizer_without_some_blocks_is_refused(tmp_path):
         param.requires_grad_(True)
     with pytest.raises(LayerSelectionError, match=r"blocks \[3\]"):
         trainer.train()
+
+
+def test_the_probe_restores_each_module_mode():
+    model = _peft_model()
+    model.train()
+    model.base_model.model.eval()  # a PEFT wrapper in train mode around a model in eval mode (from_pretrained)
+    modes = {name: m.training for name, m in model.named_modules()}
+    engine = LayerwiseEngine(model, LayerwiseConfig("ist", fraction=0.5, probe_interval=1), make_examples(32),
+                             PaddingCollator(0)).attach()
+    engine.step_begin(step=1)
+    assert engine.probes and {name: m.training for name, m in model.named_modules()} == modes

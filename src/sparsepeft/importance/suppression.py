@@ -77,13 +77,14 @@ def suppress(modules: Iterable[nn.Module], factor: float) -> Iterator[None]:
 @torch.no_grad()
 def suppressed_loss(model: nn.Module, batch: dict, modules: Iterable[nn.Module], factor: float) -> float:
     """The model's loss on ``batch`` (eval mode, no gradient) with ``modules`` suppressed."""
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # per module: wrappers may disagree
     model.eval()
     try:
         with suppress(modules, factor):
             output = model(**batch)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
         raise ValueError("The probe batch gave no loss: IST's probe needs labels in its batches "
