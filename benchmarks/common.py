@@ -104,3 +104,42 @@ def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
         median_s = f"{statistics.median(seconds):.0f}" if seconds else ""
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | {median_s} |")
     return "\n".join(lines), table
+
+
+def glue_sweep_parser(doc: str, tasks: str, arms: str, out: str):
+    """The flags every GLUE quality sweep shares (the recipe of the FISH-Tuning and layer-wise tables)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glue-dir", default="../shared/data/glue")
+    parser.add_argument("--tasks", default=tasks)
+    parser.add_argument("--arms", default=arms)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-train-samples", type=int, default=1000)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
+    return parser
+
+
+def run_sweep(parser, args, known_arms, run_one, name: str) -> None:
+    """Every task x seed x arm (resuming), then the mean ± std table as OUT/NAME.md and OUT/NAME.json."""
+    tasks, arms = args.tasks.split(","), args.arms.split(",")
+    unknown = [a for a in arms if a not in known_arms]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; known: {list(known_arms)}")
+    results: dict = {}
+    for task in tasks:
+        for seed in map(int, args.seeds.split(",")):
+            for arm in arms:
+                results.setdefault((task, arm), []).append(run_one(args, task, arm, seed))
+        markdown, table = summarise_runs(results, tasks, arms)
+        print(markdown, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2) + "\n")

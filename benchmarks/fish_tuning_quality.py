@@ -11,13 +11,11 @@ mean ± std table over seeds is written to OUT/fish_tuning.md and OUT/fish_tunin
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import METRIC, glue_train_command, summarise_runs, train_once  # noqa: E402
+from common import METRIC, glue_sweep_parser, glue_train_command, run_sweep, train_once  # noqa: E402
 
 LORA = ["--target-modules", "query,value"]
 BASELINES = {  # vanilla config at the budget, and the larger config that is masked down to it
@@ -65,36 +63,11 @@ def run_one(args, task: str, arm: str, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--glue-dir", default="../shared/data/glue")
-    parser.add_argument("--tasks", default="sst2,rte,cola,stsb")
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--max-train-samples", type=int, default=1000)
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser = glue_sweep_parser(__doc__, "sst2,rte,cola,stsb", ",".join(ARMS), "runs/fish_tuning")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--fisher-warmup", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", default="runs/fish_tuning")
-    parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     args = parser.parse_args()
-    tasks, arms = args.tasks.split(","), args.arms.split(",")
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
-    results: dict = {}
-    for task in tasks:
-        for seed in map(int, args.seeds.split(",")):
-            for arm in arms:
-                results.setdefault((task, arm), []).append(run_one(args, task, arm, seed))
-        markdown, table = summarise_runs(results, tasks, arms)
-        print(markdown, flush=True)
-    out = Path(args.out)
-    (out / "fish_tuning.md").write_text(markdown + "\n")
-    (out / "fish_tuning.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2) + "\n")
+    run_sweep(parser, args, ARMS, run_one, "fish_tuning")
 
 
 if __name__ == "__main__":
