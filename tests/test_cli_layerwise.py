@@ -140,3 +140,18 @@ def test_exact_match_equals_greedy_decoding():
         logits = model(torch.stack([f[0] for f in features])).logits
     metrics = exact_match_metrics(logits.argmax(-1).numpy(), torch.stack([f[1] for f in features]).numpy())
     assert metrics["exact_match"] == pytest.approx(np.mean(expected))
+
+
+def test_mask_command_on_a_causal_lm_pads_its_label_sequences(tiny_llama_lm_dir, tmp_path):
+    words = "good bad great film movie dog cat price".split()
+    rows = [(" ".join(words[: 1 + i % 5]), " ".join(words[i % 3:])) for i in range(32)]  # lengths vary
+    _write_pairs(tmp_path / "train.jsonl", rows)
+    _write_pairs(tmp_path / "dev.jsonl", rows[:8])
+    data = ["--task-type", "causal-lm", "--train-file", str(tmp_path / "train.jsonl"),
+            "--validation-file", str(tmp_path / "dev.jsonl")]
+    code = main(["mask", "--model", str(tiny_llama_lm_dir), *data, "--method", "lora", "--lora-r", "4", "--fish",
+                 "--budget", "50%", "--fisher-warmup-steps", "2", "--num-samples", "16", "--max-seq-length", "32",
+                 "--report-to", "none", "--use-cpu", "true", "--output-dir", str(tmp_path / "mask")])
+    assert code == 0
+    summary = json.loads((tmp_path / "mask" / "mask_summary.json").read_text())
+    assert summary["num_selected"] > 0

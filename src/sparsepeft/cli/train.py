@@ -72,13 +72,12 @@ def _collator(task, tokenizer):
     return DataCollatorWithPadding(tokenizer)
 
 
-def _make_mask(model, tokenizer, train, sparse_args: SparseArguments, peft_args: PeftArguments, recipe,
-               model_name: str, options: dict, seed: int, collate=None):
+def _make_mask(model, collate, train, sparse_args: SparseArguments, peft_args: PeftArguments, recipe,
+               model_name: str, options: dict, seed: int):
     if sparse_args.mask_file:
         mask = SparseMask.load(sparse_args.mask_file)
         mask.check_compatible(model)
         return mask
-    collate = collate or DataCollatorWithPadding(tokenizer)
     if not sparse_args.is_peft:
         return build_mask(model, train, recipe, collate, model_name=model_name)
     if not peft_args.fish:
@@ -124,8 +123,8 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
     model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     recipe = sparse_args.recipe(training_args.seed)
-    mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
-                      training_args.seed)
+    mask = _make_mask(model, _collator(task, tokenizer), train, sparse_args, peft_args, recipe, model_args.model,
+                      options, training_args.seed)
     if training_args.process_index == 0:  # every rank holds the same mask (checked); one writes it
         _save_mask(mask, output_dir)
     summary = {"task": task.name, "model": model_args.model, **recipe.timings, **mask.summary()}
@@ -149,10 +148,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     recipe = sparse_args.recipe(training_args.seed)
     resume = training_args.resume_from_checkpoint
     mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
+    collate = _collator(task, tokenizer)
     mask_phase = PeakMemory()
     if mask is None:
-        mask = _make_mask(model, tokenizer, train, sparse_args, peft_args, recipe, model_args.model, options,
-                          training_args.seed, collate=_collator(task, tokenizer))
+        mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
+                          training_args.seed)
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
@@ -168,7 +168,6 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
 
     peft_params = count_trainable(model) if sparse_args.is_peft else None  # before the mask freezes anything
-    collate = _collator(task, tokenizer)
     callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
     callbacks = [callback] if callback is not None else []
     if sparse_args.method == "adalora" and mask is None:
