@@ -29,7 +29,8 @@ from torch import nn
 from ..importance.suppression import suppressed_loss, suppressible_modules
 from ..models.blocks import BlockParameters, block_parameters, find_blocks
 from ..selection.layers import LayerSampler, LayerSelectionError, LayerwiseConfig
-from ..utils.distributed import assert_same_on_all_ranks, is_distributed, refuse_sharded_model
+from ..utils.distributed import (assert_same_on_all_ranks, broadcast_from_rank_zero, is_distributed,
+                                 refuse_sharded_model)
 from .dense_mask import unwrap_optimizer
 
 STATE_VERSION = 1
@@ -161,7 +162,9 @@ class LayerwiseEngine:
             modules = [m for p in positions for m in self._suppressible[p]]
             return suppressed_loss(self.model, batch, modules, self.config.suppression_factor)
 
-        record = sampler.probe(_rank_zero_losses(loss_with_suppressed))
+        # Every rank probes the same batch with the same weights; rank 0's losses are used everywhere so
+        # floating-point noise can never make the ranks' scores (and then their draws) drift apart.
+        record = sampler.probe(lambda positions: broadcast_from_rank_zero(loss_with_suppressed(positions)))
         record["step"] = step
         record["subsets"] = [[self.groups.block_ids[p] for p in subset] for subset in record["subsets"]]
         self.probes.append(record)
@@ -233,23 +236,6 @@ def _move_state(state: dict, device: torch.device) -> None:
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != device:
             state[key] = value.to(device, non_blocking=False)
-
-
-def _rank_zero_losses(loss_fn: Callable[[list[int]], float]) -> Callable[[list[int]], float]:
-    """Under DDP every rank probes the same batch with the same weights; rank 0's losses are used everywhere
-    so floating-point noise can never make the ranks' scores (and then their draws) drift apart."""
-    if not is_distributed():
-        return loss_fn
-    import torch.distributed as dist
-
-    from ..utils.distributed import _collective_device
-
-    def broadcast(positions: list[int]) -> float:
-        value = torch.tensor([loss_fn(positions)], dtype=torch.float64, device=_collective_device())
-        dist.broadcast(value, src=0)
-        return float(value.item())
-
-    return broadcast
 
 
 def resident_state_bytes(optimizer, device: torch.device | None = None) -> int:

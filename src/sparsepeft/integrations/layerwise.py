@@ -52,6 +52,7 @@ class LayerwiseCallback(TrainerCallback, ExportableState):
         self.engine: LayerwiseEngine | None = None
         self._resume_state: dict | None = None  # set by Trainer when it rebuilds callbacks from a checkpoint
         self.stats: dict = {}
+        self.history: dict | None = None  # the engine's history, kept after training ends
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):

@@ -15,6 +15,14 @@ from ..utils.io import atomic_path  # noqa: E402
 from .mask import layer_of, module_type_of  # noqa: E402
 
 
+def _save(fig, path: str | os.PathLike) -> None:
+    """Lay out, write atomically as PNG, and free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
 def _layer_sort_key(layer: str):
     match = re.match(r"layer (\d+)", layer)
     order = {"embeddings": -1, "other": 10**6, "head": 10**6 + 1}
@@ -51,10 +59,7 @@ def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -
     ax_bar.invert_yaxis()
     ax_bar.set_title("kept per layer")
     fig.suptitle(title or f"{mask.num_selected:,} of {mask.num_candidates:,} entries ({100 * mask.density:.3f}%)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_ird_rounds(report: dict, path: str | os.PathLike) -> None:
@@ -83,10 +88,7 @@ def plot_ird_rounds(report: dict, path: str | os.PathLike) -> None:
     for ax in axes:
         ax.set_xlabel("round")
         ax.set_xticks(x)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_layer_heatmap(history: dict, path: str | os.PathLike) -> None:
@@ -127,7 +129,4 @@ def plot_layer_heatmap(history: dict, path: str | os.PathLike) -> None:
         ax.set_xlabel("step")
         ax.set_title("IST score s_l (high = cheap to suppress = drawn less often)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)

@@ -51,6 +51,15 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
             start += tensor.numel()
 
 
+def broadcast_from_rank_zero(value: float) -> float:
+    """Rank 0's ``value`` on every rank (unchanged when not distributed)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def union_of_names(names: Sequence[str], universe: Sequence[str]) -> list[str]:
     """The names that any rank listed (in ``universe`` order), identical on every rank."""
     flags = torch.tensor([1.0 if n in set(names) else 0.0 for n in universe], dtype=torch.float64)
