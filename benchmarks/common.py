@@ -12,8 +12,38 @@ import torch
 
 
 def machine() -> dict:
-    return {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+    import os
+
+    return {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "processor": platform.processor() or
+            platform.machine(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def provenance(command: list[str] | None = None) -> dict:
+    """What a result was measured on: commit (and whether the tree had uncommitted changes), package versions,
+    machine and the exact command line. Every result file carries it."""
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "accelerate", "sparsepeft"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty), "versions": versions,
+            "machine": machine(), "command": list(command if command is not None else sys.argv),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def timed(fn, device: str = "cpu") -> float:

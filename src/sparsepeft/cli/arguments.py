@@ -39,9 +39,13 @@ class DataArguments:
     text_columns: str = field(default="sentence", metadata={"help": "Text column(s) of your files, comma-separated."})
     label_column: str = field(default="label", metadata={"help": "Label column of your files."})
     task_type: str = field(default="auto", metadata={
-        "help": "For your files: classification, regression, auto, or causal-lm (prompt/response pairs trained with "
-                "a response-only loss; reports loss and exact match).",
-        "choices": ["auto", "classification", "regression", "causal-lm"]})
+        "help": "For your files: classification, regression, auto, causal-lm (prompt/response pairs trained with "
+                "a response-only loss; reports loss and exact match) or multiple-choice (BIG-bench JSON: trained on "
+                "prompt -> correct option, scored by option log-likelihood; reports acc and acc_norm).",
+        "choices": ["auto", "classification", "regression", "causal-lm", "multiple-choice"]})
+    split_seed: int = field(default=0, metadata={
+        "help": "multiple-choice: seed of the fixed train/validation/test split (70/10/20) of a file without one; "
+                "independent of --seed, so every run of a sweep sees the same parts."})
     prompt_column: str = field(default="prompt", metadata={"help": "causal-lm: the prompt column of your files."})
     response_column: str = field(default="response", metadata={"help": "causal-lm: the response column."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on a random subset of this size."})

@@ -13,6 +13,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 
 from ..data import PaddingCollator, compute_metrics
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
+from ..data.multiple_choice import MultipleChoiceTask, evaluate_multiple_choice
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
@@ -29,7 +30,8 @@ logger = logging.getLogger("sparsepeft")
 def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: SparseArguments, seed: int):
     task = load_task_data(data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file,
                           [c for c in data_args.text_columns.split(",") if c], data_args.label_column,
-                          data_args.task_type, data_args.prompt_column, data_args.response_column)
+                          data_args.task_type, data_args.prompt_column, data_args.response_column,
+                          data_args.split_seed)
     model, tokenizer = load_model_and_tokenizer(model_args.model, task, model_args.ignore_mismatched_sizes)
     train, evaluation = featurize(task, tokenizer, model_args.max_seq_length, data_args.max_train_samples,
                                   data_args.max_eval_samples, seed)
@@ -67,7 +69,7 @@ def _tune(model, sparse_args: SparseArguments, peft_args: PeftArguments, trainin
 
 def _collator(task, tokenizer):
     """Causal-LM examples carry label sequences, which the tokenizer's padding collator cannot pad."""
-    if isinstance(task, PromptResponseTask):
+    if isinstance(task, (PromptResponseTask, MultipleChoiceTask)):
         return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer)
 
@@ -189,14 +191,23 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     trainable = mask.num_selected if mask is not None else count_trainable(model)
     train_phase = PeakMemory()
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    if training_args.max_steps == 0:  # --max-steps 0: evaluate the model as it is (a zero-shot floor)
+        train_output = None
+    else:
+        train_output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     train_peak = train_phase.read_mb()
+    eval_start = time.perf_counter()
     metrics = {}
     for split, features in evaluation.items():
+        if isinstance(task, MultipleChoiceTask):
+            metrics[split] = evaluate_multiple_choice(model, tokenizer, features, model_args.max_seq_length,
+                                                      training_args.per_device_eval_batch_size)
+            continue
         scores = trainer.evaluate(features, metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
                           if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
+    eval_seconds = time.perf_counter() - eval_start
     if has_bottleneck_adapters(model):
         if trainer.is_world_process_zero():
             save_bottleneck_adapters(model, output_dir)  # adapters + head only; the base checkpoint holds the rest
@@ -215,6 +226,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     results = {
         "task": task.name,
         "data_source": task.source,
+        "data_split": getattr(task, "split", None) or None,
         "model": model_args.model,
         "method": sparse_args.method,
         "fish": bool(peft_args.fish) if sparse_args.is_peft else None,
@@ -231,7 +243,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_samples": len(train),
         "metrics": metrics,
         "train_seconds": train_seconds,
-        "train_loss": train_output.training_loss,
+        "train_loss": train_output.training_loss if train_output is not None else None,
+        "train_steps": trainer.state.global_step,
+        "eval_seconds": eval_seconds,
+        "learning_rate": training_args.learning_rate,
+        "batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
         **recipe.timings,
         **state,
         "train_peak_rss_mb": train_peak["peak_rss_mb"],

@@ -214,7 +214,9 @@ class SparseDeltaEngine:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes held in an optimizer's state tensors (AdamW: both moments and the step counters)."""
+    """Bytes held in an optimizer's state tensors (AdamW: both moments and the step counters); 0 for none."""
+    if optimizer is None:  # nothing was trained (evaluation only)
+        return 0
     inner = unwrap_optimizer(optimizer)
     return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
                if isinstance(v, torch.Tensor))

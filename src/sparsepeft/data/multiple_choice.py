@@ -1,0 +1,207 @@
+"""Multiple-choice tasks in BIG-bench's JSON format, trained as prompt -> answer, scored by log-likelihood.
+
+A BIG-bench task file is ``{"examples": [{"input": ..., "target_scores": {option: 0 or 1, ...}}, ...]}``.
+Training uses the causal-LM machinery: ``prompt + " " + correct option + EOS`` with the loss on the answer
+tokens only. Evaluation does no generation: every option is appended to the prompt, one forward pass
+scores a batch of (prompt, option) sequences, and the prediction is the option with the highest
+log-likelihood — summed over its tokens (``acc``) or divided by its length in characters (``acc_norm``),
+the two accuracies lm-evaluation-harness reports. The option text is scored exactly as it was trained:
+the same prompt tokens followed by the tokens of ``" " + option``.
+
+A file without a split is split once, by a seed that does not change with the training seed, into
+train / validation (for choosing learning rates) / test, so every run of a sweep sees the same parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .loading import DataError
+
+MULTIPLE_CHOICE = "multiple-choice"
+METRICS = ("acc", "acc_norm")
+PROMPT_TEMPLATE = "Question: {input}\nAnswer:"
+SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.2}  # the rest trains
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """One question: the prompt the model reads, its options, and the index of the correct one."""
+
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+    where: str = ""  # file and example number, for error messages
+
+    def continuation(self, option: int) -> str:
+        return " " + self.options[option]
+
+
+@dataclass
+class MultipleChoiceTask:
+    name: str
+    train: list[ChoiceExample]
+    evaluation: dict[str, list[ChoiceExample]]
+    source: str = ""
+    metrics: tuple[str, ...] = METRICS
+    is_regression: bool = False
+    split: dict = field(default_factory=dict)  # how the file was split (seed, fractions, sizes)
+
+
+def read_bigbench(path: str | Path) -> list[ChoiceExample]:
+    """Every example of a BIG-bench multiple-choice file, checked: options non-empty, exactly one correct."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Multiple-choice file {path} does not exist.")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON: {error}.") from None
+    rows = payload.get("examples") if isinstance(payload, dict) else payload
+    if not isinstance(rows, list) or not rows:
+        raise DataError(f"{path} has no examples: expected BIG-bench's {{'examples': [{{'input': ..., "
+                        f"'target_scores': {{option: 0/1}}}}, ...]}}.")
+    return [_example(row, f"{path}, example {i}") for i, row in enumerate(rows)]
+
+
+def _example(row: dict, where: str) -> ChoiceExample:
+    if not isinstance(row, dict) or "input" not in row or not isinstance(row.get("target_scores"), dict):
+        raise DataError(f"{where}: needs 'input' and 'target_scores' ({{option: 0 or 1}}).")
+    scores = row["target_scores"]
+    options = tuple(str(option) for option in scores)
+    if len(options) < 2:
+        raise DataError(f"{where}: has {len(options)} option(s); a multiple-choice question needs at least 2.")
+    empty = [o for o in options if not o.strip()]
+    if empty:
+        raise DataError(f"{where}: has an empty option; every option needs text to be scored.")
+    correct = [i for i, option in enumerate(scores) if float(scores[option]) == 1]
+    if len(correct) != 1:
+        raise DataError(f"{where}: has {len(correct)} correct options (target_scores equal to 1); exactly one "
+                        "is needed.")
+    prompt = PROMPT_TEMPLATE.format(input=str(row["input"]).strip())
+    return ChoiceExample(prompt, options, correct[0], where)
+
+
+def split_examples(examples: Sequence[ChoiceExample], seed: int = 0,
+                   fractions: dict[str, float] = SPLIT_FRACTIONS) -> dict[str, list[ChoiceExample]]:
+    """Disjoint train / validation / test parts from one seeded permutation (sizes rounded down, train the rest)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    parts, start = {}, 0
+    for name, fraction in fractions.items():
+        size = int(len(examples) * fraction)
+        parts[name] = sorted(order[start:start + size])
+        start += size
+    parts["train"] = sorted(order[start:])
+    return {name: [examples[i] for i in indices] for name, indices in parts.items()}
+
+
+def load_multiple_choice(train_file: str | Path, validation_file: str | Path | None = None,
+                         split_seed: int = 0, name: str | None = None) -> MultipleChoiceTask:
+    """One file, split by ``split_seed``; or a training file and a validation file used as they are."""
+    train = read_bigbench(train_file)
+    source = str(train_file)
+    if name is None:  # BIG-bench keeps each task in its own folder as task.json
+        name = Path(train_file).parent.name if Path(train_file).name == "task.json" else Path(train_file).stem
+    if validation_file is not None:
+        return MultipleChoiceTask(name, train, {"validation": read_bigbench(validation_file)}, source)
+    parts = split_examples(train, split_seed)
+    split = {"seed": split_seed, "fractions": dict(SPLIT_FRACTIONS), "sizes": {k: len(v) for k, v in parts.items()}}
+    return MultipleChoiceTask(name, parts.pop("train"), parts, source, split=split)
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def encode_choices(example: ChoiceExample, tokenizer, max_length: int) -> list[tuple[list[int], int]]:
+    """Per option: ``prompt + option`` token ids and how many trailing ids are the option's.
+
+    Long prompts lose their start; an option longer than the window loses its end. Options whose tokens
+    become identical that way cannot be told apart, and are refused.
+    """
+    prompt_ids = tokenizer(example.prompt)["input_ids"]
+    encoded, seen = [], {}
+    for i in range(len(example.options)):
+        option_ids = tokenizer(example.continuation(i), add_special_tokens=False)["input_ids"][:max_length - 1]
+        key = tuple(option_ids)
+        if key in seen:
+            raise DataError(f"{example.where}: options {example.options[seen[key]]!r} and {example.options[i]!r} are "
+                            f"the same {len(option_ids)} tokens after truncation to --max-seq-length {max_length}; "
+                            "raise it or shorten the options.")
+        seen[key] = i
+        ids = prompt_ids[-(max_length - len(option_ids)):] + option_ids
+        encoded.append((ids, len(option_ids)))
+    return encoded
+
+
+def training_features(examples: Sequence[ChoiceExample], tokenizer, max_length: int) -> list[dict]:
+    """Prompt -> correct option (+ EOS) with the loss on the answer tokens only."""
+    from .causal_lm import tokenize_prompt_response
+
+    for example in examples:
+        encode_choices(example, tokenizer, max_length)  # refuse options indistinguishable after truncation
+    pairs = [(example.prompt, example.continuation(example.answer)) for example in examples]
+    return tokenize_prompt_response(pairs, tokenizer, max_length)  # response tokens = the scored option's tokens
+
+
+@torch.no_grad()
+def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], max_length: int = 256,
+                           batch_size: int = 16) -> list[list[float]]:
+    """Summed log-probability of every option's tokens given the prompt, one forward per batch of options."""
+    sequences = []
+    for e, example in enumerate(examples):
+        for o, (ids, option_length) in enumerate(encode_choices(example, tokenizer, max_length)):
+            sequences.append((e, o, ids, option_length))
+    scores = [[0.0] * len(example.options) for example in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            width = max(len(ids) for _, _, ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (_, _, ids, _) in enumerate(batch):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention[row, :len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            for row, (e, o, ids, option_length) in enumerate(batch):
+                end = len(ids)
+                # position t predicts token t+1: the option's tokens ids[end-L:end] are predicted at end-L-1 .. end-2
+                predicted = logits[row, end - option_length - 1:end - 1].log_softmax(-1)
+                targets = torch.tensor(ids[end - option_length:], device=predicted.device)
+                scores[e][o] = float(predicted.gather(1, targets[:, None]).sum())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``acc`` (highest summed log-likelihood), ``acc_norm`` (per character of the option, with its leading
+    space, as lm-evaluation-harness does) and the mean per-example negative log-likelihood of the answer."""
+    hits = hits_norm = 0
+    nll = 0.0
+    for example, option_scores in zip(examples, scores):
+        lengths = [len(example.continuation(i)) for i in range(len(example.options))]
+        hits += _argmax(option_scores) == example.answer
+        hits_norm += _argmax([s / n for s, n in zip(option_scores, lengths)]) == example.answer
+        nll -= option_scores[example.answer]
+    n = max(len(examples), 1)
+    return {"acc": hits / n, "acc_norm": hits_norm / n, "answer_nll": nll / n}
+
+
+def _argmax(values: Sequence[float]) -> int:
+    best = max(values)
+    return next(i for i, v in enumerate(values) if v == best) if not math.isnan(best) else -1
+
+
+def evaluate_multiple_choice(model, tokenizer, examples: Sequence[ChoiceExample], max_length: int = 256,
+                             batch_size: int = 16) -> dict[str, float]:
+    return choice_metrics(examples, option_log_likelihoods(model, tokenizer, examples, max_length, batch_size))
