@@ -92,3 +92,31 @@ def test_metrics_match_their_definitions():
     assert mcc == pytest.approx((1 * 2 - 1 * 1) / np.sqrt(3 * 2 * 2 * 3))
     r = compute_metrics(("pearson", "spearmanr"), np.array([[1.0], [2.0], [3.0]]), np.array([1.0, 2.0, 4.0]))
     assert r["spearmanr"] == pytest.approx(1.0) and 0.95 < r["pearson"] < 1.0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
+def test_files_with_a_utf8_byte_order_mark_are_read(tmp_path, suffix):
+    """Excel and other Windows tools write a BOM; the first column must not become '\\ufeffQuality'."""
+    import json
+
+    rows = [{"Quality": "1", "sentence": "good"}, {"Quality": "0", "sentence": "bad"}]
+    if suffix in (".csv", ".tsv"):
+        sep = "," if suffix == ".csv" else "\t"
+        text = "\n".join([sep.join(rows[0])] + [sep.join(r.values()) for r in rows]) + "\n"
+    elif suffix == ".json":
+        text = json.dumps(rows)
+    else:
+        text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}{suffix}").write_text("\ufeff" + text, encoding="utf-8")
+    data = load_files(tmp_path / f"train{suffix}", tmp_path / f"dev{suffix}", ["sentence"], "Quality")
+    assert data.train.texts == [("good",), ("bad",)] and data.label_names == ("0", "1")
+
+
+def test_a_glue_file_with_a_byte_order_mark_is_read(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("\ufeffsentence\tlabel\na fine film\t1\na dull one\t0\n", encoding="utf-8")
+    data = load_glue("sst2", tmp_path)
+    assert data.train.labels == [1, 0] and data.train.texts[0] == ("a fine film",)

@@ -178,3 +178,39 @@ def test_parameters_moved_to_the_fallback_midway_are_not_counted_twice():
     with pytest.warns(UserWarning, match="exact but slow"):
         fast = estimate_fisher(model, examples, num_samples=8, batch_size=2, progress=False, task_type="classification")
     assert relative_error(fast, loop_fisher(model, examples)) < 1e-10
+
+
+class Reshuffling:
+    """Re-iterable, but every pass draws other samples (a shuffling loader over more data than is scored)."""
+
+    def __init__(self, examples, collate, batch_size: int):
+        self.examples, self.collate, self.batch_size = examples, collate, batch_size
+        self.generator = torch.Generator().manual_seed(0)
+        self.passes: list[list[int]] = []
+
+    def __iter__(self):
+        order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+        self.passes.append(order)
+        for i in range(0, len(order), self.batch_size):
+            yield self.collate([self.examples[j] for j in order[i:i + self.batch_size]])
+
+
+@pytest.mark.parametrize("source", ["generator", "reshuffling"])
+def test_exact_fallback_scores_the_same_samples_from_a_one_shot_iterable(source):
+    """A generator is spent after the batched pass, and a shuffling loader draws other samples: the fallback
+    must still score exactly the samples the fast rules scored (it used to return 0, or other samples)."""
+    from sparsepeft.data.collate import collator_for
+
+    model = ScaledHead(make_model("bert")).double()
+    examples = make_examples(12)
+    collate = collator_for(model)
+    if source == "generator":
+        data, scored = (collate(examples[i:i + 3]) for i in range(0, 7, 3)), examples[:7]
+    else:
+        data = Reshuffling(examples, collate, 3)
+    with pytest.warns(UserWarning, match="exact but slow"):
+        fast = estimate_fisher(model, data, num_samples=7, progress=False, task_type="classification")
+    if source == "reshuffling":
+        scored = [examples[j] for j in data.passes[0][:7]]
+    assert float(fast["scale"].abs().sum()) > 0
+    assert relative_error(fast, loop_fisher(model, scored)) < 1e-10

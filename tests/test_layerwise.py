@@ -253,7 +253,8 @@ def test_optimizer_state_policy(policy):
 
 
 class _Recorder(TrainerCallback):
-    """Listed after LayerwiseCallback: sees each step's selection, gradients and weight changes."""
+    """Sees each step's selection, gradients and weight changes. It reads the selection after the backward,
+    so it holds wherever the LayerwiseCallback sits in the list (Trainer's callback-state restore moves it last)."""
 
     def __init__(self, layerwise):
         self.layerwise = layerwise
@@ -261,9 +262,9 @@ class _Recorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self._selected = list(self.layerwise.engine.selections[-1])
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._selected = list(self.layerwise.engine.selections[-1])
         self._grads = {n for n, p in model.named_parameters() if p.grad is not None}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -271,8 +272,8 @@ class _Recorder(TrainerCallback):
         self.steps.append((self._selected, self._grads, moved, self.layerwise.engine.scores))
 
 
-def _train(model, config, out, examples, **overrides):
-    layerwise = LayerwiseCallback(config)
+def _train(model, config, out, examples, probe_data=None, **overrides):
+    layerwise = LayerwiseCallback(config, probe_data=probe_data, collate_fn=PaddingCollator(0) if probe_data else None)
     recorder = _Recorder(layerwise)
     trainer = Trainer(model=model, args=_args(out, **overrides), train_dataset=examples,
                       data_collator=PaddingCollator(0), callbacks=[layerwise, recorder])
@@ -365,16 +366,23 @@ def test_trainer_score_update_matches_a_hand_computed_update(tmp_path):
     assert any(abs(s) > 0 for s in probe["scores"])
 
 
-def test_resume_continues_with_identical_scores_and_selections(tmp_path):
+@pytest.mark.parametrize("restore_flag", [False, True])
+def test_resume_continues_with_identical_scores_and_selections(tmp_path, restore_flag):
+    """The same with Trainer's restore_callback_states_from_checkpoint on or off: on, Trainer rebuilds the
+    callback from its saved args, which must not drop the user's probe data or the user's handle."""
     examples = make_examples(48, seed=7)
+    probes = make_examples(20, seed=11)  # not the training data: scores would differ if it were dropped
     config = LayerwiseConfig("ist", fraction=0.5, probe_interval=3, seed=5)
-    same = dict(save_strategy="steps", save_steps=6, lr_scheduler_type="constant")  # a 6-step run = first half
-    full, _, straight = _train(_peft_model(seed=1), config, tmp_path / "a", examples, **same)
+    same = dict(save_strategy="steps", save_steps=6, lr_scheduler_type="constant",  # a 6-step run = first half
+                restore_callback_states_from_checkpoint=restore_flag)
+    full, _, straight = _train(_peft_model(seed=1), config, tmp_path / "a", examples, probes, **same)
     full.train()
-    first, _, _ = _train(_peft_model(seed=1), config, tmp_path / "b", examples, max_steps=6, **same)
+    first, _, _ = _train(_peft_model(seed=1), config, tmp_path / "b", examples, probes, max_steps=6, **same)
     first.train()
-    resumed, layerwise, after = _train(_peft_model(seed=1), config, tmp_path / "b", examples, **same)
+    resumed, layerwise, after = _train(_peft_model(seed=1), config, tmp_path / "b", examples, probes, **same)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6"))
+    assert [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, LayerwiseCallback)] == [layerwise]
+    assert layerwise.probe_data is probes
     assert [s for s, *_ in after.steps] == [s for s, *_ in straight.steps[6:]]
     assert after.steps[-1][3] == straight.steps[-1][3]  # identical scores, bit for bit
     assert layerwise.history["selections"] == [s for s, *_ in straight.steps]

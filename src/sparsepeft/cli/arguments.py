@@ -18,6 +18,13 @@ from ..selection.ird import IRDConfig
 from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseConfig
 
 
+# Learning rates used when --learning-rate is not given, per method family. Trainer's own 5e-5 suits full
+# fine-tuning but barely moves a 0.5% mask or a fresh adapter. Masks: 2e-3 was the best of the GLUE sweeps
+# and the demo (docs/benchmarks.md); PEFT methods: 1e-3, the FISH-Tuning and layer-wise GLUE sweeps' rate
+# (docs/fish_tuning.md). The LLM sweep (docs/llm.md) measures the same families on SmolLM2.
+DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "peft": 1e-3}
+
+
 @dataclass
 class ModelArguments:
     model: str = field(default=DEFAULT_MODEL, metadata={
@@ -57,9 +64,11 @@ class SparseArguments:
     method: str = field(default="fish", metadata={
         "help": "full: every weight; fish: Fisher-selected mask (FISH Mask); random: random mask of the same budget; "
                 "or a PEFT method (lora, dora, rslora, pissa, adalora, ia3, loha, lokr, vera) or a bottleneck "
-                "adapter (adapter = houlsby = series, pfeiffer, parallel). Add --fish to mask inside the PEFT method.",
+                "adapter (adapter = houlsby = series, pfeiffer, parallel). Add --fish to mask inside the PEFT method. "
+                f"Without --learning-rate a run uses its family's rate: full {DEFAULT_LEARNING_RATES['full']:g}, "
+                f"fish/random {DEFAULT_LEARNING_RATES['mask']:g}, PEFT methods {DEFAULT_LEARNING_RATES['peft']:g}.",
         "choices": list(METHODS) + list(PEFT_METHODS)})
-    keep_ratio: float = field(default=0.005, metadata={"help": "Fraction of weights trained (0, 1]; 0.005 = 0.5%."})
+    keep_ratio: float = field(default=0.005, metadata={"help": "Fraction of weights trained (0, 1]; 0.005 = 0.5%%."})
     num_samples: int = field(default=1024, metadata={"help": "Training samples the Fisher is measured on."})
     fisher_mode: str = field(default="empirical", metadata={
         "help": "empirical (true labels), expected (model's own distribution), absolute (|g|).",
@@ -95,6 +104,12 @@ class SparseArguments:
     def is_peft(self) -> bool:
         return self.method in PEFT_METHODS
 
+    @property
+    def default_learning_rate(self) -> float:
+        """The rate a run gets when --learning-rate is not given (see DEFAULT_LEARNING_RATES)."""
+        family = "peft" if self.is_peft else "mask" if self.method in ("fish", "random") else "full"
+        return DEFAULT_LEARNING_RATES[family]
+
     def __post_init__(self):
         if not (0 < self.keep_ratio <= 1):
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio} (0.005 keeps 0.5% of the weights).")
@@ -125,8 +140,8 @@ class PeftArguments:
     fish: bool = field(default=False, metadata={
         "help": "FISH-Tuning: train only a Fisher-selected subset of the PEFT method's parameters (--budget)."})
     budget: Optional[str] = field(default=None, metadata={
-        "help": "Entries a FISH-Tuning mask keeps: a count (74498), a ratio of the PEFT parameters (50%), or a "
-                "reference config with the same budget ('lora:r=8'; options default to this run's). Default 50%."})
+        "help": "Entries a FISH-Tuning mask keeps: a count (74498), a ratio of the PEFT parameters (50%%), or a "
+                "reference config with the same budget ('lora:r=8'; options default to this run's). Default 50%%."})
     fisher_at: str = field(default="warmup", metadata={
         "help": "init: Fisher of the freshly initialised adapter; warmup: after --fisher-warmup-steps dense steps, then "
                 "the adapter is restored to its initial values.", "choices": list(FISHER_AT)})

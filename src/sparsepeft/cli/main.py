@@ -27,7 +27,13 @@ def _parse(argv: list[str]):
     if not any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         parser.error("--output-dir is required: where the model, mask and results.json are written.")
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    sparse_args, training_args = parsed[2], parsed[-1]
+    given = any(a.startswith(("--learning-rate", "--learning_rate")) for a in argv)
+    if not given:  # Trainer's 5e-5 is far too low for a 0.5% mask or an adapter: use the method family's rate
+        training_args.learning_rate = sparse_args.default_learning_rate
+    training_args.learning_rate_source = "given" if given else "method default"
+    return parsed
 
 
 def _merge(argv: list[str]) -> int:
@@ -49,6 +55,19 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    import argparse
+
+    from .demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="sparsepeft demo", description="FISH Mask (0.5% of the weights, sparse "
+                                     "engine) against full fine-tuning of the packaged MiniLM on the packaged "
+                                     "sentiment set: offline, a few minutes on 2 CPU cores.")
+    parser.add_argument("--output-dir", default="sparsepeft-demo", help="where both runs are written")
+    run_demo(parser.parse_args(argv).output_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -57,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if command == "demo":
-        from .demo import run_demo
-
-        output_dir = rest[rest.index("--output-dir") + 1] if "--output-dir" in rest else "sparsepeft-demo"
-        run_demo(output_dir)
-        return 0
+        return _demo(rest)
     if command == "merge":
         return _merge(rest)
     if command not in ("train", "mask"):

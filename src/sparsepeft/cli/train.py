@@ -254,7 +254,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
-    if layerwise is not None:
+    if layerwise is not None and layerwise.history is not None:  # None when nothing was trained (--max-steps 0)
         results["layerwise"] = {**layerwise.stats, **_selection_summary(layerwise.history)}
     results["world_size"] = training_args.world_size
     if trainer.is_world_process_zero():
@@ -273,16 +273,21 @@ def _selection_summary(history: dict) -> dict:
 
 
 def run_merge(base: str, delta_path: str, output_dir: str) -> Path:
-    """Base model + sparse delta -> a normal dense transformers checkpoint (``from_pretrained`` loads it)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Base model + sparse delta -> a normal dense transformers checkpoint (``from_pretrained`` loads it):
+    a causal LM with ``AutoModelForCausalLM``, a classifier with ``AutoModelForSequenceClassification``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..experiments.pipeline import resolve_model
+    from ..models.catalog import resolve_model
 
     header, _ = read_delta(delta_path)
     path = resolve_model(base)
     head = [s for n, s in header["shapes"].items() if n.split(".")[0] in ("classifier", "score") and n.endswith("weight")]
-    kwargs = {"num_labels": head[-1][0], "ignore_mismatched_sizes": True} if head else {}
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    architecture = header.get("architecture") or ("" if head else "ForCausalLM")  # deltas written before it was saved
+    if architecture.endswith("ForCausalLM"):
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        kwargs = {"num_labels": head[-1][0], "ignore_mismatched_sizes": True} if head else {}
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     apply_delta(model, delta_path)
     out = Path(output_dir)
     model.save_pretrained(out)

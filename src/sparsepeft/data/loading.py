@@ -81,7 +81,7 @@ def _read_glue_tsv(path: Path, spec: TaskSpec) -> Split:
     if not path.is_file():
         raise DataError(f"Missing GLUE file {path} (task {spec.name} needs train.tsv and "
                         f"{', '.join(spec.eval_files.values())}).")
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     if spec.header:
         if not rows:
@@ -190,7 +190,7 @@ def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         if suffix in (".csv", ".tsv"):
             rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
         elif suffix == ".jsonl":

@@ -68,6 +68,7 @@ def save_delta(model: nn.Module, mask: SparseMask, path: str | os.PathLike, base
         "format_version": DELTA_FORMAT_VERSION,
         "fingerprint": fingerprint or model_fingerprint(model),
         "base_hash": base_hash,
+        "architecture": type(model).__name__,  # which Auto class rebuilds the model (merge)
         "shapes": {n: list(s) for n, s in mask.shapes.items()},
         "mask_config": mask.config,
         "num_selected": mask.num_selected,

@@ -62,27 +62,38 @@ def load_task_data(
     raise DataError("Say what to train on: --task (a GLUE task or 'demo'), or --train-file and --validation-file.")
 
 
+def _from_pretrained(auto_class, path: str, name: str, **kwargs):
+    """``auto_class.from_pretrained`` whose hub/IO failures become one clear error (exit 2 in the CLI)."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Could not load --model {name!r}: {reason} It is not a local folder; as a hub id it needs "
+                         "the hub (or its cache). Offline, pass a local folder or a short name (minilm, "
+                         "smollm2-135m).") from error
+
+
 def load_model_and_tokenizer(name_or_path: str, task: TaskData | PromptResponseTask,
                              ignore_mismatched_sizes: bool = False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name_or_path)
     if isinstance(task, (PromptResponseTask, MultipleChoiceTask)):
-        return _load_causal_lm(path)
+        return _load_causal_lm(path, name_or_path)
     label_kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.is_regression:
         label_kwargs["problem_type"] = "regression"
     else:
         label_kwargs["id2label"] = dict(enumerate(task.label_names))
         label_kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, name_or_path)
     if tokenizer.pad_token is None:  # decoder tokenizers (GPT-2, LLaMA) have none
         tokenizer.pad_token = tokenizer.eos_token
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, ignore_mismatched_sizes=ignore_mismatched_sizes, **label_kwargs)
+            model = _from_pretrained(AutoModelForSequenceClassification, path, name_or_path,
+                                     ignore_mismatched_sizes=ignore_mismatched_sizes, **label_kwargs)
         except RuntimeError as error:
             if "mismatched" not in str(error):
                 raise
@@ -93,15 +104,15 @@ def load_model_and_tokenizer(name_or_path: str, task: TaskData | PromptResponseT
     return model, tokenizer
 
 
-def _load_causal_lm(path: str):
+def _load_causal_lm(path: str, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = _from_pretrained(AutoModelForCausalLM, path, name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -184,9 +184,14 @@ def scored_parameters(model: nn.Module, params: ParamSelector = None) -> dict[st
     return chosen
 
 
+def _is_batch_iterable(data) -> bool:
+    """A DataLoader or any iterable of ready batches (not a map-style dataset we draw samples from)."""
+    return isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__")
+
+
 def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int,
                  shard: bool = False) -> tuple[Iterable, int]:
-    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    if _is_batch_iterable(data):
         return data, num_samples  # an iterable of ready batches: consume until num_samples are seen
     available = len(data)
     if available == 0:
@@ -351,6 +356,9 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
     capture = PerSampleGradCapture(model, scored)
     seen = 0
     first_batch = None
+    # The caller's own batches may not come back the same (a generator is spent, a shuffling DataLoader
+    # reorders): keep the ones scored, so an exact fallback scores exactly these samples. Token ids only.
+    scored_batches: list[dict] | None = [] if not in_order and _is_batch_iterable(data) else None
     with _FrozenForMeasurement(model):
         capture.attach(accumulator)
         try:
@@ -363,6 +371,8 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
                     batch = _truncate(batch, target - seen)
                 if first_batch is None:
                     first_batch = batch
+                if scored_batches is not None:
+                    scored_batches.append(batch)
                 _batched_pass(model, batch, capture, accumulator, mode, task, loss_fn, seen)
                 seen += _batch_size(batch)
         finally:
@@ -374,7 +384,8 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
         if distributed:  # a parameter one rank must re-score exactly, every rank must
             fallback = union_of_names(fallback, list(scored))
         if fallback:
-            _exact_fallback(model, loader, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
+            replay = scored_batches if scored_batches is not None else loader
+            _exact_fallback(model, replay, target, scored, fallback, accumulator, mode, task, loss_fn, device, progress)
     if distributed:
         seen = _reduce_across_ranks(accumulator, seen)
     fisher = {name: total.div_(seen) for name, total in accumulator.totals.items()}  # in place: no second copy

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Callable
 
@@ -43,8 +44,30 @@ class LayerwiseCallback(TrainerCallback, ExportableState):
         write_history: write ``layerwise_history.json`` and the heat map at the end of training.
     """
 
+    _created: list = []  # weak references to every instance, oldest first (see __new__)
+
+    def __new__(cls, *args, restore_into_live_callback: bool = False, **kwargs):
+        """With ``restore_callback_states_from_checkpoint``, Trainer replaces each callback by one rebuilt
+        from its saved ``args`` alone, which would drop the user's probe data and collator and leave the
+        user's handle without history. The saved args carry ``restore_into_live_callback``: the rebuild
+        then returns the newest callback of this class that has not trained yet (the one the user gave
+        this Trainer), and Trainer's restore sets the saved state on it."""
+        if restore_into_live_callback:
+            for ref in reversed(cls._created):
+                live = ref()
+                if live is not None and type(live) is cls and not live._trained:
+                    return live
+        instance = super().__new__(cls)
+        cls._created = [ref for ref in cls._created if ref() is not None] + [weakref.ref(instance)]
+        return instance
+
     def __init__(self, config: LayerwiseConfig | dict | None = None, probe_data: Sequence | None = None,
-                 collate_fn: Callable | None = None, write_history: bool = True):
+                 collate_fn: Callable | None = None, write_history: bool = True,
+                 restore_into_live_callback: bool = False):
+        if restore_into_live_callback and getattr(self, "_initialised", False):
+            return  # the user's own callback, kept as the user built it
+        self._initialised = True
+        self._trained = False
         self.config = LayerwiseConfig(**config) if isinstance(config, dict) else (config or LayerwiseConfig())
         self.probe_data = probe_data
         self.collate_fn = collate_fn
@@ -57,6 +80,7 @@ class LayerwiseCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         refuse_sharded_args(args)
+        self._trained = True
         if args.world_size > 1 and args.ddp_find_unused_parameters is False:
             raise LayerSelectionError("Under DDP the blocks that sit a step out get no gradient: leave "
                                       "ddp_find_unused_parameters unset (or True) for layer-wise training.")
@@ -104,7 +128,8 @@ class LayerwiseCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ checkpoint state
     def state(self) -> dict:
         attributes = {"_resume_state": self.engine.state_dict()} if self.engine is not None else {}
-        return {"args": {"config": self.config.to_dict()}, "attributes": attributes}
+        return {"args": {"config": self.config.to_dict(), "restore_into_live_callback": True},
+                "attributes": attributes}
 
 
 def _saved_state(state, name: str) -> dict | None:

