@@ -25,3 +25,48 @@ def test_help_states_the_default_learning_rates(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "full 5e-05, fish/random 0.002, PEFT methods 0.001" in out
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "not a hub id!"])
+def test_a_missing_model_folder_is_a_clear_error(model, tmp_path, capsys):
+    assert main(["train", "--model", model, "--task", "demo", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no such local folder, and not a valid hub id" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def _headless_bert(folder):
+    """A tiny BERT saved without a task head: loading it for classification initialises a new head."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from conftest import WORDS
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
+def test_a_run_prints_its_own_lines_not_third_party_reports(tmp_path):
+    """One line says the head is new; no LOAD REPORT table, no pin_memory warning on CPU, no traceback.
+    Runs as a user runs it (a new process), so logging is configured as the CLI configures it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = _headless_bert(tmp_path / "model")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "sparsepeft", "train", "--model", str(model), "--task", "demo",
+                          "--method", "fish", "--keep-ratio", "0.05", "--max-train-samples", "16", "--max-eval-samples", "8", "--max-steps",
+                          "1", "--num-samples", "8", "--save-strategy", "no", "--report-to", "none", "--output-dir",
+                          str(out)], capture_output=True, text=True, env=env, timeout=240)
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text
+    assert text.count("New task head for 2 label(s): classifier.bias, classifier.weight") == 1
+    for noise in ("LOAD REPORT", "pin_memory", "Traceback", "font cache"):
+        assert noise not in text, f"{noise!r} in the output:\n{text}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["learning_rate"] == 2e-3 and results["learning_rate_source"] == "method default"

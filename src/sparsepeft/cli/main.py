@@ -14,7 +14,8 @@ USAGE = """usage: sparsepeft {train,mask,demo} [flags]
   merge   base model + sparse_delta.safetensors -> a dense checkpoint: merge --model BASE --delta D --output-dir OUT
   demo    FISH Mask vs full fine-tuning of the packaged MiniLM on the packaged data (offline, minutes)
 
-Run `sparsepeft train --help` for every flag (all of transformers' TrainingArguments are accepted)."""
+Run `sparsepeft train --help` for every flag (all of transformers' TrainingArguments are accepted).
+--verbose (any command) also shows other libraries' INFO logs and load reports."""
 
 
 def _parse(argv: list[str]):
@@ -33,7 +34,26 @@ def _parse(argv: list[str]):
     if not given:  # Trainer's 5e-5 is far too low for a 0.5% mask or an adapter: use the method family's rate
         training_args.learning_rate = sparse_args.default_learning_rate
     training_args.learning_rate_source = "given" if given else "method default"
+    if not any(a.startswith(("--dataloader-pin-memory", "--dataloader_pin_memory")) for a in argv):
+        import torch  # pinned memory only helps copies to an accelerator; on CPU torch warns about it
+
+        training_args.dataloader_pin_memory = torch.cuda.is_available() or torch.backends.mps.is_available()
     return parsed
+
+
+def _configure_output(verbose: bool) -> None:
+    """sparsepeft's own progress at INFO; other libraries' INFO logs and transformers' load-report tables only
+    with --verbose. Progress bars stay (Trainer's is how a user sees training move)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("sparsepeft").setLevel(logging.INFO)
+    if verbose:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # the LOAD REPORT table; we say in one line what is new
+    for name in ("matplotlib", "huggingface_hub", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _merge(argv: list[str]) -> int:
@@ -73,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    command, rest = argv[0], [a for a in argv[1:] if a != "--verbose"]
+    _configure_output(verbose="--verbose" in argv)
     if command == "demo":
         return _demo(rest)
     if command == "merge":

@@ -247,6 +247,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_steps": trainer.state.global_step,
         "eval_seconds": eval_seconds,
         "learning_rate": training_args.learning_rate,
+        "learning_rate_source": getattr(training_args, "learning_rate_source", "given"),
         "batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
         **recipe.timings,
         **state,

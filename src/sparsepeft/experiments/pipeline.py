@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 import warnings
@@ -18,6 +19,8 @@ from ..data.multiple_choice import MULTIPLE_CHOICE, MultipleChoiceTask, load_mul
 from ..importance import estimate_fisher
 from ..models.catalog import MINILM_HUB_ID, resolve_model
 from ..selection import DEFAULT_ALWAYS_TRAIN, SparseMask, random_mask, select_mask
+
+logger = logging.getLogger("sparsepeft")
 
 DEFAULT_MODEL = MINILM_HUB_ID
 DEMO_DATA = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -92,13 +95,18 @@ def load_model_and_tokenizer(name_or_path: str, task: TaskData | PromptResponseT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = _from_pretrained(AutoModelForSequenceClassification, path, name_or_path,
-                                     ignore_mismatched_sizes=ignore_mismatched_sizes, **label_kwargs)
+            model, loading = _from_pretrained(AutoModelForSequenceClassification, path, name_or_path,
+                                              ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                              output_loading_info=True, **label_kwargs)
         except RuntimeError as error:
             if "mismatched" not in str(error):
                 raise
             raise ValueError(f"{name_or_path} has a task head of another size than this task's {task.num_labels} "
                              "label(s). Pass --ignore-mismatched-sizes to re-initialise it.") from error
+    fresh = sorted(set(loading.get("missing_keys", ())) | {k for k, *_ in loading.get("mismatched_keys", ())})
+    if fresh:  # one line instead of transformers' load-report table
+        logger.info("New task head for %d label(s): %s initialised at random, trained with the task.",
+                    task.num_labels, ", ".join(fresh))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
