@@ -135,11 +135,31 @@ def random_score_mask(model, ratio: float = 0.05, seed: int = 0):
     return select_mask({n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}, ratio, model=model)
 
 
-def assert_only_mask_moved(before: dict, model, mask, min_moved_fraction: float = 0.0) -> None:
-    """Entries outside the mask are bit-identical to ``before``; more than the given share of kept ones moved."""
+def gradient_support(model, batches) -> dict:
+    """Entries of each parameter that get a non-zero gradient on some batch (on a copy: ``model`` is untouched)."""
+    import copy
+
+    probe = copy.deepcopy(model).eval()
+    support = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in probe.named_parameters()}
+    for batch in batches:
+        probe.zero_grad()
+        probe(**batch).loss.backward()
+        for name, param in probe.named_parameters():
+            if param.grad is not None:
+                support[name] |= param.grad != 0
+    return support
+
+
+def assert_only_mask_moved(before: dict, model, mask, min_moved_fraction: float = 0.0, must_move: dict | None = None):
+    """Entries outside the mask are bit-identical to ``before``; every kept entry in ``must_move`` (those with a
+    non-zero gradient, see :func:`gradient_support`) moved, and more than the given share of kept ones did."""
     moved = 0
     for name, param in model.named_parameters():
         keep = mask.dense(name)
         assert torch.equal(param.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
-        moved += int((param.detach()[keep] != before[name][keep]).sum())
+        changed = param.detach() != before[name]
+        moved += int(changed[keep].sum())
+        if must_move is not None:
+            stuck = keep & must_move[name] & ~changed
+            assert not stuck.any(), f"{int(stuck.sum())} kept entries of {name} had a gradient but did not move"
     assert moved > min_moved_fraction * mask.num_selected

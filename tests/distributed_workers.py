@@ -20,7 +20,15 @@ def fisher_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from sparsepeft import estimate_fisher
 
     model = make_model("bert").double()
+    scored = []  # every sample this rank's forward passes saw, as its unpadded token ids
+
+    def record(module, args, kwargs):
+        for ids, keep in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+            scored.append(ids[keep.bool()].tolist())
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
     fisher = estimate_fisher(model, make_examples(30), num_samples=23, batch_size=4, progress=False)
+    torch.save(scored, f"{out}.samples.rank{rank}")
     if rank == 0:
         torch.save(fisher, out)
     dist.destroy_process_group()

@@ -18,36 +18,82 @@ def _results(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(tiny_bert_dir, glue_dir, tmp_path):
+def _write_glue_task(root, folder: str, header: str, row, n_train: int = 48, n_dev: int = 40):
+    """A few rows in GLUE's layout (``root/FOLDER/train.tsv``, ``dev.tsv``), so the test needs no ../shared."""
+    (root / folder).mkdir(parents=True)
+    for name, n, offset in (("train.tsv", n_train, 0), ("dev.tsv", n_dev, 1000)):
+        lines = [header] + ["\t".join(map(str, row(i + offset))) for i in range(n)]
+        (root / folder / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _sentence(i: int) -> str:
+    from conftest import WORDS
+
+    words = WORDS
+    return " ".join(words[(i * k + 3) % len(words)] for k in range(1, 6))
+
+
+def _saved_model_outputs(out, glue_root, task: str, n_dev: int, max_length: int = 48):
+    """The saved model's predictions on the dev rows, recomputed here from the files: what results.json must report."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsepeft.data import load_glue
+
+    split = load_glue(task, glue_root).evaluation["validation"]
+    assert len(split) == n_dev
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(*map(list, zip(*split.texts)), truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        logits = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits.double()
+    return logits, torch.tensor(split.labels, dtype=torch.float64)
+
+
+def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(tiny_bert_dir, tmp_path):
+    labels = ("entailment", "not_entailment")
+    glue = _write_glue_task(tmp_path / "glue", "RTE", "index\tsentence1\tsentence2\tlabel",
+                            lambda i: (i, _sentence(i), _sentence(i + 7), labels[(i * 7) % 3 == 0]))
     out = tmp_path / "fish"
-    code = main(["train", "--model", str(tiny_bert_dir), "--task", "rte", "--data-dir", str(glue_dir),
+    code = main(["train", "--model", str(tiny_bert_dir), "--task", "rte", "--data-dir", str(glue),
                  "--max-train-samples", "48", "--max-eval-samples", "40", "--num-samples", "32",
                  "--keep-ratio", "0.05", "--learning-rate", "1e-2", "--weight-decay", "0.1", "--output-dir", str(out),
                  *FAST])
     assert code == 0
     results = _results(out)
     assert results["task"] == "rte" and results["method"] == "fish"
-    assert 0.0 <= results["metrics"]["validation"]["accuracy"] <= 1.0
+    logits, gold = _saved_model_outputs(out, glue, "rte", 40)
+    validation = results["metrics"]["validation"]
+    assert validation["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, gold.long())), rel=1e-4)
+    assert validation["accuracy"] == pytest.approx(float((logits.argmax(-1) == gold).double().mean()), abs=1 / 40)
     mask = SparseMask.load(out / "sparse_mask.safetensors")
     assert results["trainable_params"] == mask.num_selected
     assert (out / "mask_density.png").is_file()
     before = load_file(str(tiny_bert_dir / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
-    moved = 0
+    moved = kept = 0
     for name, value in after.items():
         if name in mask.shapes:
             keep = mask.dense(name)
             assert torch.equal(value[~keep], before[name][~keep]), name
             moved += int((value[keep] != before[name][keep]).sum())
-    assert moved > 0
+            kept += int(keep.sum())
+    assert moved > 0.5 * kept  # AdamW with decay moves nearly every kept entry
 
 
-def test_stsb_regression_reports_pearson_and_spearman(tiny_bert_dir, glue_dir, tmp_path):
+def test_stsb_regression_reports_pearson_and_spearman(tiny_bert_dir, tmp_path):
+    from scipy.stats import pearsonr, spearmanr
+
+    glue = _write_glue_task(tmp_path / "glue", "STS-B", "index\tsentence1\tsentence2\tscore",
+                            lambda i: (i, _sentence(i), _sentence(i + 2), f"{(i * 37 % 50) / 10:.1f}"), 32, 32)
     out = tmp_path / "stsb"
-    assert main(["train", "--model", str(tiny_bert_dir), "--task", "stsb", "--data-dir", str(glue_dir),
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "stsb", "--data-dir", str(glue),
                  "--method", "random", "--keep-ratio", "0.1", "--max-train-samples", "32",
                  "--max-eval-samples", "32", "--ignore-mismatched-sizes", "true", "--output-dir", str(out), *FAST]) == 0
-    assert {"pearson", "spearmanr", "combined_score"} <= set(_results(out)["metrics"]["validation"])
+    predictions, gold = _saved_model_outputs(out, glue, "stsb", 32)
+    validation = _results(out)["metrics"]["validation"]
+    assert validation["pearson"] == pytest.approx(pearsonr(predictions[:, 0], gold)[0], abs=1e-5)
+    assert validation["spearmanr"] == pytest.approx(spearmanr(predictions[:, 0], gold)[0], abs=1e-5)
 
 
 def test_mask_command_and_reuse_of_the_mask(tiny_bert_dir, tmp_path):
@@ -74,7 +120,8 @@ def test_full_method_on_own_csv_files(tiny_bert_dir, tmp_path):
                  "--output-dir", str(out), *FAST]) == 0
     results = _results(out)
     assert results["trainable_params"] == results["total_params"]
-    assert {"accuracy", "f1"} <= set(results["metrics"]["validation"])
+    validation = results["metrics"]["validation"]
+    assert 0.0 <= validation["f1"] <= 1.0 and validation["accuracy"] in {i / 8 for i in range(9)}  # 8 dev rows
 
 
 @pytest.mark.parametrize("argv,message", [

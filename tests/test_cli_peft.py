@@ -20,13 +20,19 @@ def _results(out):
     return json.loads((out / "results.json").read_text())
 
 
-def _dev_logits(model, tiny_bert_dir):
-    from transformers import AutoTokenizer
+def _dev_loss(model, tiny_bert_dir) -> float:
+    """Mean cross-entropy of ``model`` on the dev rows the CLI evaluated (demo, 24 rows drawn with seed 42)."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from sparsepeft.experiments.pipeline import featurize, load_task_data
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    batch = tokenizer(["the movie was great", "awful battery"], return_tensors="pt", padding=True)
+    _, evaluation = featurize(load_task_data("demo"), tokenizer, 48, 48, 24, 42)
+    batch = DataCollatorWithPadding(tokenizer)(evaluation["validation"])
     with torch.no_grad():
-        return model.eval()(**batch).logits
+        return float(model.eval()(**batch).loss)
+
+
 
 
 def test_lora_fish_at_the_budget_of_a_smaller_rank_saves_a_peft_adapter(tiny_bert_dir, tmp_path):
@@ -41,8 +47,12 @@ def test_lora_fish_at_the_budget_of_a_smaller_rank_saves_a_peft_adapter(tiny_ber
     mask = SparseMask.load(fish / "sparse_mask.safetensors")
     assert mask.num_selected == plain["trainable_params"]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    untrained = _dev_loss(base, tiny_bert_dir)
     loaded = PeftModel.from_pretrained(base, fish)  # PEFT's own format and loader
-    assert torch.isfinite(_dev_logits(loaded, tiny_bert_dir)).all()
+    # the reloaded adapter is the trained one: it reproduces the dev loss the run reported, which differs from
+    # the base model's own
+    assert _dev_loss(loaded, tiny_bert_dir) == pytest.approx(masked["metrics"]["validation"]["loss"], rel=1e-5)
+    assert abs(untrained - masked["metrics"]["validation"]["loss"]) > 1e-3
     mask.check_compatible(loaded)  # the mask beside the adapter fits the reloaded PEFT model
 
 
@@ -55,8 +65,11 @@ def test_other_methods_and_selections_run_end_to_end(tiny_bert_dir, tmp_path, me
     results = _results(out)
     assert results["selection"] == selection and results["trainable_params"] == round(0.6 * results["peft_params"])
     if method in ("houlsby", "parallel"):
-        model = load_bottleneck_adapters(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir), out)
-        assert torch.isfinite(_dev_logits(model, tiny_bert_dir)).all()
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+        untrained = _dev_loss(base, tiny_bert_dir)
+        model = load_bottleneck_adapters(base, out)
+        assert _dev_loss(model, tiny_bert_dir) == pytest.approx(results["metrics"]["validation"]["loss"], rel=1e-5)
+        assert abs(untrained - results["metrics"]["validation"]["loss"]) > 1e-3
 
 
 def test_peft_flags_that_cannot_work_are_clear_errors(tiny_bert_dir, tmp_path, capsys):

@@ -28,6 +28,14 @@ def test_distributed_fisher_equals_the_single_process_fisher(tmp_path):
     assert set(distributed) == set(single)
     for name in single:
         torch.testing.assert_close(distributed[name], single[name], rtol=1e-12, atol=1e-15)
+    # each rank scored only its own shard: disjoint halves whose union is exactly the one-process draw
+    examples = make_examples(30)
+    draw = torch.randperm(30, generator=torch.Generator().manual_seed(0))[:23].tolist()
+    shards = [torch.load(f"{out}.samples.rank{r}") for r in range(2)]
+    assert sorted(len(s) for s in shards) == [11, 12]
+    as_set = [{tuple(ids) for ids in s} for s in shards]
+    assert not (as_set[0] & as_set[1])
+    assert as_set[0] | as_set[1] == {tuple(examples[i]["input_ids"]) for i in draw}
 
 
 @pytest.mark.parametrize("engine", ["dense-mask", "sparse"])

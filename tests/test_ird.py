@@ -52,7 +52,13 @@ def test_rounds_shrink_as_configured_and_keep_the_top_samples_by_mass():
     assert [r["parameter_range"] for r in rounds] == [
         candidates, int(candidates * 0.2), max(budget, int(int(candidates * 0.2) * 0.2))]
     assert all(r["selected"] == budget for r in rounds)
-    assert rounds[0]["overlap_with_fish"] == 1.0 and 0.0 <= rounds[2]["overlap_with_previous"] <= 1.0
+    assert rounds[0]["overlap_with_fish"] == 1.0 and rounds[0]["overlap_with_previous"] is None
+    masks = [mask for _, mask in result.pairs]
+    for r in (1, 2):  # the overlaps are the shares of the budget two rounds' masks have in common, counted here
+        shared = sum(int((masks[r].dense(n) & masks[r - 1].dense(n)).sum()) for n in masks[r].shapes)
+        assert rounds[r]["overlap_with_previous"] == pytest.approx(shared / budget)
+        first = sum(int((masks[r].dense(n) & masks[0].dense(n)).sum()) for n in masks[r].shapes)
+        assert rounds[r]["overlap_with_fish"] == pytest.approx(first / budget)
     assert result.samples == result.pairs[result.best_round][0]
     # round 1 keeps the 32 samples of round 0 with the largest mass over every parameter (round 0's range)
     initial = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:64].tolist()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from conftest import assert_only_mask_moved, make_examples, make_model, random_score_mask
+from conftest import assert_only_mask_moved, gradient_support, make_examples, make_model, random_score_mask
 from sparsepeft import SparseMaskCallback, mask_from_checkpoint
 from sparsepeft.data.collate import PaddingCollator
 
@@ -30,8 +30,10 @@ def test_only_masked_entries_change_under_trainer(tmp_path, overrides):
     model = make_model("bert")
     mask = _mask(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples, collate = make_examples(24, seed=4), PaddingCollator(0)
+    support = gradient_support(model, [collate(examples[i:i + 4]) for i in range(0, 24, 4)])
     _trainer(model, mask, _args(tmp_path, **overrides)).train()
-    assert_only_mask_moved(before, model, mask, min_moved_fraction=0.5)
+    assert_only_mask_moved(before, model, mask, min_moved_fraction=0.5, must_move=support)
     assert all(p.requires_grad for p in model.parameters())  # the callback hands the model back as it was
 
 
