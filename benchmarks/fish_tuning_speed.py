@@ -23,7 +23,7 @@ from common import machine, median, random_token_data, timed, write_json  # noqa
 from sparsepeft import DenseMaskEngine  # noqa: E402
 from sparsepeft.data.collate import PaddingCollator  # noqa: E402
 from sparsepeft.experiments.pipeline import resolve_model  # noqa: E402
-from sparsepeft.integrations.peft import apply_method, tuned_parameters  # noqa: E402
+from sparsepeft.models.peft import apply_method, tuned_parameters  # noqa: E402
 from sparsepeft.selection.fish_tuning import FishTuningConfig, fish_tuning_mask  # noqa: E402
 
 

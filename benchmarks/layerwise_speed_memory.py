@@ -43,7 +43,7 @@ def build_model(name: str):
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     from sparsepeft.experiments.pipeline import resolve_model
-    from sparsepeft.integrations.peft import apply_method
+    from sparsepeft.models.peft import apply_method
 
     torch.manual_seed(0)
     if name == "minilm":

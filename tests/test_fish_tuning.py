@@ -10,7 +10,7 @@ from conftest import assert_only_mask_moved, make_examples, make_model
 from reference import loop_fisher, relative_error
 from sparsepeft import SparseMaskCallback, estimate_fisher, mask_from_checkpoint
 from sparsepeft.data.collate import PaddingCollator
-from sparsepeft.integrations.peft import apply_method, reference_count, tuned_parameters
+from sparsepeft.models.peft import apply_method, reference_count, tuned_parameters
 from sparsepeft.selection import Budget, BudgetError
 from sparsepeft.selection.fish_tuning import FishTuningConfig, fish_tuning_mask
 

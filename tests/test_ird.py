@@ -7,7 +7,7 @@ from conftest import make_examples, make_model
 from reference import per_sample_loss
 from sparsepeft import estimate_fisher, select_mask
 from sparsepeft.importance.fisher import estimate_fisher_and_sample_mass
-from sparsepeft.integrations.peft import apply_method, tuned_parameters
+from sparsepeft.models.peft import apply_method, tuned_parameters
 from sparsepeft.selection.ird import IRDConfig, ird_search
 
 

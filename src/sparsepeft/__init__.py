@@ -12,7 +12,7 @@ from .engines import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, app
 from .engines.layerwise import LayerwiseEngine
 from .importance import FisherMode, TaskType, estimate_fisher, register_rule
 from .integrations import LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
-from .integrations.peft import apply_method, reference_count
+from .models.peft import apply_method, reference_count
 from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
 from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
 from .selection.ird import IRDConfig, IRDResult, ird_search

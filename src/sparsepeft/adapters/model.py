@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..models import find_blocks
-from ..selection.topk import matches_module
+from ..utils.names import matches_module
 from ..utils.io import atomic_path, write_json
 from .config import CONFIG_NAME, BottleneckConfig
 from .layer import BottleneckAdapter, ParallelInputHook, ParallelOutputHook, SeriesHook

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..experiments.pipeline import DEFAULT_MODEL, METHODS, MaskRecipe
-from ..integrations.peft import ADAPTER_KINDS, METHODS as PEFT_METHODS
+from ..models.peft import ADAPTER_KINDS, METHODS as PEFT_METHODS
 from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig

@@ -18,7 +18,7 @@ from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
-from ..integrations.peft import apply_method, count_trainable, reference_count
+from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..utils.io import write_json

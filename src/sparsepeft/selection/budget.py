@@ -59,7 +59,7 @@ class Budget:
             return cls(count=int(value)) if value >= 1 and float(value).is_integer() and "." not in text else cls(ratio=value)
         method, _, options = text.partition(":")
         method = method.strip().lower()
-        from ..integrations.peft import METHODS
+        from ..models.peft import METHODS
 
         if method not in METHODS:
             raise BudgetError(f"Cannot read the budget {text!r}: {method!r} is not a method ({', '.join(METHODS)}). "

@@ -75,10 +75,10 @@ def fish_tuning_mask(
     """The FISH-Tuning mask of a PEFT model (``PeftModel`` or a model with bottleneck adapters).
 
     ``reference_count(method, options)`` counts a reference config's trainable parameters; needed only
-    for budgets like ``"lora:r=8"`` (:func:`sparsepeft.integrations.peft.reference_count` does it).
+    for budgets like ``"lora:r=8"`` (:func:`sparsepeft.models.peft.reference_count` does it).
     The model's adapter values are the same before and after.
     """
-    from ..integrations.peft import tuned_parameters
+    from ..models.peft import tuned_parameters
 
     config = config or FishTuningConfig()
     candidates = tuned_parameters(model)

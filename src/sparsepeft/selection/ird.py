@@ -117,7 +117,7 @@ def ird_search(
     Args:
         keep_ratio / budget: the mask's size, as for :func:`select_mask` (``budget`` is an exact count).
         params: the candidates — default every trainable parameter (FISH Mask); for FISH-Tuning pass
-            ``sparsepeft.integrations.peft.tuned_parameters(model)``'s names.
+            ``sparsepeft.models.peft.tuned_parameters(model)``'s names.
         eval_data: held-out examples for the criterion; default the training samples outside the initial N.
     """
     config = config or IRDConfig()

@@ -128,6 +128,10 @@ class SparseMask:
     def module_type_counts(self) -> dict[str, tuple[int, int]]:
         return self._grouped(module_type_of)
 
+    def cell_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(kept, total) per (block, module type): where the budget went, as the density plot shows it."""
+        return self._grouped(lambda name: (layer_of(name), module_type_of(name)))
+
     def summary(self) -> dict[str, Any]:
         return {
             "num_selected": self.num_selected,
@@ -207,7 +211,8 @@ class SparseMask:
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
         from .plot import plot_mask_density
 
-        plot_mask_density(self, path, title=title)
+        title = title or f"{self.num_selected:,} of {self.num_candidates:,} entries ({100 * self.density:.3f}%)"
+        plot_mask_density(self.cell_counts(), path, title)
 
 
 def _numel(shape) -> int:

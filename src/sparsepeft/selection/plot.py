@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..utils.io import atomic_path  # noqa: E402
-from .mask import layer_of, module_type_of  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> None:
@@ -29,19 +28,17 @@ def _layer_sort_key(layer: str):
     return (int(match.group(1)) if match else order.get(layer, 10**6), layer)
 
 
-def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -> None:
-    """Heat map of kept fraction (layer x module type) beside the kept count per layer."""
-    kept: dict[tuple[str, str], list[int]] = {}
-    for name, (k, total) in mask.tensor_counts().items():
-        cell = kept.setdefault((layer_of(name), module_type_of(name)), [0, 0])
-        cell[0] += k
-        cell[1] += total
-    layers = sorted({layer for layer, _ in kept}, key=_layer_sort_key)
-    types = sorted({kind for _, kind in kept})
+def plot_mask_density(cells: dict[tuple[str, str], tuple[int, int]], path: str | os.PathLike, title: str) -> None:
+    """Heat map of kept fraction (layer x module type) beside the kept count per layer.
+
+    ``cells`` maps (layer, module type) to (kept, total) entries, e.g. :meth:`SparseMask.cell_counts`."""
+    layers = sorted({layer for layer, _ in cells}, key=_layer_sort_key)
+    types = sorted({kind for _, kind in cells})
     density = np.full((len(layers), len(types)), np.nan)
-    for (layer, kind), (k, total) in kept.items():
+    per_layer = dict.fromkeys(layers, 0)
+    for (layer, kind), (k, total) in cells.items():
         density[layers.index(layer), types.index(kind)] = 100.0 * k / max(total, 1)
-    per_layer = mask.layer_counts()
+        per_layer[layer] += k
 
     fig, (ax_map, ax_bar) = plt.subplots(
         1, 2, figsize=(max(8, 0.55 * len(types) + 5), max(3.5, 0.4 * len(layers) + 2.5)),
@@ -53,12 +50,12 @@ def plot_mask_density(mask, path: str | os.PathLike, title: str | None = None) -
     ax_map.set_yticks(range(len(layers)), layers, fontsize=8)
     ax_map.set_title("kept entries (% of tensor)")
     fig.colorbar(image, ax=ax_map, fraction=0.04)
-    counts = [per_layer[layer][0] for layer in layers]
+    counts = [per_layer[layer] for layer in layers]
     ax_bar.barh(range(len(layers)), counts, color="tab:orange")
     ax_bar.set_yticks(range(len(layers)), [""] * len(layers))
     ax_bar.invert_yaxis()
     ax_bar.set_title("kept per layer")
-    fig.suptitle(title or f"{mask.num_selected:,} of {mask.num_candidates:,} entries ({100 * mask.density:.3f}%)")
+    fig.suptitle(title)
     _save(fig, path)
 
 

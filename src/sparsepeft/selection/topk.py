@@ -9,28 +9,13 @@ depends on the sort kernel.
 
 from __future__ import annotations
 
-import re
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 
+from ..utils.names import matches_module  # noqa: F401  (re-exported: selection's name matching)
+
 DEFAULT_ALWAYS_TRAIN = ("classifier", "score", "qa_outputs")
-
-
-def matches_module(name: str, patterns: Sequence[str]) -> bool:
-    """True when the parameter ``name`` lies in a module named by one of ``patterns``.
-
-    A pattern is a module path (``classifier``, ``roberta.pooler``) matched on whole dotted components,
-    or a regular expression when it starts with ``re:``.
-    """
-    dotted = f".{name}."
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif f".{pattern}." in dotted:
-            return True
-    return False
 
 
 def budget_for(keep_ratio: float, num_candidates: int) -> int:
