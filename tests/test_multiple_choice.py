@@ -1,0 +1,125 @@
+"""BIG-bench multiple choice: reading and checking, the fixed split, option log-likelihood scoring, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import WORDS
+from sparsepeft.cli.main import main
+from sparsepeft.data import DataError
+from sparsepeft.data.multiple_choice import (choice_metrics, encode_choices, load_multiple_choice,
+                                             option_log_likelihoods, read_bigbench, split_examples,
+                                             training_features)
+
+
+def _write_task(path, n: int = 40, **overrides):
+    """A BIG-bench-format file: three options per question, the right one chosen by a simple rule."""
+    examples = []
+    for i in range(n):
+        options = [WORDS[(i + k) % len(WORDS)] + " " + WORDS[(3 * i + k) % len(WORDS)] for k in range(3)]
+        examples.append({"input": f"the {WORDS[i % len(WORDS)]} movie was ", "target_scores":
+                         {option: int(k == i % 3) for k, option in enumerate(options)}})
+    examples[overrides.pop("at", 0)].update(overrides)
+    path.write_text(json.dumps({"canary": "test data written by the test", "examples": examples}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_lm_dir)
+
+
+def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    examples = read_bigbench(_write_task(tmp_path / "task.json", 5))
+    scores = option_log_likelihoods(model, tokenizer, examples, max_length=64, batch_size=4)  # batches cut across questions
+    for example, option_scores in zip(examples, scores):
+        for option, score in enumerate(option_scores):
+            prompt = tokenizer(example.prompt)["input_ids"]
+            answer = tokenizer(" " + example.options[option], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():  # one unpadded sequence, the log-probability of each answer token summed by hand
+                log_probs = model(input_ids=torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
+            expected = sum(float(log_probs[len(prompt) - 1 + t, token]) for t, token in enumerate(answer))
+            assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_acc_and_acc_norm_follow_lm_evaluation_harness():
+    from sparsepeft.data.multiple_choice import ChoiceExample
+
+    example = ChoiceExample("Q", ("a", "longer answer"), answer=1)
+    # summed: "a" wins (-2 > -6); per character of " a" (2) and " longer answer" (14): -1 < -0.43, the long one wins
+    metrics = choice_metrics([example], [[-2.0, -6.0]])
+    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "answer_nll": 6.0}
+
+
+def test_the_split_is_fixed_disjoint_and_independent_of_the_training_seed(tmp_path):
+    path = _write_task(tmp_path / "task.json", 50)
+    first, again = load_multiple_choice(path), load_multiple_choice(path)
+    parts = [first.train, first.evaluation["validation"], first.evaluation["test"]]
+    assert [len(p) for p in parts] == [35, 5, 10]
+    assert [e.where for e in first.train] == [e.where for e in again.train]
+    keys = [{e.where for e in part} for part in parts]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert len(keys[0] | keys[1] | keys[2]) == 50
+    other = split_examples(read_bigbench(path), seed=1)
+    assert {e.where for e in other["test"]} != keys[2]  # another split seed, another split
+    assert first.split == {"seed": 0, "fractions": {"validation": 0.1, "test": 0.2},
+                           "sizes": {"validation": 5, "test": 10, "train": 35}}
+
+
+def test_training_features_put_the_loss_on_the_correct_option_only(tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    example = read_bigbench(_write_task(tmp_path / "task.json", 3))[1]
+    feature = training_features([example], tokenizer, 64)[0]
+    answer = tokenizer(" " + example.options[example.answer], add_special_tokens=False)["input_ids"]
+    labelled = [t for t in feature["labels"] if t != -100]
+    assert labelled == answer + [tokenizer.eos_token_id]
+    assert feature["input_ids"][-len(labelled):] == labelled
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"target_scores": {"yes": 0, "no": 0}}, "has 0 correct options"),
+    ({"target_scores": {"yes": 1, "no": 1, "maybe": 0}}, "has 2 correct options"),
+    ({"target_scores": {"yes": 1, " ": 0}}, "empty option"),
+    ({"target_scores": {"yes": 1}}, "at least 2"),
+])
+def test_bad_questions_are_clear_errors_naming_the_example(tmp_path, override, message):
+    path = _write_task(tmp_path / "task.json", 6, at=4, **override)
+    with pytest.raises(DataError, match=message) as error:
+        read_bigbench(path)
+    assert "example 4" in str(error.value)
+
+
+def test_options_equal_after_truncation_are_refused(tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    path = _write_task(tmp_path / "task.json", 3, at=2,
+                       target_scores={"good movie bad": 1, "good movie great": 0, "dog": 0})
+    example = read_bigbench(path)[2]
+    encode_choices(example, tokenizer, 64)  # distinct at full length
+    with pytest.raises(DataError, match="example 2.*same 2 tokens after truncation"):
+        encode_choices(example, tokenizer, 3)
+
+
+def test_cli_trains_and_scores_multiple_choice_end_to_end(tiny_llama_lm_dir, tmp_path, capsys):
+    path = _write_task(tmp_path / "task.json", 40)
+    common = ["train", "--model", str(tiny_llama_lm_dir), "--task-type", "multiple-choice", "--train-file", str(path),
+              "--max-seq-length", "48", "--per-device-train-batch-size", "4", "--report-to", "none",
+              "--save-strategy", "no", "--disable-tqdm", "true", "--use-cpu", "true"]
+    assert main([*common, "--method", "full", "--max-steps", "0", "--output-dir", str(tmp_path / "zero")]) == 0
+    assert main([*common, "--method", "lora", "--lora-r", "4", "--max-steps", "30", "--learning-rate", "1e-2",
+                 "--output-dir", str(tmp_path / "lora")]) == 0
+    zero = json.loads((tmp_path / "zero" / "results.json").read_text())
+    lora = json.loads((tmp_path / "lora" / "results.json").read_text())
+    assert set(zero["metrics"]) == {"validation", "test"} and zero["data_split"]["sizes"]["test"] == 8
+    for split in ("validation", "test"):
+        assert {"acc", "acc_norm", "answer_nll"} == set(lora["metrics"][split])
+    assert zero["train_steps"] == 0 and lora["train_steps"] == 30
+    # training on the answers lowers their negative log-likelihood on held-out questions
+    assert lora["metrics"]["test"]["answer_nll"] < zero["metrics"]["test"]["answer_nll"]
+    # a bad file is refused before anything is written
+    bad = _write_task(tmp_path / "bad.json", 6, at=3, target_scores={"a": 1, "b": 1})
+    assert main([*common, "--method", "lora", "--train-file", str(bad), "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "example 3" in capsys.readouterr().err and not (tmp_path / "bad").exists()
