@@ -70,3 +70,11 @@ def test_a_run_prints_its_own_lines_not_third_party_reports(tmp_path):
         assert noise not in text, f"{noise!r} in the output:\n{text}"
     results = json.loads((out / "results.json").read_text())
     assert results["learning_rate"] == 2e-3 and results["learning_rate_source"] == "method default"
+
+
+def test_the_sparse_engine_is_the_default_where_it_applies():
+    from sparsepeft.cli.arguments import SparseArguments
+
+    assert SparseArguments(method="fish").engine == SparseArguments(method="random").engine == "sparse"
+    assert SparseArguments(method="lora").engine == "dense-mask"  # FISH-Tuning trains the adapter's own tensors
+    assert SparseArguments(method="fish", engine="dense-mask").engine == "dense-mask"

@@ -80,9 +80,10 @@ class SparseArguments:
     always_train: str = field(default=",".join(DEFAULT_ALWAYS_TRAIN), metadata={
         "help": "Modules trained in full, inside the budget (comma-separated; '' for none)."})
     mask_file: Optional[str] = field(default=None, metadata={"help": "Use this saved mask instead of computing one."})
-    engine: str = field(default="dense-mask", metadata={
-        "help": "dense-mask: masked gradients on dense weights (reference); sparse: value vectors of the selected "
-                "entries, optimizer state O(k), writes sparse_delta.safetensors.",
+    engine: Optional[str] = field(default=None, metadata={
+        "help": "sparse (default for --method fish/random): value vectors of the selected entries, optimizer state "
+                "O(k), writes sparse_delta.safetensors; dense-mask (the reference, and FISH-Tuning's): masked "
+                "gradients on dense weights, optimizer state as large as the touched tensors.",
         "choices": ["dense-mask", "sparse"]})
 
     selection: str = field(default="fisher", metadata={
@@ -111,6 +112,8 @@ class SparseArguments:
         return DEFAULT_LEARNING_RATES[family]
 
     def __post_init__(self):
+        if self.engine is None:  # the memory saving by default wherever it applies: full-model masks
+            self.engine = "dense-mask" if self.is_peft else "sparse"
         if not (0 < self.keep_ratio <= 1):
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio} (0.005 keeps 0.5% of the weights).")
         if self.num_samples < 1:
