@@ -354,7 +354,7 @@ class _HandCheck(TrainerCallback):
 def test_trainer_score_update_matches_a_hand_computed_update(tmp_path):
     model = _peft_model("bert", "lora", seed=2)
     examples = make_examples(40, seed=9)
-    layerwise = LayerwiseCallback(LayerwiseConfig("ist", fraction=0.5, seed=11))
+    layerwise = LayerwiseCallback(LayerwiseConfig("ist", fraction=0.5, seed=11, probe_chunk_size=16))
     check = _HandCheck(layerwise, examples, probe_step=10)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=examples, data_collator=PaddingCollator(0),
                       callbacks=[check, layerwise])
@@ -428,3 +428,41 @@ def test_the_probe_restores_each_module_mode():
                              PaddingCollator(0)).attach()
     engine.step_begin(step=1)
     assert engine.probes and {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("family", ["llama-lm", "bert"])
+def test_the_probe_in_chunks_gives_the_loss_of_one_pass(family):
+    """Chunks of the training batch size, weighted by label-token count, equal the one-pass loss (float64);
+    the causal-LM examples have different lengths, so an unweighted mean of chunk losses would differ."""
+    from sparsepeft.importance.suppression import suppressed_loss
+
+    model = _peft_model(family).double()
+    examples = make_examples(10, lm=family.endswith("-lm"), seed=5)
+    batch = PaddingCollator(0)(examples)
+    modules = [m for block in find_blocks(model)[1][:2] for m in suppressible_modules(block)]
+    whole = suppressed_loss(model, batch, modules, 0.25)
+    chunked = suppressed_loss(model, batch, modules, 0.25, chunk_size=3)
+    # LLaMA's RMSNorm computes in float32 even in a float64 model, which bounds the agreement there
+    assert chunked == pytest.approx(whole, rel=1e-7 if family.startswith("llama") else 1e-12)
+    chunks = [PaddingCollator(0)(examples[i:i + 3]) for i in range(0, 10, 3)]
+    plain_mean = sum(suppressed_loss(model, c, modules, 0.25) for c in chunks) / len(chunks)
+    if family.endswith("-lm"):
+        assert plain_mean != pytest.approx(whole, rel=1e-4)  # the weighting is what makes them equal
+
+
+def test_the_callback_probes_in_chunks_of_the_training_batch(tmp_path):
+    config = LayerwiseConfig("ist", fraction=0.5, probe_interval=2, probe_batch_size=8)
+    trainer, layerwise, _ = _train(_peft_model(), config, tmp_path, make_examples(32, seed=7), max_steps=3)
+    seen = []
+    original = LayerwiseEngine.attach
+
+    def spy(engine):
+        seen.append(engine.config.probe_chunk_size)
+        return original(engine)
+
+    LayerwiseEngine.attach = spy
+    try:
+        trainer.train()
+    finally:
+        LayerwiseEngine.attach = original
+    assert seen == [4] and layerwise.config.probe_chunk_size is None  # the user's config is left as given

@@ -160,7 +160,8 @@ class LayerwiseEngine:
 
         def loss_with_suppressed(positions: list[int]) -> float:
             modules = [m for p in positions for m in self._suppressible[p]]
-            return suppressed_loss(self.model, batch, modules, self.config.suppression_factor)
+            return suppressed_loss(self.model, batch, modules, self.config.suppression_factor,
+                                   self.config.probe_chunk_size)
 
         # Every rank probes the same batch with the same weights; rank 0's losses are used everywhere so
         # floating-point noise can never make the ranks' scores (and then their draws) drift apart.

@@ -74,22 +74,54 @@ def suppress(modules: Iterable[nn.Module], factor: float) -> Iterator[None]:
                 setattr(owner, key, value)
 
 
+def label_weight(batch: dict) -> float:
+    """What the model's mean loss averages over: label tokens after the causal shift for sequence labels
+    (``labels[:, 1:] != -100``), samples for one label per sample."""
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("The probe batch gave no loss: IST's probe needs labels in its batches "
+                         "(pass probe data whose examples have 'labels').")
+    if labels.dim() >= 2:
+        return float((labels[:, 1:] != -100).sum())
+    return float(labels.shape[0])
+
+
+def _chunks(batch: dict, size: int | None) -> list[dict]:
+    rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if size is None or size >= rows:
+        return [batch]
+    return [{k: v[start:start + size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+            for start in range(0, rows, size)]
+
+
 @torch.no_grad()
-def suppressed_loss(model: nn.Module, batch: dict, modules: Iterable[nn.Module], factor: float) -> float:
-    """The model's loss on ``batch`` (eval mode, no gradient) with ``modules`` suppressed."""
+def suppressed_loss(model: nn.Module, batch: dict, modules: Iterable[nn.Module], factor: float,
+                    chunk_size: int | None = None) -> float:
+    """The model's loss on ``batch`` (eval mode, no gradient) with ``modules`` suppressed.
+
+    With ``chunk_size`` the batch is evaluated a chunk at a time and the chunks' mean losses are combined
+    with their label-token counts as weights: the loss of one pass over the whole batch (up to float
+    summation order), with the activation memory of a chunk."""
     modes = [(module, module.training) for module in model.modules()]  # per module: wrappers may disagree
     model.eval()
+    total = weight = 0.0
     try:
         with suppress(modules, factor):
-            output = model(**batch)
+            for chunk in _chunks(batch, chunk_size):
+                share = label_weight(chunk) if chunk_size is not None else 1.0
+                if share == 0:
+                    continue  # a chunk with no label token adds nothing (its mean loss is undefined)
+                output = model(**chunk)
+                loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
+                if loss is None:
+                    raise ValueError("The probe batch gave no loss: IST's probe needs labels in its batches "
+                                     "(pass probe data whose examples have 'labels').")
+                total += share * float(loss)
+                weight += share
     finally:
         for module, training in modes:
             module.training = training
-    loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None:
-        raise ValueError("The probe batch gave no loss: IST's probe needs labels in its batches "
-                         "(pass probe data whose examples have 'labels').")
-    value = float(loss)
+    value = total / weight if weight else float("nan")
     if value != value or value in (float("inf"), float("-inf")):
         raise FloatingPointError(f"The suppression probe's loss is {value}: the model diverged; lower the learning "
                                  "rate (the scores were left unchanged).")

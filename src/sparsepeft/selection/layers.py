@@ -46,6 +46,10 @@ class LayerwiseConfig:
         num_probes: IST: probes per update, on distinct block subsets (3).
         score_lr: IST: step size of the score update (10).
         probe_batch_size: IST: training samples in the probe batch (16).
+        probe_chunk_size: IST: the probe batch is evaluated in chunks of at most this many samples, their
+            losses weighted by label-token count (the same loss as one pass), so a probe never needs more
+            activation memory than a training batch. None: one pass (``LayerwiseCallback`` fills in the
+            training batch size).
         train_outside_blocks: keep trainable what the setup trains outside the blocks (PEFT's
             ``modules_to_save``: a new task head; embeddings in LISA's full-parameter form). A causal LM
             under PEFT has none, which is the published IST setting.
@@ -65,6 +69,7 @@ class LayerwiseConfig:
     num_probes: int = 3
     score_lr: float = 10.0
     probe_batch_size: int = 16
+    probe_chunk_size: int | None = None
     train_outside_blocks: bool = True
     optimizer_state: str = "keep"
     blocks_path: str | None = None
@@ -82,8 +87,8 @@ class LayerwiseConfig:
             raise LayerSelectionError(f"num_layers must be at least 1, got {self.num_layers}.")
         if not (0 < self.suppress_fraction <= 1):
             raise LayerSelectionError(f"suppress_fraction must be in (0, 1], got {self.suppress_fraction}.")
-        for name in ("interval", "probe_interval", "num_probes", "probe_batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("interval", "probe_interval", "num_probes", "probe_batch_size", "probe_chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LayerSelectionError(f"{name} must be at least 1, got {getattr(self, name)}.")
 
     def to_dict(self) -> dict:
