@@ -161,8 +161,9 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
                       "optimizer_state_mb": optimizer, "mask_seconds": mask,
                       "commits": sorted({r["provenance"]["commit"] for r in runs})}
         cell = lambda m: f"{m[0]:.2f} ± {m[1]:.2f}"  # noqa: E731
+        trainable = f"{runs[0]['trainable_params']:,}" if runs[0].get("train_steps") else "0 (no training)"
         lines.append(f"| {arm} | {lr if lr is not None else '—'} | {len(runs)} | {cell(val)} | {cell(test)} | {cell(norm)} | "
-                     f"{runs[0]['trainable_params']:,} | {statistics.median(steps) if steps else 0:.2f} | "
+                     f"{trainable} | {statistics.median(steps) if steps else 0:.2f} | "
                      f"{statistics.median(peak):.0f} | {statistics.median(optimizer):.1f} | {statistics.median(mask):.0f} |")
     return "\n".join(lines), table
 
