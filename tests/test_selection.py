@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_model
-from sparsepeft import MaskMismatchError, SparseMask, random_mask, select_mask
+from conftest import make_examples, make_model
+from sparsepeft import MaskMismatchError, SparseMask, estimate_fisher, random_mask, select_mask
 from sparsepeft.selection.topk import budget_for
 
 
@@ -121,3 +121,45 @@ def test_density_plot_is_a_png(tmp_path):
     mask = select_mask(_scores(model), 0.05, model=model, always_train=())
     mask.plot(tmp_path / "density.png")
     assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _concatenated_topk(scores, k):
+    """The reference: one concatenated ranking, ties to the lowest global position."""
+    names = list(scores)
+    flat = torch.cat([torch.nan_to_num(scores[n].reshape(-1).double(), nan=float("-inf")) for n in names])
+    order = torch.sort(-flat, stable=True).indices[:k]  # descending score, ties in position order
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[order] = True
+    out, start = {}, 0
+    for name in names:
+        out[name] = chosen[start:start + scores[name].numel()].nonzero().flatten()
+        start += scores[name].numel()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_global_topk_equals_one_concatenated_ranking(seed):
+    from sparsepeft.selection.topk import global_topk
+
+    g = torch.Generator().manual_seed(seed)
+    scores = {"a": torch.randint(0, 5, (7, 9), generator=g).float(),  # many ties
+              "b": torch.randint(0, 5, (40,), generator=g).double(),  # another dtype
+              "c": torch.rand(3, 11, generator=g),
+              "d": torch.randint(0, 3, (13,), generator=g).float()}
+    scores["c"][0, :4] = float("nan")  # NaN ranks lowest
+    total = sum(v.numel() for v in scores.values())  # 149
+    for k in (1, 5, 37, 100, 145, 149, 160):  # 145: into the NaNs' -inf tie
+        streamed, reference = global_topk(scores, k), _concatenated_topk(scores, k)
+        assert sum(int(v.numel()) for v in streamed.values()) == min(k, total)
+        for name in scores:
+            assert torch.equal(streamed[name], reference[name]), (k, name)
+
+
+def test_streamed_global_topk_on_a_real_fisher():
+    from sparsepeft.selection.topk import global_topk
+
+    model = make_model("bert")
+    fisher = estimate_fisher(model, make_examples(12), num_samples=12, progress=False)
+    k = round(0.01 * sum(f.numel() for f in fisher.values()))
+    streamed, reference = global_topk(fisher, k), _concatenated_topk(fisher, k)
+    assert all(torch.equal(streamed[n], reference[n]) for n in fisher)

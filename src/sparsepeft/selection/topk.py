@@ -44,24 +44,52 @@ def _threshold_select(flat: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
-def _nan_as_lowest(scores: torch.Tensor) -> torch.Tensor:
-    flat = scores.detach().reshape(-1).to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+def _nan_as_lowest(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or (torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    flat = scores.detach().reshape(-1).to("cpu", dtype)
     return torch.nan_to_num(flat, nan=float("-inf"))
 
 
 def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Flat indices kept per tensor under one ranking over all tensors."""
+    """Flat indices kept per tensor under one ranking over all tensors.
+
+    Streamed, one tensor at a time: the k-th largest score comes from a pool of at most k candidates
+    (each tensor's own top entries merged in turn), then each tensor keeps what lies above it, and ties
+    at it go to the earliest positions. The result is exactly that of ranking one concatenation of all
+    scores, without that model-sized copy (and its model-sized boolean mask)."""
     names = list(scores)
     if not names or k <= 0:
         return {n: torch.empty(0, dtype=torch.int64) for n in names}
-    flat = torch.cat([_nan_as_lowest(scores[n]).cpu() for n in names])
-    chosen = _threshold_select(flat, k)
-    out, start = {}, 0
+    dtype = torch.float64 if any(scores[n].dtype == torch.float64 for n in names) else torch.float32
+    total = sum(scores[n].numel() for n in names)
+    if k >= total:
+        return {n: torch.arange(scores[n].numel()) for n in names}
+    threshold = _kth_largest(scores, names, k, dtype)
+    out, above = {}, {}
     for name in names:
-        size = scores[name].numel()
-        out[name] = chosen[start : start + size].nonzero().flatten()
-        start += size
+        flat = _nan_as_lowest(scores[name], dtype)
+        above[name] = (flat > threshold).nonzero().flatten()
+    needed = k - sum(int(idx.numel()) for idx in above.values())
+    for name in names:  # ties at the threshold: earliest tensor, then lowest flat index
+        chosen = above[name]
+        if needed > 0:
+            tied = (_nan_as_lowest(scores[name], dtype) == threshold).nonzero().flatten()[:needed]
+            if tied.numel():
+                needed -= int(tied.numel())
+                chosen = torch.cat([chosen, tied]).sort().values
+        out[name] = chosen
     return out
+
+
+def _kth_largest(scores: Mapping[str, torch.Tensor], names: list[str], k: int, dtype: torch.dtype) -> torch.Tensor:
+    pool = torch.empty(0, dtype=dtype)
+    for name in names:
+        flat = _nan_as_lowest(scores[name], dtype)
+        top = torch.topk(flat, min(k, flat.numel()), sorted=False).values
+        pool = torch.cat([pool, top])
+        if pool.numel() > k:
+            pool = torch.topk(pool, k, sorted=False).values
+    return pool.min()
 
 
 def proportional_quotas(sizes: Mapping[str, int], k: int) -> dict[str, int]:
