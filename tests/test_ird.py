@@ -113,3 +113,50 @@ def test_bad_input_is_a_clear_error():
         ird_search(model, data, config=IRDConfig(num_samples=12, rounds=2, criterion="probe"), progress=False)
     with pytest.raises(ValueError, match="criterion"):
         IRDConfig(criterion="vibes")
+
+
+def test_the_probe_criterion_picks_a_later_round_when_its_mask_is_better(monkeypatch):
+    """A constructed case: round 0's Fisher ranks two embedding rows no example uses above everything (training
+    them cannot change any loss), round 1's ranks the classifier first. The probe criterion measures both masks
+    by held-out loss after the same short masked fit and must choose round 1; round 0's loss is the untrained one."""
+    import sparsepeft.selection.ird as ird
+
+    model = make_model("bert")
+    data = make_examples(48)  # token ids 3.., so rows 1 and 2 of the word embeddings are never looked up
+    unused, head = "bert.embeddings.word_embeddings.weight", "classifier.weight"
+    calls = []
+
+    def constructed_fisher(model, data, samples, param_range, **kwargs):
+        generator = torch.Generator().manual_seed(len(calls))
+        fisher = {n: torch.rand(p.shape, generator=generator) for n, p in model.named_parameters()}
+        fisher[unused][1:3] = 3.0 if not calls else 0.0
+        fisher[head][:] = 2.0 if not calls else 3.0
+        calls.append(len(samples))
+        return fisher, torch.arange(len(samples), 0, -1, dtype=torch.float64)
+
+    monkeypatch.setattr(ird, "estimate_fisher_and_sample_mass", constructed_fisher)
+    budget = model.classifier.weight.numel()
+    assert model.bert.embeddings.word_embeddings.weight[1:3].numel() == budget
+    config = IRDConfig(num_samples=32, rounds=2, param_shrink=0.1, always_train=(), probe_steps=10, probe_lr=1e-2)
+    assert config.criterion == "probe"  # the default: it is not biased toward round 0 by construction
+    untrained = _held_out_loss(model, data)
+    result = ird_search(model, data, budget=budget, config=config, eval_data=data, progress=False)
+    masks = [mask for _, mask in result.pairs]
+    assert calls == [32, 16]
+    assert set(masks[0].indices) == {unused} and set(masks[1].indices) == {head}
+    loss_round0, loss_round1 = (r["criterion"] for r in result.rounds)
+    assert loss_round0 == pytest.approx(untrained, rel=1e-6)
+    assert loss_round1 < loss_round0 - 1e-3
+    assert result.best_round == 1 and result.mask is masks[1]
+
+
+def _held_out_loss(model, examples):
+    from sparsepeft.data.collate import collator_for
+    from sparsepeft.importance.fisher import _forward_logits
+    from sparsepeft.importance.losses import TaskType, empirical_nll
+
+    task = TaskType.CLASSIFICATION
+    model.eval()
+    with torch.no_grad():
+        batch = collator_for(model)(examples)
+        return float(empirical_nll(task, _forward_logits(model, batch, task), batch).mean())

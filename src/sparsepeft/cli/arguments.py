@@ -94,9 +94,10 @@ class SparseArguments:
     ird_sample_shrink: float = field(default=0.5, metadata={"help": "IRD: share of samples kept per round, in (0, 1)."})
     ird_param_shrink: float = field(default=0.1, metadata={
         "help": "IRD: share of the parameter range kept per round, in (0, 1)."})
-    ird_criterion: str = field(default="mass", metadata={
-        "help": "IRD: how the best round is chosen — mass (held-out Fisher mass retained) or probe (held-out loss "
-                "after a short masked training).", "choices": ["mass", "probe"]})
+    ird_criterion: str = field(default="probe", metadata={
+        "help": "IRD: how the best round is chosen — probe (default: held-out loss after a short masked training, "
+                "the same batches for every round) or mass (held-out Fisher mass retained; it favours round 0 by "
+                "construction).", "choices": ["probe", "mass"]})
     ird_criterion_samples: int = field(default=256, metadata={
         "help": "IRD: held-out training samples (outside the Fisher samples) the criterion is measured on."})
     ird_probe_steps: int = field(default=20, metadata={"help": "IRD probe criterion: masked training steps."})

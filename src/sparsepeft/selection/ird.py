@@ -10,12 +10,15 @@ informative end, one Fisher pass per round:
               S_{r+1} = the top ``sample_shrink`` share of S_r by mass on P_r;
               P_{r+1} = the top ``param_shrink`` share of P_r by F_r (never fewer than k entries)
 
-Every round's (S_r, M_r) is a candidate pair; a cheap criterion picks one. ``mass`` (default): the
-share of a held-out Fisher (samples outside S0, or a dev split) that the mask retains — it asks
-"does this mask capture what matters on data it was not chosen from?" and costs one extra Fisher pass.
-``probe``: held-out loss after a few masked training steps from the same starting weights (closer to
-the goal, a few training steps per round dearer). Round 0 is always a candidate, so IRD can only
-return the plain FISH mask or one the criterion prefers to it.
+Every round's (S_r, M_r) is a candidate pair; a criterion picks one. ``probe`` (default): held-out
+loss after a few masked training steps from the same starting weights on the same batches — it asks
+the question IRD is for ("which mask trains best?") at a few training steps per round. ``mass``: the
+share of a held-out Fisher (samples outside S0, or a dev split) that the mask retains, one extra
+Fisher pass. ``mass`` is biased toward round 0 by construction: the held-out Fisher is an estimate of
+the population Fisher, and round 0's mask is the top-k of the estimate from the most (and unselected)
+samples, so later rounds — chosen from high-mass samples inside a narrower range — can only beat it by
+noise; it stays as a cheap option. Round 0 is always a candidate, so IRD can only return the plain FISH
+mask or one the criterion prefers to it.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class IRDConfig:
     sample_shrink: float = field(default=0.5, metadata={"help": "Share of the samples kept from one round to the next."})
     param_shrink: float = field(default=0.1, metadata={
         "help": "Share of the parameter range kept from one round to the next (never below the budget)."})
-    criterion: str = field(default="mass", metadata={
-        "help": "mass: held-out Fisher mass the mask retains; probe: held-out loss after a short masked training."})
+    criterion: str = field(default="probe", metadata={
+        "help": "probe: held-out loss after a short masked training; mass: held-out Fisher mass the mask retains "
+                "(cheaper, favours round 0 by construction)."})
     criterion_samples: int = field(default=256, metadata={"help": "Held-out samples the criterion is measured on."})
     probe_steps: int = field(default=20, metadata={"help": "probe: masked AdamW steps per candidate."})
     probe_lr: float = field(default=2e-3, metadata={"help": "probe: learning rate."})

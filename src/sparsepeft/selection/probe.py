@@ -15,9 +15,17 @@ from .mask import SparseMask
 def probe_loss(model, data, mask: SparseMask, held_out, config, collate_fn=None) -> float:
     """Mean held-out loss after ``config.probe_steps`` AdamW steps on ``mask``'s entries.
 
-    Every candidate sees the same batches (seeded) from the same starting weights, which are restored
-    exactly afterwards, so the masks are compared on equal terms.
+    Every candidate sees the same batches and the same dropout draws (both seeded; the caller's random
+    state is left as it was) from the same starting weights, which are restored exactly afterwards, so
+    the masks are compared on equal terms and the search is repeatable.
     """
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        return _probe_loss(model, data, mask, held_out, config, collate_fn)
+
+
+def _probe_loss(model, data, mask: SparseMask, held_out, config, collate_fn) -> float:
     from ..engines import DenseMaskEngine
 
     task = infer_task_type(model)
