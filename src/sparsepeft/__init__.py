@@ -1,7 +1,7 @@
 """sparsepeft — importance-aware sparse fine-tuning on the Hugging Face stack.
 
 Importance estimation (``estimate_fisher``) -> selection (``select_mask``, ``SparseMask``,
-``fish_tuning_mask`` inside PEFT modules at a ``Budget``, ``ird_search``) -> training engines (``DenseMaskEngine``,
+``fish_tuning_mask`` inside PEFT modules at a ``Budget``, ``ird_search``, ``shira_mask_fn`` for PEFT's SHiRA) -> training engines (``DenseMaskEngine``,
 ``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``,
 ``apply_method`` for PEFT methods and the bottleneck adapters of ``sparsepeft.adapters``).
 Layer-wise tuning (IST, LISA, random, full): ``LayerwiseConfig`` -> ``LayerwiseEngine`` (plain loops) or
@@ -16,6 +16,7 @@ from .models.peft import apply_method, reference_count
 from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
 from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
 from .selection.ird import IRDConfig, IRDResult, ird_search
+from .selection.shira import shira_fisher, shira_mask_fn
 from .selection.layers import LayerSelectionError, LayerwiseConfig, ist_score_update
 
 __version__ = "0.1.0"
@@ -49,4 +50,6 @@ __all__ = [
     "random_mask",
     "register_rule",
     "select_mask",
+    "shira_fisher",
+    "shira_mask_fn",
 ]

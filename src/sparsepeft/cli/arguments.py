@@ -64,7 +64,8 @@ class SparseArguments:
     method: str = field(default="fish", metadata={
         "help": "full: every weight; fish: Fisher-selected mask (FISH Mask); random: random mask of the same budget; "
                 "or a PEFT method (lora, dora, rslora, pissa, adalora, ia3, loha, lokr, vera) or a bottleneck "
-                "adapter (adapter = houlsby = series, pfeiffer, parallel). Add --fish to mask inside the PEFT method. "
+                "adapter (adapter = houlsby = series, pfeiffer, parallel), or shira (PEFT's sparse adapter, with Fisher "
+                "or random entries: --shira-r, --selection). Add --fish to mask inside the PEFT method. "
                 f"Without --learning-rate a run uses its family's rate: full {DEFAULT_LEARNING_RATES['full']:g}, "
                 f"fish/random {DEFAULT_LEARNING_RATES['mask']:g}, PEFT methods {DEFAULT_LEARNING_RATES['peft']:g}.",
         "choices": list(METHODS) + list(PEFT_METHODS)})
@@ -159,6 +160,9 @@ class PeftArguments:
     target_modules: Optional[str] = field(default=None, metadata={
         "help": "Modules the PEFT method wraps, comma-separated (query,value). Default: PEFT's for the architecture."})
     bottleneck_size: int = field(default=64, metadata={"help": "Bottleneck width of adapters."})
+    shira_r: int = field(default=8, metadata={
+        "help": "SHiRA: r*(m+n) trained entries per targeted m x n linear weight (LoRA r's count). --selection "
+                "fisher (default) takes each layer's top entries by the base model's Fisher, random PEFT's draw."})
     peft_options: str = field(default="", metadata={
         "help": "Any other option of the method's config, k=v comma-separated, lists joined by + "
                 "(e.g. 'use_rslora=true,layers_to_transform=0+1' or 'non_linearity=gelu,scaling=4')."})
@@ -185,6 +189,8 @@ class PeftArguments:
                 options["r"] = self.lora_r
                 if self.lora_alpha is not None and method != "vera":
                     options["alpha"] = self.lora_alpha
+            if method == "shira":
+                options["r"] = self.shira_r
             if method == "adalora" and total_steps:
                 options["total_step"] = total_steps
         options.update(parse_options(self.peft_options))

@@ -21,6 +21,7 @@ from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskC
 from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
+from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
 from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
@@ -47,6 +48,12 @@ def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
     if peft_args.fish and not sparse_args.is_peft:
         raise ValueError("--fish masks inside a PEFT method (--method lora/dora/adapter/...). For a Fisher mask over "
                          "the whole model use --method fish without --fish.")
+    if sparse_args.method == "shira" and (peft_args.fish or sparse_args.selection not in ("fisher", "random")):
+        raise ValueError("--method shira is already a sparse adapter: its entries are chosen by --selection fisher "
+                         "(each layer's top r(m+n) by the base model's Fisher) or random (PEFT's draw); drop --fish "
+                         f"and --selection {sparse_args.selection}." if sparse_args.selection not in ("fisher", "random")
+                         else "--method shira is already a sparse adapter: drop --fish (choose its entries with "
+                         "--selection fisher|random).")
     if sparse_args.is_peft and peft_args.fish and sparse_args.engine == "sparse":
         raise ValueError("--engine sparse stores value vectors of full-model masks; a PEFT adapter is already small, "
                          "so FISH-Tuning trains with --engine dense-mask (its optimizer state is the adapter's).")
@@ -59,12 +66,30 @@ def _total_steps(training_args: TrainingArguments, num_train: int) -> int:
     return max(1, math.ceil(num_train / per_step) * math.ceil(training_args.num_train_epochs))
 
 
-def _tune(model, sparse_args: SparseArguments, peft_args: PeftArguments, training_args, num_train: int):
+def _tune(model, sparse_args: SparseArguments, peft_args: PeftArguments, training_args, num_train: int,
+          train=None, collate=None, recipe=None):
     """Add the PEFT method (if one is asked for); returns (model, the method's options)."""
     if not sparse_args.is_peft:
         return model, {}
     options = peft_args.method_options(sparse_args.method, _total_steps(training_args, num_train))
+    if sparse_args.method == "shira":
+        options = _shira_selection(model, options, sparse_args, training_args.seed, train, collate, recipe)
     return apply_method(model, sparse_args.method, options), options
+
+
+def _shira_selection(model, options: dict, sparse_args: SparseArguments, seed: int, train, collate, recipe) -> dict:
+    """SHiRA's entries: the top r(m+n) of each layer by the base model's Fisher, or PEFT's random draw."""
+    if sparse_args.selection == "random":
+        return {**options, "random_seed": seed}
+    if sparse_args.selection != "fisher":
+        raise ValueError(f"--method shira takes --selection fisher (default) or random, not {sparse_args.selection}.")
+    start = time.perf_counter()
+    mask_fn = shira_mask_fn(model, train, target_modules=options.get("target_modules"),
+                            num_samples=sparse_args.num_samples, mode=sparse_args.fisher_mode,
+                            batch_size=sparse_args.fisher_batch_size, collate_fn=collate, seed=seed)
+    if recipe is not None:
+        recipe.timings["fisher_seconds"] = recipe.timings["mask_seconds"] = time.perf_counter() - start
+    return {**options, "mask_fn": mask_fn}
 
 
 def _collator(task, tokenizer):
@@ -146,12 +171,12 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
     total_params = sum(p.numel() for p in model.parameters())
-    model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     recipe = sparse_args.recipe(training_args.seed)
-    resume = training_args.resume_from_checkpoint
-    mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
     collate = _collator(task, tokenizer)
     mask_phase = PeakMemory()
+    model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
+    resume = training_args.resume_from_checkpoint
+    mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
     if mask is None:
         mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
                           training_args.seed)
@@ -231,9 +256,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "method": sparse_args.method,
         "fish": bool(peft_args.fish) if sparse_args.is_peft else None,
         "layers": layer_config.to_dict() if layer_config else None,
-        "selection": mask.config.get("selection") if mask is not None else None,
+        "selection": mask.config.get("selection") if mask is not None else (
+            sparse_args.selection if sparse_args.method == "shira" else None),
         "budget": mask.config.get("budget_spec") if mask is not None and sparse_args.is_peft else None,
-        "method_options": options or None,
+        "method_options": {k: v for k, v in options.items() if k != "mask_fn"} or None,
         "peft_params": peft_params,
         "engine": sparse_args.engine if mask is not None else None,
         "seed": training_args.seed,
@@ -252,7 +278,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         **recipe.timings,
         **state,
         "train_peak_rss_mb": train_peak["peak_rss_mb"],
-        "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None else None,
+        "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None or "mask_fn" in options else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
     if layerwise is not None and layerwise.history is not None:  # None when nothing was trained (--max-steps 0)

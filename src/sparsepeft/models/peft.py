@@ -1,7 +1,7 @@
 """PEFT methods by name, their trainable scope, and budget counting on a reference config.
 
 One table maps a method name to what builds it: PEFT's configs for the LoRA family, AdaLoRA, IA3, LoHa,
-LoKr and VeRA; sparsepeft's own bottleneck adapters for ``adapter`` / ``houlsby`` / ``pfeiffer`` /
+LoKr, VeRA and SHiRA; sparsepeft's own bottleneck adapters for ``adapter`` / ``houlsby`` / ``pfeiffer`` /
 ``parallel``. Options are PEFT's own field names (``r``, ``lora_alpha``, ``target_modules`` ...); for
 adapters, :class:`BottleneckConfig`'s.
 """
@@ -57,6 +57,21 @@ def _adalora(options: dict, task_type: str | None):
     return AdaLoraConfig(task_type=task_type, **options)
 
 
+def _shira(options: dict, task_type: str | None):
+    """SHiRA: ``r * (m + n)`` trained entries per targeted linear weight. ``mask_fn`` (not a config field:
+    PEFT reads it as an attribute) chooses them — :func:`sparsepeft.shira_mask_fn` for Fisher masks; PEFT's
+    random mask otherwise."""
+    from peft import ShiraConfig
+
+    options = dict(options)
+    mask_fn = options.pop("mask_fn", None)
+    options.setdefault("r", 8)
+    config = ShiraConfig(task_type=task_type, **options)
+    if mask_fn is not None:
+        config.mask_fn = mask_fn
+    return config
+
+
 PEFT_BUILDERS: dict[str, Callable[[dict, str | None], Any]] = {
     "lora": _lora_family(),
     "dora": _lora_family(use_dora=True),
@@ -67,6 +82,7 @@ PEFT_BUILDERS: dict[str, Callable[[dict, str | None], Any]] = {
     "loha": _simple("LoHaConfig", r=8, alpha=8),
     "lokr": _simple("LoKrConfig", r=8, alpha=8),
     "vera": _simple("VeraConfig", r=256),
+    "shira": _shira,
 }
 METHODS = tuple(PEFT_BUILDERS) + tuple(ADAPTER_KINDS)
 
@@ -152,6 +168,7 @@ def reference_count(base_model: nn.Module, method: str, options: dict, defaults:
         else:
             skeleton = copy.deepcopy(base_model).to("meta")
     merged = {**(defaults or {}), **options}
+    merged.pop("mask_fn", None)  # SHiRA's count is r * (m + n) whichever entries are chosen
     if method.lower() == "pissa" or merged.get("init_lora_weights") not in (None, True, False, "gaussian"):
         merged["init_lora_weights"] = True  # the count does not depend on the initialisation (PiSSA needs data)
     tuned = apply_method(skeleton, method, merged, task_type)
