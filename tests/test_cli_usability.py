@@ -4,9 +4,10 @@ import pytest
 
 from sparsepeft.cli.main import main
 
-FLAGS = {"train": ["--method", "--keep-ratio", "--budget", "--learning-rate", "--layers", "--split-seed"],
+FLAGS = {"train": ["--method", "--keep-ratio", "--budget", "--learning-rate", "--layers", "--split-seed", "--shira-r"],
          "mask": ["--method", "--keep-ratio", "--selection"],
          "merge": ["--model", "--delta", "--output-dir"],
+         "export-shira": ["--model", "--delta", "--output-dir"],
          "demo": ["--output-dir"]}
 
 

@@ -144,3 +144,110 @@ def test_cli_shira_refuses_fish_and_other_selections(tiny_llama_lm_dir, tmp_path
     assert _train(tiny_llama_lm_dir, tmp_path / "b", tmp_path, "--selection", "ird") == 2
     assert "--selection fisher" in capsys.readouterr().err
     assert not (tmp_path / "a" / "results.json").exists() and not (tmp_path / "b" / "results.json").exists()
+
+
+# --------------------------------------------------------------------------- a sparse delta as a SHiRA adapter
+
+
+def _delta(tmp_path, names, ratio=0.1, always_train=()):
+    import copy
+
+    from sparsepeft import select_mask
+    from sparsepeft.engines.delta import base_content_hash, save_delta
+    from sparsepeft.selection.mask import model_fingerprint
+
+    base = make_model("llama-lm")
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in base.named_parameters() if n.endswith(names)}
+    mask = select_mask(scores, ratio, model=base, always_train=always_train)
+    trained = copy.deepcopy(base)
+    params = dict(trained.named_parameters())
+    with torch.no_grad():
+        for name, index in mask.indices.items():
+            params[name].view(-1)[index] += torch.randn(index.numel(), generator=g)
+    path = tmp_path / "sparse_delta.safetensors"
+    save_delta(trained, mask, path, base_content_hash(base), fingerprint=model_fingerprint(base))
+    return base, trained, mask, path
+
+
+def test_a_delta_on_linear_weights_exports_as_a_shira_adapter_with_the_same_model(tmp_path):
+    import copy
+
+    from sparsepeft.integrations.shira import export_delta_as_shira
+
+    base, trained, mask, path = _delta(tmp_path, ("q_proj.weight", "down_proj.weight", "k_proj.weight"))
+    counts = {n: int(i.numel()) for n, i in mask.indices.items()}
+    assert len(set(counts.values())) > 1  # a global budget: the layers hold different counts
+    fresh = copy.deepcopy(base)
+    report = export_delta_as_shira(base, path, tmp_path / "shira")
+    assert report["trained_entries"] == mask.num_selected and report["layers"] == 6
+    sizes = {"q_proj": 16 + 16, "k_proj": 8 + 16, "down_proj": 16 + 32}
+    need = max(-(-c // sizes[n.rsplit(".", 2)[-2]]) for n, c in counts.items())
+    assert report["r"] == need  # the smallest r whose r(m+n) holds every layer's entries
+    assert report["adapter_entries"] == sum(need * sizes[n.rsplit(".", 2)[-2]] for n in counts)
+    assert torch.equal(dict(base.named_parameters())["model.layers.0.self_attn.q_proj.weight"],
+                       dict(fresh.named_parameters())["model.layers.0.self_attn.q_proj.weight"])  # left as it was
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "shira").eval()
+    trained.eval()
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+        merged = loaded.merge_and_unload()
+    for name, index in mask.indices.items():  # the merged weights are the delta's, entry by entry
+        torch.testing.assert_close(dict(merged.named_parameters())[name], dict(trained.named_parameters())[name],
+                                   rtol=0, atol=1e-6)
+
+
+def test_what_shira_cannot_hold_is_refused_by_name_and_nothing_is_written(tmp_path):
+    from sparsepeft.integrations.shira import ShiraExportError, export_delta_as_shira
+
+    base, _, _, path = _delta(tmp_path, ("q_proj.weight", "embed_tokens.weight", "input_layernorm.weight"))
+    with pytest.raises(ShiraExportError, match=r"nn.Linear weights only.*embed_tokens.weight.*input_layernorm"):
+        export_delta_as_shira(base, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # q_proj (16 x 16) holds ~240 entries: r = 8, and 8 * (8 + 16) = 192 entries do not fit in k_proj (8 x 16)
+    base, _, _, path = _delta(tmp_path, ("q_proj.weight", "k_proj.weight"), ratio=0.9)
+    with pytest.raises(ShiraExportError, match="too small.*k_proj"):
+        export_delta_as_shira(base, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="other parameter names or shapes"):
+        export_delta_as_shira(make_model("bert"), path, tmp_path / "out")
+
+
+def test_cli_exports_a_fitting_delta_and_refuses_a_whole_model_fish_delta(tiny_llama_lm_dir, tmp_path, capsys):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from sparsepeft import select_mask
+    from sparsepeft.engines.delta import base_content_hash, save_delta
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir)
+    scores = {n: torch.rand(p.shape) for n, p in base.named_parameters() if n.endswith("v_proj.weight")}
+    mask = select_mask(scores, 0.2, model=base, always_train=())
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, index in mask.indices.items():
+            dict(trained.named_parameters())[name].view(-1)[index] += 0.5
+    save_delta(trained, mask, tmp_path / "fits.safetensors", base_content_hash(base))
+    assert main(["export-shira", "--model", str(tiny_llama_lm_dir), "--delta", str(tmp_path / "fits.safetensors"),
+                 "--output-dir", str(tmp_path / "adapter")]) == 0
+    assert "SHiRA adapter (r=" in capsys.readouterr().out
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir), tmp_path / "adapter")
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    # a FISH Mask over the whole model (embeddings and norms included) is not a SHiRA adapter
+    out = tmp_path / "fish"
+    _write_pairs(tmp_path / "pairs.jsonl", [("the good film is", "great")] * 16)
+    assert main(["train", "--model", str(tiny_llama_lm_dir), "--task-type", "causal-lm", "--train-file",
+                 str(tmp_path / "pairs.jsonl"), "--validation-file", str(tmp_path / "pairs.jsonl"), "--max-steps", "2",
+                 "--per-device-train-batch-size", "8", "--report-to", "none", "--save-strategy", "no",
+                 "--disable-tqdm", "true", "--use-cpu", "true", "--output-dir", str(out), "--method", "fish",
+                 "--keep-ratio", "0.05", "--num-samples", "16"]) == 0
+    capsys.readouterr()
+    assert main(["export-shira", "--model", str(tiny_llama_lm_dir), "--delta", str(out / "sparse_delta.safetensors"),
+                 "--output-dir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "nn.Linear weights only" in err and "embed_tokens.weight" in err
+    assert not (tmp_path / "refused").exists()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 
-USAGE = """usage: sparsepeft {train,mask,demo} [flags]
+USAGE = """usage: sparsepeft {train,mask,merge,export-shira,demo} [flags]
 
   train   fine-tune (--method full|fish|random, or a PEFT method: lora|dora|adapter|ia3|... [--fish --budget lora:r=8]
           [--layers ist|lisa|random|full --layers-fraction 0.25]; --task-type causal-lm for prompt/response files)
           and write the model (or adapter), the mask and results.json
   mask    compute and save a mask only (sparse_mask.safetensors, mask_density.png, mask_summary.json)
   merge   base model + sparse_delta.safetensors -> a dense checkpoint: merge --model BASE --delta D --output-dir OUT
+  export-shira  the same delta as a PEFT SHiRA adapter folder (PeftModel.from_pretrained loads it), where it fits:
+          export-shira --model BASE --delta D --output-dir OUT
   demo    FISH Mask vs full fine-tuning of the packaged MiniLM on the packaged data (offline, minutes)
 
 Run `sparsepeft train --help` for every flag (all of transformers' TrainingArguments are accepted).
@@ -75,6 +77,27 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _export_shira(argv: list[str]) -> int:
+    import argparse
+
+    from .train import run_export_shira
+
+    parser = argparse.ArgumentParser(prog="sparsepeft export-shira", description="Write a sparse delta whose entries "
+                                     "all lie in nn.Linear weights as a PEFT SHiRA adapter.")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="the base model")
+    parser.add_argument("--delta", required=True, help="sparse_delta.safetensors written by `train --engine sparse`")
+    parser.add_argument("--output-dir", required=True, help="a new (or empty) folder for the adapter")
+    args = parser.parse_args(argv)
+    try:
+        report = run_export_shira(args.model, args.delta, args.output_dir)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"sparsepeft export-shira: error: {error}", file=sys.stderr)
+        return 2
+    print(f"SHiRA adapter (r={report['r']}, {report['layers']} layers, {report['trained_entries']} trained entries + "
+          f"{report['padding_entries']} zero padding) written to {args.output_dir}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     import argparse
 
@@ -99,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(rest)
     if command == "merge":
         return _merge(rest)
+    if command == "export-shira":
+        return _export_shira(rest)
     if command not in ("train", "mask"):
         print(f"sparsepeft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

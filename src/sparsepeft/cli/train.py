@@ -299,24 +299,40 @@ def _selection_summary(history: dict) -> dict:
             "mean_lowest_selected_block": sum(lowest) / len(lowest) if lowest else None}
 
 
-def run_merge(base: str, delta_path: str, output_dir: str) -> Path:
-    """Base model + sparse delta -> a normal dense transformers checkpoint (``from_pretrained`` loads it):
-    a causal LM with ``AutoModelForCausalLM``, a classifier with ``AutoModelForSequenceClassification``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _load_delta_base(base: str, header: dict):
+    """The base model a delta applies to, with the head class it was trained with."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ..models.catalog import resolve_model
 
-    header, _ = read_delta(delta_path)
     path = resolve_model(base)
     head = [s for n, s in header["shapes"].items() if n.split(".")[0] in ("classifier", "score") and n.endswith("weight")]
     architecture = header.get("architecture") or ("" if head else "ForCausalLM")  # deltas written before it was saved
     if architecture.endswith("ForCausalLM"):
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        kwargs = {"num_labels": head[-1][0], "ignore_mismatched_sizes": True} if head else {}
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path), path
+    kwargs = {"num_labels": head[-1][0], "ignore_mismatched_sizes": True} if head else {}
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs), path
+
+
+def run_merge(base: str, delta_path: str, output_dir: str) -> Path:
+    """Base model + sparse delta -> a normal dense transformers checkpoint (``from_pretrained`` loads it):
+    a causal LM with ``AutoModelForCausalLM``, a classifier with ``AutoModelForSequenceClassification``."""
+    from transformers import AutoTokenizer
+
+    header, _ = read_delta(delta_path)
+    model, path = _load_delta_base(base, header)
     apply_delta(model, delta_path)
     out = Path(output_dir)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(path).save_pretrained(out)
     return out
+
+
+def run_export_shira(base: str, delta_path: str, output_dir: str) -> dict:
+    """Base model + sparse delta -> a PEFT SHiRA adapter folder, where the delta fits SHiRA (see
+    ``sparsepeft.integrations.shira``); refused, by tensor name, where it does not."""
+    from ..integrations.shira import export_delta_as_shira
+
+    header, _ = read_delta(delta_path)
+    model, _ = _load_delta_base(base, header)
+    return export_delta_as_shira(model, delta_path, output_dir)

@@ -81,21 +81,37 @@ def read_delta(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return load_tensors_with_header(path, DELTA_HEADER_KEY, "delta", DELTA_FORMAT_VERSION)
 
 
-@torch.no_grad()
-def apply_delta(model: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> nn.Module:
-    """Turn ``model`` (the base the delta was trained from) into the fine-tuned model, exactly."""
-    header, tensors = read_delta(path)
+def check_delta_base(model: nn.Module, header: dict, tensors: dict, path, verify_base: bool = True) -> None:
+    """Refuse a base model the delta was not trained from (other names/shapes, or other weights)."""
     if header["fingerprint"] != model_fingerprint(model):
         raise DeltaMismatchError(
             f"{path} was trained from a model with other parameter names or shapes "
             f"({header.get('mask_config', {}).get('model', 'unknown')}); load that base model first."
         )
-    whole = [key[: -len(_DENSE)] for key in tensors if key.endswith(_DENSE)]
+    whole = dense_tensor_names(tensors)
     if verify_base and header.get("base_hash") and base_content_hash(model, skip=whole) != header["base_hash"]:
         raise DeltaMismatchError(
             f"{path} was trained from a base model whose weights differ from this one's (same architecture, "
             "other checkpoint). Load the exact base checkpoint the delta was made from."
         )
+
+
+def dense_tensor_names(tensors: dict) -> list[str]:
+    """Tensors the delta stores whole (trained in full)."""
+    return [key[: -len(_DENSE)] for key in tensors if key.endswith(_DENSE)]
+
+
+def sparse_entries(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per partly-trained tensor: (flat indices as int64, trained values)."""
+    return {key[: -len(_INDEX)]: (value.to(torch.int64), tensors[key[: -len(_INDEX)] + _VALUES])
+            for key, value in tensors.items() if key.endswith(_INDEX)}
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> nn.Module:
+    """Turn ``model`` (the base the delta was trained from) into the fine-tuned model, exactly."""
+    header, tensors = read_delta(path)
+    check_delta_base(model, header, tensors, path, verify_base)
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         if key.endswith(_DENSE):
