@@ -49,6 +49,10 @@ def _arms() -> dict[str, list[str]]:
 
 
 ARMS = _arms()
+# PEFT's own sparse adapter at LoRA r=8's count (r(m+n) entries per query/value weight + the head): its random
+# entries against each layer's top entries by the base model's Fisher (sparsepeft.shira_mask_fn)
+ARMS["shira-r8-random"] = ["--method", "shira", "--shira-r", "8", *LORA, "--selection", "random"]
+ARMS["shira-r8-fisher"] = ["--method", "shira", "--shira-r", "8", *LORA, "--selection", "fisher"]
 
 
 def run_one(args, task: str, arm: str, seed: int) -> dict:
