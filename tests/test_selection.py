@@ -137,9 +137,13 @@ def _concatenated_topk(scores, k):
     return out
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 7])  # 7: every tensor is ranked in several chunks
 @pytest.mark.parametrize("seed", range(4))
-def test_streamed_global_topk_equals_one_concatenated_ranking(seed):
+def test_streamed_global_topk_equals_one_concatenated_ranking(seed, chunk, monkeypatch):
+    from sparsepeft.selection import topk
     from sparsepeft.selection.topk import global_topk
+
+    monkeypatch.setattr(topk, "CHUNK", chunk)
 
     g = torch.Generator().manual_seed(seed)
     scores = {"a": torch.randint(0, 5, (7, 9), generator=g).float(),  # many ties
@@ -155,8 +159,12 @@ def test_streamed_global_topk_equals_one_concatenated_ranking(seed):
             assert torch.equal(streamed[name], reference[name]), (k, name)
 
 
-def test_streamed_global_topk_on_a_real_fisher():
+@pytest.mark.parametrize("chunk", [1 << 20, 100])
+def test_streamed_global_topk_on_a_real_fisher(chunk, monkeypatch):
+    from sparsepeft.selection import topk
     from sparsepeft.selection.topk import global_topk
+
+    monkeypatch.setattr(topk, "CHUNK", chunk)
 
     model = make_model("bert")
     fisher = estimate_fisher(model, make_examples(12), num_samples=12, progress=False)

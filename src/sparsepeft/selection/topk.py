@@ -50,13 +50,24 @@ def _nan_as_lowest(scores: torch.Tensor, dtype: torch.dtype | None = None) -> to
     return torch.nan_to_num(flat, nan=float("-inf"))
 
 
+CHUNK = 1 << 20  # entries ranked at a time: CPU top-k copies its input as (value, index) pairs, 16 bytes each
+
+
+def _chunks(scores: torch.Tensor, dtype: torch.dtype):
+    """(offset, chunk) over the flat scores, NaN as -inf, one ``CHUNK`` at a time (no tensor-sized copy)."""
+    flat = scores.detach().reshape(-1)
+    for offset in range(0, flat.numel(), CHUNK):
+        yield offset, torch.nan_to_num(flat[offset : offset + CHUNK].to("cpu", dtype), nan=float("-inf"))
+
+
 def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Flat indices kept per tensor under one ranking over all tensors.
 
-    Streamed, one tensor at a time: the k-th largest score comes from a pool of at most k candidates
-    (each tensor's own top entries merged in turn), then each tensor keeps what lies above it, and ties
-    at it go to the earliest positions. The result is exactly that of ranking one concatenation of all
-    scores, without that model-sized copy (and its model-sized boolean mask)."""
+    Streamed, one chunk of one tensor at a time: the k-th largest score comes from a pool of at most k
+    candidates (each chunk's own top entries merged in turn), then each tensor keeps what lies above it,
+    and ties at it go to the earliest positions. The result is exactly that of ranking one concatenation
+    of all scores, without that model-sized copy, its boolean mask, or top-k's (value, index) copy of the
+    largest tensor."""
     names = list(scores)
     if not names or k <= 0:
         return {n: torch.empty(0, dtype=torch.int64) for n in names}
@@ -65,15 +76,13 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     if k >= total:
         return {n: torch.arange(scores[n].numel()) for n in names}
     threshold = _kth_largest(scores, names, k, dtype)
-    out, above = {}, {}
-    for name in names:
-        flat = _nan_as_lowest(scores[name], dtype)
-        above[name] = (flat > threshold).nonzero().flatten()
+    above = {n: _positions(scores[n], dtype, lambda chunk: chunk > threshold) for n in names}
     needed = k - sum(int(idx.numel()) for idx in above.values())
+    out = {}
     for name in names:  # ties at the threshold: earliest tensor, then lowest flat index
         chosen = above[name]
         if needed > 0:
-            tied = (_nan_as_lowest(scores[name], dtype) == threshold).nonzero().flatten()[:needed]
+            tied = _positions(scores[name], dtype, lambda chunk: chunk == threshold, limit=needed)
             if tied.numel():
                 needed -= int(tied.numel())
                 chosen = torch.cat([chosen, tied]).sort().values
@@ -81,14 +90,28 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     return out
 
 
+def _positions(scores: torch.Tensor, dtype: torch.dtype, condition, limit: int | None = None) -> torch.Tensor:
+    """Ascending flat positions where ``condition(chunk)`` holds (the first ``limit`` of them)."""
+    found, count = [], 0
+    for offset, chunk in _chunks(scores, dtype):
+        hits = condition(chunk).nonzero().flatten() + offset
+        if limit is not None:
+            hits = hits[: limit - count]
+        found.append(hits)
+        count += int(hits.numel())
+        if limit is not None and count >= limit:
+            break
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
 def _kth_largest(scores: Mapping[str, torch.Tensor], names: list[str], k: int, dtype: torch.dtype) -> torch.Tensor:
     pool = torch.empty(0, dtype=dtype)
     for name in names:
-        flat = _nan_as_lowest(scores[name], dtype)
-        top = torch.topk(flat, min(k, flat.numel()), sorted=False).values
-        pool = torch.cat([pool, top])
-        if pool.numel() > k:
-            pool = torch.topk(pool, k, sorted=False).values
+        for _, chunk in _chunks(scores[name], dtype):
+            top = torch.topk(chunk, min(k, chunk.numel()), sorted=False).values
+            pool = torch.cat([pool, top])
+            if pool.numel() > k:
+                pool = torch.topk(pool, k, sorted=False).values
     return pool.min()
 
 
