@@ -8,6 +8,13 @@ step and the timed steps run. Workers of the engines alternate (A B C A B C ...)
 rounds, and step times are compared as medians over rounds. Masks are random at the keep ratio (the
 memory and time of an engine depend on how many entries and tensors are touched, not on which), except
 on MiniLM where ``--fisher`` uses the real FISH mask.
+
+The mask phase is measured the same way, in a worker of its own (``mask``): the Fisher pass over
+``--fisher-samples`` samples at the training batch size (the CLI's default Fisher batch) and the global
+top-k. The goal: its peak at or below the sparse engine's training peak, so that FISH end to end (mask,
+then train) stays below full fine-tuning's training peak. On MiniLM the same is measured for FISH-Tuning:
+its mask phase (LoRA r=16, 30 dense warm-up steps, Fisher, selection to half the LoRA parameters)
+against LoRA r=16's training peak.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, random_token_data, write_json  # noqa: E402
+from common import median, provenance, random_token_data, write_json  # noqa: E402
 
 CONFIGS = {
     # name: (hidden, layers, heads, intermediate) of random-init BERT; "minilm" is the packaged checkpoint
@@ -34,6 +41,9 @@ CONFIGS = {
     "bert-340m": (1024, 24, 16, 4096),
 }
 ENGINES = ("full", "dense-mask", "sparse")
+PHASES = ENGINES + ("mask",)
+LORA_PHASES = ("lora", "lora-fish-mask")  # MiniLM only
+LORA = {"r": 16, "target_modules": ["query", "value"]}
 
 
 def build_model(config: str):
@@ -70,18 +80,58 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _reset_peak() -> float:
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return rss_mb("VmRSS:")
+
+
+def mask_worker(args) -> dict:
+    """The mask phase alone: Fisher at the training batch size, then the global top-k (FISH Mask), or
+    FISH-Tuning's warm-up + Fisher + selection inside LoRA (``lora-fish-mask``)."""
+    from sparsepeft import estimate_fisher, select_mask
+    from sparsepeft.models.peft import apply_method
+    from sparsepeft.selection.fish_tuning import FishTuningConfig, fish_tuning_mask
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.config).train()
+    if args.engine == "lora-fish-mask":
+        model = apply_method(model, "lora", dict(LORA))
+    data = random_token_data(args.fisher_samples, args.seq_len, model.config.vocab_size)
+    rss_before = _reset_peak()
+    start = time.perf_counter()
+    if args.engine == "lora-fish-mask":
+        config = FishTuningConfig(num_samples=len(data), fisher_batch_size=args.batch_size,
+                                  warmup_batch_size=args.batch_size)
+        mask = fish_tuning_mask(model, data, config, progress=False)
+    else:
+        fisher = estimate_fisher(model, data, num_samples=len(data), batch_size=args.batch_size, progress=False)
+        mask = select_mask(fisher, args.keep_ratio, model=model)
+        del fisher
+    return {"config": args.config, "engine": args.engine, "params": sum(p.numel() for p in model.parameters()),
+            "rss_before_train_mb": rss_before, "peak_rss_train_mb": rss_mb("VmHWM:"),
+            "mask_seconds": time.perf_counter() - start, "selected": mask.num_selected}
+
+
 def worker(args) -> dict:
     from sparsepeft import DenseMaskEngine, SparseDeltaEngine, estimate_fisher, random_mask, select_mask
     from sparsepeft.data import PaddingCollator
     from sparsepeft.engines import optimizer_state_bytes
+    from sparsepeft.models.peft import apply_method
 
+    if args.engine in ("mask", "lora-fish-mask"):
+        return mask_worker(args)
     torch.set_num_threads(args.threads)
     model = build_model(args.config).train()
     data = random_token_data(args.batch_size * (args.steps + 1), args.seq_len, model.config.vocab_size)
     collate = PaddingCollator(0)
     batches = [collate(data[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 1)]
     mask, engine = None, None
-    if args.engine != "full":
+    if args.engine == "lora":
+        model = apply_method(model, "lora", dict(LORA))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif args.engine != "full":
         if args.fisher:
             fisher = estimate_fisher(model, data[:256], num_samples=256, batch_size=32, progress=False)
             mask = select_mask(fisher, args.keep_ratio, model=model)
@@ -90,7 +140,7 @@ def worker(args) -> dict:
             mask = random_mask(model, args.keep_ratio, seed=0)
         engine = (SparseDeltaEngine if args.engine == "sparse" else DenseMaskEngine)(model, mask).attach()
         params = list(engine.trainable_parameters())
-    else:
+    if args.engine == "full":
         params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     if engine is not None:
@@ -119,6 +169,9 @@ def worker(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(engine, SparseDeltaEngine):
             result["checkpoint_bytes"] = engine.save_delta(os.path.join(tmp, "delta.safetensors"))
+        elif args.engine == "lora":
+            model.save_pretrained(tmp)
+            result["checkpoint_bytes"] = os.path.getsize(os.path.join(tmp, "adapter_model.safetensors"))
         else:
             if engine is not None:
                 engine.detach()
@@ -130,7 +183,7 @@ def worker(args) -> dict:
 def run_worker(args, config: str, engine: str, fisher: bool) -> dict:
     command = [sys.executable, __file__, "--worker", "--config", config, "--engine", engine, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--keep-ratio", str(args.keep_ratio),
-               "--threads", str(args.threads)] + (["--fisher"] if fisher else [])
+               "--threads", str(args.threads), "--fisher-samples", str(args.fisher_samples)] + (["--fisher"] if fisher else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -140,12 +193,13 @@ def summarise(runs: list[dict]) -> dict:
     for run in runs:
         by_engine.setdefault(run["engine"], []).append(run)
     summary = {e: {"params": rs[0]["params"],
-                   "step_median_s": median([r["step_median_s"] for r in rs]),
+                   "step_median_s": median([r["step_median_s"] for r in rs]) if "step_median_s" in rs[0] else None,
+                   "mask_seconds": median([r["mask_seconds"] for r in rs]) if "mask_seconds" in rs[0] else None,
                    "peak_rss_train_mb": median([r["peak_rss_train_mb"] for r in rs]),
                    "rss_before_train_mb": median([r["rss_before_train_mb"] for r in rs]),
-                   "optimizer_state_bytes": rs[0]["optimizer_state_bytes"],
-                   "trainable_state_bytes": rs[0]["trainable_state_bytes"],
-                   "checkpoint_bytes": rs[0]["checkpoint_bytes"]} for e, rs in by_engine.items()}
+                   "optimizer_state_bytes": rs[0].get("optimizer_state_bytes"),
+                   "trainable_state_bytes": rs[0].get("trainable_state_bytes"),
+                   "checkpoint_bytes": rs[0].get("checkpoint_bytes")} for e, rs in by_engine.items()}
     if {"sparse", "dense-mask", "full"} <= summary.keys():
         s, d, f = summary["sparse"], summary["dense-mask"], summary["full"]
         summary["ratios"] = {
@@ -155,6 +209,14 @@ def summarise(runs: list[dict]) -> dict:
             "step_time_sparse_over_dense_mask": s["step_median_s"] / d["step_median_s"],
             "checkpoint_sparse_over_dense": s["checkpoint_bytes"] / f["checkpoint_bytes"],
         }
+    if {"mask", "sparse", "full"} <= summary.keys():
+        m, s, f = summary["mask"], summary["sparse"], summary["full"]
+        summary["ratios"]["mask_peak_over_sparse_train_peak"] = m["peak_rss_train_mb"] / s["peak_rss_train_mb"]
+        summary["ratios"]["fish_end_to_end_over_full_train_peak"] = (
+            max(m["peak_rss_train_mb"], s["peak_rss_train_mb"]) / f["peak_rss_train_mb"])
+    if set(LORA_PHASES) <= summary.keys():
+        summary.setdefault("ratios", {})["lora_fish_mask_peak_over_lora_train_peak"] = (
+            summary["lora-fish-mask"]["peak_rss_train_mb"] / summary["lora"]["peak_rss_train_mb"])
     return summary
 
 
@@ -173,19 +235,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fisher", action="store_true")
+    parser.add_argument("--fisher-samples", type=int, default=64, help="samples of the mask phase's Fisher pass")
     parser.add_argument("--out", default="docs/results/memory.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    result = {"machine": machine(), "args": vars(args), "models": {}}
+    result = {"provenance": provenance(), "args": vars(args), "models": {}}
     for config in args.configs.split(","):
         main_run = config == "minilm"
         sub = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size if main_run else args.scaling_batch_size,
                                     "steps": args.steps if main_run else args.scaling_steps})
         runs = []
         for _ in range(args.repeats if main_run else 1):
-            for engine in ENGINES:
+            for engine in PHASES + (LORA_PHASES if main_run else ()):
                 runs.append(run_worker(sub, config, engine, fisher=main_run))
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "step_times_s"}), flush=True)
         result["models"][config] = {"batch_size": sub.batch_size, "runs": runs, "summary": summarise(runs)}

@@ -74,7 +74,9 @@ class SparseArguments:
     fisher_mode: str = field(default="empirical", metadata={
         "help": "empirical (true labels), expected (model's own distribution), absolute (|g|).",
         "choices": ["empirical", "expected", "absolute"]})
-    fisher_batch_size: int = field(default=16, metadata={"help": "Batch size of the Fisher pass."})
+    fisher_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Batch size of the Fisher pass. Default: the training batch (--per-device-train-batch-size), so the "
+                "mask phase holds no more activations than a training step; the Fisher does not depend on it."})
     selection_strategy: str = field(default="global", metadata={
         "help": "global: one ranking over all weights (reference); per_tensor: each tensor its share.",
         "choices": ["global", "per_tensor"]})

@@ -40,7 +40,11 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
 
 
 def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
-                       layer_args: LayerwiseArguments | None = None) -> None:
+                       layer_args: LayerwiseArguments | None = None, training_args=None) -> None:
+    if sparse_args.fisher_batch_size is None and training_args is not None:
+        # the per-sample Fisher is exact at any batch size: the training step's keeps the mask phase's
+        # activations within a training step's
+        sparse_args.fisher_batch_size = training_args.per_device_train_batch_size
     if layer_args is not None and layer_args.layers is not None and sparse_args.method in ("fish", "random"):
         raise ValueError(f"--layers chooses blocks of a PEFT method (--method lora/dora/adapter/...; add --fish for a "
                          f"FISH-Tuning mask inside it) or of the whole model (--method full, LISA's own form), not of "
@@ -144,7 +148,7 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     peft_args = peft_args or PeftArguments()
     if sparse_args.method == "full" or (sparse_args.is_peft and not peft_args.fish):
         raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random, or a PEFT method with --fish.")
-    _check_combination(sparse_args, peft_args)
+    _check_combination(sparse_args, peft_args, training_args=training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
@@ -166,7 +170,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     """Fine-tune with the chosen method, evaluate on every dev split, write model, mask and results.json."""
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
-    _check_combination(sparse_args, peft_args, layer_args)
+    _check_combination(sparse_args, peft_args, layer_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
@@ -262,6 +266,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "method_options": {k: v for k, v in options.items() if k != "mask_fn"} or None,
         "peft_params": peft_params,
         "engine": sparse_args.engine if mask is not None else None,
+        "fisher_batch_size": sparse_args.fisher_batch_size if mask is not None or "mask_fn" in options else None,
         "seed": training_args.seed,
         "keep_ratio": mask.density if mask is not None else 1.0,
         "trainable_params": trainable,
