@@ -104,17 +104,22 @@ def train_once(command: list[str], out: Path, label: str, summary_only: bool = F
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        write_json(out / "provenance.json", provenance(command))
         print(f"  {label}: {time.time() - start:.0f}s", flush=True)
-    return json.loads(results.read_text())
+    result = json.loads(results.read_text())
+    if (out / "provenance.json").is_file():
+        result["provenance"] = json.loads((out / "provenance.json").read_text())
+    return result
 
 
 def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
     """Mean ± sample std over seeds of each task's official metric (x100), per arm, as markdown and JSON."""
     table: dict = {}
-    lines = ["| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) + " | trainable (first task) | train s (median) |",
-             "|" + " --- |" * (len(tasks) + 3)]
+    lines = ["| arm | " + " | ".join(f"{t.upper()} ({METRIC[t]})" for t in tasks) +
+             " | trainable (first task) | train s (median) | train peak RSS MB (median) |",
+             "|" + " --- |" * (len(tasks) + 4)]
     for arm in arms:
-        cells, trainable, seconds = [], "", []
+        cells, trainable, seconds, peaks = [], "", [], []
         for task in tasks:
             runs = [r for r in all_results.get((task, arm), []) if r is not None]
             values = [100 * r["metrics"]["validation"][METRIC[task]] for r in runs]
@@ -125,14 +130,19 @@ def summarise_runs(all_results: dict, tasks, arms) -> tuple[str, dict]:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             table.setdefault(arm, {})[task] = {"mean": mean, "std": std, "values": values,
                                                "trainable_params": runs[0]["trainable_params"],
-                                               "train_seconds": [r["train_seconds"] for r in runs]}
+                                               "train_seconds": [r["train_seconds"] for r in runs],
+                                               "train_peak_rss_mb": [r.get("train_peak_rss_mb") for r in runs],
+                                               "commits": sorted({r.get("provenance", {}).get("commit") or "unrecorded"
+                                                                  for r in runs})}
             cells.append(f"{mean:.2f} ± {std:.2f}")
             if not trainable:  # of the first task (heads differ in size between tasks)
                 share = 100 * runs[0]["trainable_params"] / runs[0]["total_params"]
                 trainable = f"{runs[0]['trainable_params']:,} ({share:.3f}%)"
             seconds += [r["train_seconds"] for r in runs]
+            peaks += [r["train_peak_rss_mb"] for r in runs if r.get("train_peak_rss_mb")]
         median_s = f"{statistics.median(seconds):.0f}" if seconds else ""
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | {median_s} |")
+        median_peak = f"{statistics.median(peaks):.0f}" if peaks else ""
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {trainable} | {median_s} | {median_peak} |")
     return "\n".join(lines), table
 
 
@@ -172,4 +182,5 @@ def run_sweep(parser, args, known_arms, run_one, name: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(markdown + "\n")
-    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"provenance": provenance(), "args": vars(args), "table": table},
+                                                 indent=2) + "\n")

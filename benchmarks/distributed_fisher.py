@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, random_token_data, write_json  # noqa: E402
+from common import provenance, random_token_data, write_json  # noqa: E402
 
 
 def _model():
@@ -68,7 +68,7 @@ def main() -> None:
         out = os.path.join(tmp, "seconds")
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), max(1, cores // 2), args, out), nprocs=2, join=True)
         two = float(Path(out).read_text())
-    result = {"machine": machine(), "args": vars(args), "cores": cores, "one_process_s": one, "two_processes_s": two,
+    result = {"provenance": provenance(), "args": vars(args), "cores": cores, "one_process_s": one, "two_processes_s": two,
               "two_over_one": two / one}
     print(result, flush=True)
     write_json(args.out, result)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, random_token_data, write_json  # noqa: E402
+from common import provenance, median, random_token_data, write_json  # noqa: E402
 
 from sparsepeft import estimate_fisher, select_mask  # noqa: E402
 from sparsepeft.experiments.pipeline import resolve_model  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     ird_time = time.perf_counter() - start
     fish_times.append(fish())
     payload = {
-        "machine": machine(), "args": vars(args),
+        "provenance": provenance(), "args": vars(args),
         "fish_seconds": fish_times, "ird_seconds": ird_time,
         "ird_over_fish": ird_time / median(fish_times),
         "samples_per_round": [r["samples"] for r in result.rounds],

@@ -5,8 +5,8 @@
 1. Fisher over N samples (seq len 128, batch 32): the batched per-sample engine against
    (a) a batch-size-1 loop giving the same result (checked on the loop's samples), and
    (b) one plain training pass (forward, backward, AdamW step) over the same batches.
-   Each batch is timed as a pair — Fisher on it, then a training step on it — so the ratio is taken side
-   by side; the loop is timed per sample on a subset and scaled to N.
+   Each batch is timed side by side — Fisher on it, a training step on it, and (on the first
+   --loop-samples samples) the loop over its samples — so every ratio is a median of interleaved pairs.
 2. Training step with a FISH 0.5% mask (dense-mask engine) against full fine-tuning: steps alternate
    between two copies of the model on the same batches; medians over the repeats.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, random_token_data, timed, write_json  # noqa: E402
+from common import median, provenance, random_token_data, timed, write_json  # noqa: E402
 
 from sparsepeft import DenseMaskEngine, estimate_fisher, select_mask  # noqa: E402
 from sparsepeft.data import PaddingCollator  # noqa: E402
@@ -55,10 +55,13 @@ def loop_fisher(model, examples, device):
 
 
 def fisher_vs_training(model, data, batch_size, loop_samples, device):
+    """Per batch, side by side: the batched Fisher, a plain training step, and (on the first ``loop_samples``
+    samples) the batch-size-1 loop over the same samples — so every ratio is a median of interleaved pairs."""
     collate = PaddingCollator(0)
     trainer_model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(trainer_model.parameters(), lr=1e-5)
-    fisher_times, train_times = [], []
+    fisher_times, train_times, loop_pairs, loop_times = [], [], [], []
+    slow: dict[str, torch.Tensor] = {}
     for start in range(0, len(data), batch_size):
         chunk = data[start : start + batch_size]
         fisher_times.append(timed(lambda: estimate_fisher(model, chunk, num_samples=len(chunk), batch_size=batch_size,
@@ -71,8 +74,14 @@ def fisher_vs_training(model, data, batch_size, loop_samples, device):
             optimizer.step()
 
         train_times.append(timed(step, device))
-    subset = data[:loop_samples]
-    slow, loop_times = loop_fisher(model, subset, device)
+        if start < loop_samples:
+            means, times = loop_fisher(model, chunk, device)
+            loop_times += times
+            loop_pairs.append(sum(times) / fisher_times[-1])
+            for name, value in means.items():
+                slow[name] = slow.get(name, 0) + value * len(chunk)
+    subset = data[: len(loop_times)]
+    slow = {n: v / len(subset) for n, v in slow.items()}
     fast = estimate_fisher(model, subset, num_samples=len(subset), batch_size=batch_size, collate_fn=collate, progress=False)
     scale = max(float(t.norm()) for t in slow.values())
     rel = max(float((fast[n] - slow[n]).norm()) / max(float(slow[n].norm()), 1e-9 * scale) for n in slow)
@@ -84,9 +93,8 @@ def fisher_vs_training(model, data, batch_size, loop_samples, device):
         "fisher_over_train_pass": sum(fisher_times) / sum(train_times),
         "fisher_over_train_median_of_pairs": median([f / t for f, t in zip(fisher_times, train_times)]),
         "loop_samples_timed": len(loop_times), "loop_per_sample_median_s": median(loop_times),
-        "loop_estimated_total_s": median(loop_times) * n,
-        "loop_over_batched": median(loop_times) * n / sum(fisher_times),
-        "loop_over_batched_from_medians": median(loop_times) * batch_size / median(fisher_times),
+        "loop_over_batched_median_of_pairs": median(loop_pairs), "loop_over_batched_pairs": loop_pairs,
+        "loop_estimated_total_s": median(loop_pairs) * sum(fisher_times),
         "loop_vs_batched_max_relative_error": rel,
     }
     return result
@@ -140,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.device)
     data = random_token_data(args.samples, args.seq_len, model.config.vocab_size)
-    result = {"machine": machine(), "args": vars(args)}
+    result = {"provenance": provenance(), "args": vars(args)}
     result["fisher"] = fisher_vs_training(model, data, args.batch_size, args.loop_samples, args.device)
     print("fisher:", result["fisher"], flush=True)
     result["step"] = step_time(model, data, args.batch_size, args.steps, args.keep_ratio, args.device)
