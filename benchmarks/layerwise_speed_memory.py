@@ -129,6 +129,11 @@ def _rss_mb(field: str = "VmRSS") -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_high_water_mark() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def memory_worker(model_name: str, arm: str, batch_size: int, seq_len: int, steps: int, seed: int, queue) -> None:
     from sparsepeft.engines.layerwise import resident_state_bytes
 
@@ -139,6 +144,7 @@ def memory_worker(model_name: str, arm: str, batch_size: int, seq_len: int, step
     loaded = _rss_mb()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved, but not activations
     saved_per_step: list[int] = []
+    step_peaks: list[float] = []  # each step's own high-water mark (reset before it)
     for _ in range(steps):
         seen: dict[int, int] = {}
 
@@ -148,12 +154,15 @@ def memory_worker(model_name: str, arm: str, batch_size: int, seq_len: int, step
                 seen[storage.data_ptr()] = storage.nbytes()
             return tensor
 
+        _reset_high_water_mark()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             runner.train_step(batch_size)
         saved_per_step.append(sum(seen.values()))
-    peak = _rss_mb("VmHWM")
+        step_peaks.append(_rss_mb("VmHWM"))
+    peak = max([loaded, *step_peaks])
     queue.put({
         "peak_rss_mb": peak, "loaded_rss_mb": loaded, "train_overhead_mb": peak - loaded,
+        "step_peak_rss_mb": step_peaks,
         "saved_activation_mb_median": statistics.median(saved_per_step) / 2**20,
         "saved_activation_mb_mean": statistics.mean(saved_per_step) / 2**20,
         "saved_activation_mb_per_step": [b / 2**20 for b in saved_per_step],
@@ -275,6 +284,13 @@ def summarise(report: dict, arms: tuple[str, ...], seeds: list[int]) -> dict:
                 [m["saved_activation_mb_mean"] / lora["saved_activation_mb_mean"] for m in mems])
             entry["peak_rss_ratio"] = _spread([m["peak_rss_mb"] / lora["peak_rss_mb"] for m in mems])
             entry["peak_rss_ratio_max_over_seeds"] = max(m["peak_rss_mb"] for m in mems) / lora["peak_rss_mb"]
+            lora_steps = lora.get("step_peak_rss_mb")
+            if lora_steps:  # the distribution of per-step peaks against LoRA's median step peak
+                base = statistics.median(lora_steps)
+                per_step = [p / base for m in mems for p in m["step_peak_rss_mb"]]
+                entry["step_peak_rss_ratio_vs_lora_median_step"] = {
+                    **_spread(per_step), "median": statistics.median(per_step),
+                    "share_of_steps_at_or_below_lora_max": sum(p <= max(lora_steps) / base for p in per_step) / len(per_step)}
             pooled_lowest = [b for m in mems for b in m["lowest_selected_block"]]
             pooled_saved = [v / lora["saved_activation_mb_mean"] for m in mems for v in m["saved_activation_mb_per_step"]]
             entry["saved_activations_ratio_expected_uniform"] = expected_under_sampler(
