@@ -46,6 +46,11 @@ ARMS = {  # arm -> (learning-rate family, flags)
     "lisa": ("lora", [*LORA8, "--layers", "lisa"]),
     "lora-fish": ("lora", ["--method", "lora", "--lora-r", "16", "--lora-alpha", "32", "--target-modules",
                            LORA_TARGETS, "--fish", "--budget", "lora:r=8"]),
+    # PEFT's SHiRA at LoRA r=8's count on the same targets: random entries, and each layer's top Fisher entries
+    "shira-random": ("lora", ["--method", "shira", "--shira-r", "8", "--target-modules", LORA_TARGETS,
+                              "--selection", "random"]),
+    "shira-fisher": ("lora", ["--method", "shira", "--shira-r", "8", "--target-modules", LORA_TARGETS,
+                              "--selection", "fisher"]),
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
@@ -173,7 +178,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default="../shared/data/bigbench")
     parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
-                        help="in the order they run; ist-score-lr100 is an extra arm")
+                        help="in the order they run; shira-random, shira-fisher and ist-score-lr100 are extra arms")
     parser.add_argument("--phase", default="center", choices=["center", "grid", "seeds", "all"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
