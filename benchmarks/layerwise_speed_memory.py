@@ -246,7 +246,16 @@ def main() -> None:
     arms = tuple(args.arms.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     report = {"provenance": provenance(), "args": vars(args), "seeds": {}}
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else None
+    same = ("model", "batch_size", "seq_len", "steps", "repeats", "arms", "skip_memory")
+    if previous and all(previous.get("args", {}).get(k) == vars(args)[k] for k in same):
+        report["seeds"] = {int(k): v for k, v in previous["seeds"].items()}  # resume: seeds already measured
+        report["resumed_from"] = previous["provenance"]
+        for key in ("total_params", "num_blocks", "blocks_per_step"):
+            report[key] = previous.get(key)
     for seed in seeds:
+        if seed in report["seeds"]:
+            continue
         times, info = measure_time(args, arms, seed)
         per_seed = {"step_seconds_median": {n: median(v) for n, v in times.items()},
                     "step_seconds_mean": {n: statistics.mean(v) for n, v in times.items()},  # probe steps weigh in
