@@ -251,3 +251,10 @@ def test_cli_exports_a_fitting_delta_and_refuses_a_whole_model_fish_delta(tiny_l
     err = capsys.readouterr().err
     assert "nn.Linear weights only" in err and "embed_tokens.weight" in err
     assert not (tmp_path / "refused").exists()
+
+
+def test_cli_shira_budget_larger_than_a_layer_is_a_clear_error(tiny_llama_lm_dir, tmp_path, capsys):
+    out = tmp_path / "big"
+    assert _train(tiny_llama_lm_dir, out, tmp_path, "--shira-r", "50") == 2  # 50 * (16 + 16) > 16 * 16
+    assert "lower r to at most" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "adapter_model.safetensors").exists()
