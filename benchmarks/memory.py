@@ -14,7 +14,7 @@ freed tensors are then returned to the system and the peak is what the phase nee
 allocator's history kept (see the flag's help for the size of that effect).
 
 The mask phase is measured the same way, in a worker of its own (``mask``): the Fisher pass over
-``--fisher-samples`` samples at the training batch size (the CLI's default Fisher batch) and the global
+``--fisher-samples`` samples at half the training batch (the CLI's default Fisher batch) and the global
 top-k. The goal: its peak at or below the sparse engine's training peak, so that FISH end to end (mask,
 then train) stays below full fine-tuning's training peak. On MiniLM the same is measured for FISH-Tuning:
 its mask phase (LoRA r=16, 30 dense warm-up steps, Fisher, selection to half the LoRA parameters)
@@ -91,8 +91,13 @@ def _reset_peak() -> float:
     return rss_mb("VmRSS:")
 
 
+def _fisher_batch(args) -> int:
+    """The CLI's default: half the training batch (the Fisher is exact at any batch size)."""
+    return args.fisher_batch_size or max(1, args.batch_size // 2)
+
+
 def mask_worker(args) -> dict:
-    """The mask phase alone: Fisher at the training batch size, then the global top-k (FISH Mask), or
+    """The mask phase alone: Fisher at half the training batch, then the global top-k (FISH Mask), or
     FISH-Tuning's warm-up + Fisher + selection inside LoRA (``lora-fish-mask``)."""
     from sparsepeft import estimate_fisher, select_mask
     from sparsepeft.models.peft import apply_method
@@ -106,16 +111,17 @@ def mask_worker(args) -> dict:
     rss_before = _reset_peak()
     start = time.perf_counter()
     if args.engine == "lora-fish-mask":
-        config = FishTuningConfig(num_samples=len(data), fisher_batch_size=args.batch_size,
+        config = FishTuningConfig(num_samples=len(data), fisher_batch_size=_fisher_batch(args),
                                   warmup_batch_size=args.batch_size)
         mask = fish_tuning_mask(model, data, config, progress=False)
     else:
-        fisher = estimate_fisher(model, data, num_samples=len(data), batch_size=args.batch_size, progress=False)
+        fisher = estimate_fisher(model, data, num_samples=len(data), batch_size=_fisher_batch(args), progress=False)
         mask = select_mask(fisher, args.keep_ratio, model=model)
         del fisher
     return {"config": args.config, "engine": args.engine, "params": sum(p.numel() for p in model.parameters()),
             "rss_before_train_mb": rss_before, "peak_rss_train_mb": rss_mb("VmHWM:"),
-            "mask_seconds": time.perf_counter() - start, "selected": mask.num_selected}
+            "mask_seconds": time.perf_counter() - start, "selected": mask.num_selected,
+            "fisher_batch_size": _fisher_batch(args)}
 
 
 def worker(args) -> dict:
@@ -187,7 +193,8 @@ def worker(args) -> dict:
 def run_worker(args, config: str, engine: str, fisher: bool) -> dict:
     command = [sys.executable, __file__, "--worker", "--config", config, "--engine", engine, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--keep-ratio", str(args.keep_ratio),
-               "--threads", str(args.threads), "--fisher-samples", str(args.fisher_samples)] + (["--fisher"] if fisher else [])
+               "--threads", str(args.threads), "--fisher-samples", str(args.fisher_samples)] + (["--fisher"] if fisher else []) \
+        + (["--fisher-batch-size", str(args.fisher_batch_size)] if args.fisher_batch_size else [])
     env = dict(os.environ)
     if not args.glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # see --glibc-default
@@ -243,6 +250,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fisher", action="store_true")
     parser.add_argument("--fisher-samples", type=int, default=64, help="samples of the mask phase's Fisher pass")
+    parser.add_argument("--fisher-batch-size", type=int, default=None,
+                        help="the mask phase's Fisher batch (default: half the training batch, as the CLI)")
+    parser.add_argument("--phases", default=",".join(PHASES + LORA_PHASES),
+                        help="which workers to run (e.g. 'mask' to measure the mask phase alone)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="keep glibc's dynamic mmap threshold in the workers. By default they run with "
                              "MALLOC_MMAP_THRESHOLD_=1 MiB, so tensors over 1 MiB are mapped and unmapped and the "
@@ -261,7 +272,7 @@ def main() -> None:
                                     "steps": args.steps if main_run else args.scaling_steps})
         runs = []
         for _ in range(args.repeats if main_run else 1):
-            for engine in PHASES + (LORA_PHASES if main_run else ()):
+            for engine in [p for p in PHASES + (LORA_PHASES if main_run else ()) if p in args.phases.split(",")]:
                 runs.append(run_worker(sub, config, engine, fisher=main_run))
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "step_times_s"}), flush=True)
         result["models"][config] = {"batch_size": sub.batch_size, "runs": runs, "summary": summarise(runs)}

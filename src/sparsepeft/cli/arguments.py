@@ -75,8 +75,9 @@ class SparseArguments:
         "help": "empirical (true labels), expected (model's own distribution), absolute (|g|).",
         "choices": ["empirical", "expected", "absolute"]})
     fisher_batch_size: Optional[int] = field(default=None, metadata={
-        "help": "Batch size of the Fisher pass. Default: the training batch (--per-device-train-batch-size), so the "
-                "mask phase holds no more activations than a training step; the Fisher does not depend on it."})
+        "help": "Batch size of the Fisher pass. Default: half the training batch (--per-device-train-batch-size), "
+                "so the mask phase, which also holds a model-sized Fisher accumulator, stays within a training "
+                "step's memory; the Fisher does not depend on it."})
     selection_strategy: str = field(default="global", metadata={
         "help": "global: one ranking over all weights (reference); per_tensor: each tensor its share.",
         "choices": ["global", "per_tensor"]})
