@@ -46,6 +46,15 @@ def provenance(command: list[str] | None = None) -> dict:
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def rss_mb(field: str = "VmRSS:") -> float:
+    """Current (VmRSS:) or peak (VmHWM:) resident memory of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed(fn, device: str = "cpu") -> float:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance, write_json  # noqa: E402
+from common import provenance, rss_mb, write_json  # noqa: E402
 
 MODELS = ("gpt2-small", "smollm2")
 
@@ -35,13 +35,6 @@ def build(name: str):
 
     return AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"))
 
-
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(args) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, provenance, random_token_data, write_json  # noqa: E402
+from common import median, provenance, random_token_data, rss_mb, write_json  # noqa: E402
 
 CONFIGS = {
     # name: (hidden, layers, heads, intermediate) of random-init BERT; "minilm" is the packaged checkpoint
@@ -64,13 +64,6 @@ def build_model(config: str):
     return BertForSequenceClassification(BertConfig(hidden_size=hidden, num_hidden_layers=layers,
                                                     num_attention_heads=heads, intermediate_size=intermediate))
 
-
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _release_freed_memory() -> None:
