@@ -4,7 +4,8 @@ import pytest
 
 from sparsepeft.cli.main import main
 
-FLAGS = {"train": ["--method", "--keep-ratio", "--budget", "--learning-rate", "--layers", "--split-seed", "--shira-r"],
+FLAGS = {"train": ["--method", "--keep-ratio", "--budget", "--learning-rate", "--layers", "--split-seed", "--shira-r",
+                   "--ist-probe-chunk-size"],
          "mask": ["--method", "--keep-ratio", "--selection"],
          "merge": ["--model", "--delta", "--output-dir"],
          "export-shira": ["--model", "--delta", "--output-dir"],
@@ -79,3 +80,10 @@ def test_the_sparse_engine_is_the_default_where_it_applies():
     assert SparseArguments(method="fish").engine == SparseArguments(method="random").engine == "sparse"
     assert SparseArguments(method="lora").engine == "dense-mask"  # FISH-Tuning trains the adapter's own tensors
     assert SparseArguments(method="fish", engine="dense-mask").engine == "dense-mask"
+
+
+def test_ist_probe_chunk_size_reaches_the_config_and_is_kept():
+    from sparsepeft.cli.arguments import LayerwiseArguments
+
+    assert LayerwiseArguments(layers="ist", ist_probe_chunk_size=3).config(0).probe_chunk_size == 3
+    assert LayerwiseArguments(layers="ist").config(0).probe_chunk_size is None  # the callback uses the batch

@@ -231,6 +231,10 @@ class LayerwiseArguments:
     ist_num_probes: int = field(default=3, metadata={"help": "ist: probes (distinct block subsets) per update."})
     ist_score_lr: float = field(default=10.0, metadata={"help": "ist: step size of the score update."})
     ist_probe_batch_size: int = field(default=16, metadata={"help": "ist: training samples in a probe batch."})
+    ist_probe_chunk_size: Optional[int] = field(default=None, metadata={
+        "help": "ist: the probe batch is evaluated in chunks of at most this many samples (the same loss, weighted "
+                "by label tokens). Default: the training batch, so a probe step needs no more memory than a "
+                "training step."})
 
     def __post_init__(self):
         if self.layers is not None:
@@ -244,4 +248,4 @@ class LayerwiseArguments:
             interval=self.layers_interval, suppress_fraction=self.ist_suppress_fraction,
             suppression_factor=self.ist_suppression_factor, probe_interval=self.ist_probe_interval,
             num_probes=self.ist_num_probes, score_lr=self.ist_score_lr, probe_batch_size=self.ist_probe_batch_size,
-            optimizer_state=self.layers_optimizer_state, blocks_path=self.layers_blocks_path, seed=seed)
+            probe_chunk_size=self.ist_probe_chunk_size, optimizer_state=self.layers_optimizer_state, blocks_path=self.layers_blocks_path, seed=seed)
