@@ -26,7 +26,10 @@ def test_help_states_the_default_learning_rates(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "full 5e-05, fish/random 0.002, PEFT methods 0.001" in out
+    assert "full 5e-05, fish/random 0.002, PEFT methods 0.001, shira 0.003" in out
+    from sparsepeft.cli.arguments import SparseArguments
+
+    assert SparseArguments(method="shira").default_learning_rate == 3e-3
 
 
 @pytest.mark.parametrize("model", ["/no/such/folder", "not a hub id!"])

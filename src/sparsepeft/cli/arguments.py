@@ -21,8 +21,10 @@ from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseCo
 # Learning rates used when --learning-rate is not given, per method family. Trainer's own 5e-5 suits full
 # fine-tuning but barely moves a 0.5% mask or a fresh adapter. Masks: 2e-3 was the best of the GLUE sweeps
 # and the demo (docs/benchmarks.md); PEFT methods: 1e-3, the FISH-Tuning and layer-wise GLUE sweeps' rate
-# (docs/fish_tuning.md). The LLM sweep (docs/llm.md) measures the same families on SmolLM2.
-DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "peft": 1e-3}
+# (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for random and Fisher entries alike — at
+# 1e-3 random entries did not train at all (docs/fish_tuning.md#shira). The LLM sweep (docs/llm.md) measures
+# the same families on SmolLM2.
+DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "peft": 1e-3, "shira": 3e-3}
 
 
 @dataclass
@@ -67,7 +69,8 @@ class SparseArguments:
                 "adapter (adapter = houlsby = series, pfeiffer, parallel), or shira (PEFT's sparse adapter, with Fisher "
                 "or random entries: --shira-r, --selection). Add --fish to mask inside the PEFT method. "
                 f"Without --learning-rate a run uses its family's rate: full {DEFAULT_LEARNING_RATES['full']:g}, "
-                f"fish/random {DEFAULT_LEARNING_RATES['mask']:g}, PEFT methods {DEFAULT_LEARNING_RATES['peft']:g}.",
+                f"fish/random {DEFAULT_LEARNING_RATES['mask']:g}, PEFT methods {DEFAULT_LEARNING_RATES['peft']:g}, "
+                f"shira {DEFAULT_LEARNING_RATES['shira']:g}.",
         "choices": list(METHODS) + list(PEFT_METHODS)})
     keep_ratio: float = field(default=0.005, metadata={"help": "Fraction of weights trained (0, 1]; 0.005 = 0.5%%."})
     num_samples: int = field(default=1024, metadata={"help": "Training samples the Fisher is measured on."})
@@ -113,7 +116,8 @@ class SparseArguments:
     @property
     def default_learning_rate(self) -> float:
         """The rate a run gets when --learning-rate is not given (see DEFAULT_LEARNING_RATES)."""
-        family = "peft" if self.is_peft else "mask" if self.method in ("fish", "random") else "full"
+        family = ("shira" if self.method == "shira" else "peft" if self.is_peft
+                  else "mask" if self.method in ("fish", "random") else "full")
         return DEFAULT_LEARNING_RATES[family]
 
     def __post_init__(self):
