@@ -21,8 +21,8 @@ from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseCo
 # Learning rates used when --learning-rate is not given, per method family. Trainer's own 5e-5 suits full
 # fine-tuning but barely moves a 0.5% mask or a fresh adapter. Masks: 2e-3 was the best of the GLUE sweeps
 # and the demo (docs/benchmarks.md); PEFT methods: 1e-3, the FISH-Tuning and layer-wise GLUE sweeps' rate
-# (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for random and Fisher entries alike — at
-# 1e-3 random entries did not train at all (docs/fish_tuning.md#shira). The LLM sweep (docs/llm.md) measures
+# (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries (the CLI's default
+# selection); random entries did not train at all at 1e-3 and did best at 1e-2 (docs/fish_tuning.md#shira). The LLM sweep (docs/llm.md) measures
 # the same families on SmolLM2.
 DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "peft": 1e-3, "shira": 3e-3}
 
