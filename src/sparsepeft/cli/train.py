@@ -39,13 +39,16 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
     return task, model, tokenizer, train, evaluation
 
 
-def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
-                       layer_args: LayerwiseArguments | None = None, training_args=None) -> None:
-    if sparse_args.fisher_batch_size is None and training_args is not None:
-        # the per-sample Fisher is exact at any batch size; the pass holds a model-sized accumulator that a
-        # training step does not, so it runs at half the training batch (measured: BERT-base at training
-        # batch 8, the Fisher at batch 8 peaked 7% above the sparse engine's training step)
+def _resolve_fisher_batch(sparse_args: SparseArguments, training_args) -> None:
+    """The per-sample Fisher is exact at any batch size; the pass holds a model-sized accumulator that a
+    training step does not, so by default it runs at half the training batch (measured: BERT-base at
+    training batch 8, the Fisher at batch 8 peaked 7% above the sparse engine's training step)."""
+    if sparse_args.fisher_batch_size is None:
         sparse_args.fisher_batch_size = max(1, training_args.per_device_train_batch_size // 2)
+
+
+def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
+                       layer_args: LayerwiseArguments | None = None) -> None:
     if layer_args is not None and layer_args.layers is not None and sparse_args.method in ("fish", "random"):
         raise ValueError(f"--layers chooses blocks of a PEFT method (--method lora/dora/adapter/...; add --fish for a "
                          f"FISH-Tuning mask inside it) or of the whole model (--method full, LISA's own form), not of "
@@ -53,12 +56,12 @@ def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
     if peft_args.fish and not sparse_args.is_peft:
         raise ValueError("--fish masks inside a PEFT method (--method lora/dora/adapter/...). For a Fisher mask over "
                          "the whole model use --method fish without --fish.")
-    if sparse_args.method == "shira" and (peft_args.fish or sparse_args.selection not in ("fisher", "random")):
-        raise ValueError("--method shira is already a sparse adapter: its entries are chosen by --selection fisher "
-                         "(each layer's top r(m+n) by the base model's Fisher) or random (PEFT's draw); drop --fish "
-                         f"and --selection {sparse_args.selection}." if sparse_args.selection not in ("fisher", "random")
-                         else "--method shira is already a sparse adapter: drop --fish (choose its entries with "
+    if sparse_args.method == "shira" and peft_args.fish:
+        raise ValueError("--method shira is already a sparse adapter: drop --fish (choose its entries with "
                          "--selection fisher|random).")
+    if sparse_args.method == "shira" and sparse_args.selection not in ("fisher", "random"):
+        raise ValueError("--method shira chooses its entries by --selection fisher (each layer's top r(m+n) by the "
+                         f"base model's Fisher) or random (PEFT's draw), not --selection {sparse_args.selection}.")
     if sparse_args.is_peft and peft_args.fish and sparse_args.engine == "sparse":
         raise ValueError("--engine sparse stores value vectors of full-model masks; a PEFT adapter is already small, "
                          "so FISH-Tuning trains with --engine dense-mask (its optimizer state is the adapter's).")
@@ -86,8 +89,6 @@ def _shira_selection(model, options: dict, sparse_args: SparseArguments, seed: i
     """SHiRA's entries: the top r(m+n) of each layer by the base model's Fisher, or PEFT's random draw."""
     if sparse_args.selection == "random":
         return {**options, "random_seed": seed}
-    if sparse_args.selection != "fisher":
-        raise ValueError(f"--method shira takes --selection fisher (default) or random, not {sparse_args.selection}.")
     start = time.perf_counter()
     mask_fn = shira_mask_fn(model, train, target_modules=options.get("target_modules"),
                             num_samples=sparse_args.num_samples, mode=sparse_args.fisher_mode,
@@ -149,7 +150,8 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     peft_args = peft_args or PeftArguments()
     if sparse_args.method == "full" or (sparse_args.is_peft and not peft_args.fish):
         raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random, or a PEFT method with --fish.")
-    _check_combination(sparse_args, peft_args, training_args=training_args)
+    _check_combination(sparse_args, peft_args)
+    _resolve_fisher_batch(sparse_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
@@ -171,7 +173,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     """Fine-tune with the chosen method, evaluate on every dev split, write model, mask and results.json."""
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
-    _check_combination(sparse_args, peft_args, layer_args, training_args)
+    _check_combination(sparse_args, peft_args, layer_args)
+    _resolve_fisher_batch(sparse_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
