@@ -163,7 +163,7 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
         steps = [r["train_seconds"] / r["train_steps"] for r in runs if r.get("train_steps")]
         peak = [r["train_peak_rss_mb"] for r in runs]
         optimizer = [r.get("optimizer_state_bytes", 0) / 2**20 for r in runs]
-        mask = [r.get("mask_seconds") or 0.0 for r in runs]
+        mask = [r.get("mask_seconds") or (r.get("layerwise") or {}).get("probe_seconds") or 0.0 for r in runs]
         table[arm] = {"lr": lr, "seeds": len(runs), "validation_acc": val, "test_acc": test, "test_acc_norm": norm,
                       "trainable_params": runs[0]["trainable_params"], "step_seconds": steps, "train_peak_rss_mb": peak,
                       "optimizer_state_mb": optimizer, "mask_seconds": mask,

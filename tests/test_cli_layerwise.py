@@ -37,6 +37,10 @@ def test_cli_trains_lora_layer_wise(tiny_bert4_dir, tmp_path, strategy):
     if strategy == "ist":
         assert [p["step"] for p in history["probes"]] == [4, 8, 12, 16, 20]
         assert any(v != 0 for v in results["layerwise"]["final_scores"].values())
+        # the probes' wall time is reported beside the training time, as the sum of every probe's own
+        assert results["layerwise"]["probes"] == 5 and all(p["seconds"] > 0 for p in history["probes"])
+        assert results["layerwise"]["probe_seconds"] == pytest.approx(sum(p["seconds"] for p in history["probes"]))
+        assert results["layerwise"]["probe_seconds"] < results["train_seconds"]
 
 
 def test_cli_composes_layers_with_fish_tuning(tiny_bert4_dir, tmp_path):

@@ -304,8 +304,10 @@ def _selection_summary(history: dict) -> dict:
         for block in selected:
             counts[str(block)] += 1
     lowest = [min(s) for s in history["selections"] if s]
+    probes = history.get("probes") or []
     return {"steps_trained_per_block": counts, "final_scores": {str(k): v for k, v in history["scores"].items()},
-            "mean_lowest_selected_block": sum(lowest) / len(lowest) if lowest else None}
+            "mean_lowest_selected_block": sum(lowest) / len(lowest) if lowest else None,
+            "probes": len(probes), "probe_seconds": sum(p.get("seconds", 0.0) for p in probes)}
 
 
 def _load_delta_base(base: str, header: dict):

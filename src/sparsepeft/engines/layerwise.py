@@ -20,6 +20,7 @@ pass stops there and the activations of the blocks below are freed during the fo
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Callable
 
@@ -152,6 +153,7 @@ class LayerwiseEngine:
                         self._offloaded.discard(id(param))
 
     def _probe(self, step: int) -> None:
+        start = time.perf_counter()
         sampler = self.sampler
         indices = sampler.sample_indices(len(self.probe_data), self.config.probe_batch_size)
         device = next(self.model.parameters()).device
@@ -168,6 +170,7 @@ class LayerwiseEngine:
         record = sampler.probe(lambda positions: broadcast_from_rank_zero(loss_with_suppressed(positions)))
         record["step"] = step
         record["subsets"] = [[self.groups.block_ids[p] for p in subset] for subset in record["subsets"]]
+        record["seconds"] = time.perf_counter() - start  # the probe's cost beside the training step's
         self.probes.append(record)
         if is_distributed():
             assert_same_on_all_ranks(hashlib.sha256(repr(record["scores"]).encode()).hexdigest(), "the IST layer scores")
