@@ -195,6 +195,11 @@ def test_ird_selection_from_the_cli_writes_its_report_and_plot(tiny_bert_dir, tm
     assert _results(out)["selection"] == "ird"
     mask = SparseMask.load(out / "sparse_mask.safetensors")
     assert mask.config["selection"] == "ird"
+    # results.json names the round the criterion picked: the one with the lowest probe loss
+    picked = _results(out)["ird"]
+    assert picked["criterion"] == "probe" and len(picked["round_criteria"]) == 2
+    assert picked["round"] == report["best_round"] == mask.config["ird_round"]
+    assert picked["round_criteria"][picked["round"]] == min(picked["round_criteria"])
 
 
 def test_ird_bad_shrink_is_refused_before_any_work(tiny_bert_dir, tmp_path, capsys):

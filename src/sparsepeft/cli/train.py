@@ -292,6 +292,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     }
     if layerwise is not None and layerwise.history is not None:  # None when nothing was trained (--max-steps 0)
         results["layerwise"] = {**layerwise.stats, **_selection_summary(layerwise.history)}
+    if mask is not None and mask.config.get("ird_report") is not None:  # which round IRD picked, and by what
+        report = mask.config["ird_report"]
+        results["ird"] = {"round": report["best_round"], "criterion": report["config"].get("criterion"),
+                          "round_criteria": [r.get("criterion") for r in report["rounds"]]}
     results["world_size"] = training_args.world_size
     if trainer.is_world_process_zero():
         write_json(output_dir / "results.json", results)
