@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import glue_train_command, summarise_runs, train_once  # noqa: E402
+from common import glue_train_command, provenance, summarise_runs, train_once  # noqa: E402
 
 # extra arms beside --method full/fish/random: IRD and the plain FISH mask from the same initial samples
 # (768 of the 1000 rows, so that IRD's criterion has 232 held-out training rows)
@@ -63,7 +63,8 @@ def main() -> None:
     print(markdown)
     out = Path(args.out)
     (out / "quality.md").write_text(markdown + "\n")
-    (out / "quality.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2) + "\n")
+    (out / "quality.json").write_text(json.dumps({"provenance": provenance(), "args": vars(args), "table": table},
+                                                 indent=2) + "\n")
 
 
 if __name__ == "__main__":
