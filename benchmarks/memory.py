@@ -85,8 +85,10 @@ def _reset_peak() -> float:
 
 
 def _fisher_batch(args) -> int:
-    """The CLI's default: half the training batch (the Fisher is exact at any batch size)."""
-    return args.fisher_batch_size or max(1, args.batch_size // 2)
+    """--fisher-batch-size, or the CLI's own default for this training batch."""
+    from sparsepeft.cli.arguments import default_fisher_batch_size
+
+    return args.fisher_batch_size or default_fisher_batch_size(args.batch_size)
 
 
 def mask_worker(args) -> dict:

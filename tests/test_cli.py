@@ -63,6 +63,7 @@ def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(t
     results = _results(out)
     assert results["task"] == "rte" and results["method"] == "fish"
     assert results["engine"] == "sparse" and (out / "sparse_delta.safetensors").is_file()  # the default engine
+    assert results["fisher_batch_size"] == 4  # the default: half the training batch of 8
     logits, gold = _saved_model_outputs(out, glue, "rte", 40)
     validation = results["metrics"]["validation"]
     assert validation["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, gold.long())), rel=1e-4)

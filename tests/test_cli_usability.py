@@ -94,3 +94,9 @@ def test_ist_probe_chunk_size_reaches_the_config_and_is_kept():
 
     assert LayerwiseArguments(layers="ist", ist_probe_chunk_size=3).config(0).probe_chunk_size == 3
     assert LayerwiseArguments(layers="ist").config(0).probe_chunk_size is None  # the callback uses the batch
+
+
+def test_the_default_fisher_batch_is_half_the_training_batch_and_never_zero():
+    from sparsepeft.cli.arguments import default_fisher_batch_size
+
+    assert [default_fisher_batch_size(b) for b in (1, 2, 8, 9, 32)] == [1, 1, 4, 4, 16]

@@ -23,7 +23,8 @@ from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
-from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
+from .arguments import (DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments,
+                        default_fisher_batch_size)
 
 logger = logging.getLogger("sparsepeft")
 
@@ -40,11 +41,8 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
 
 
 def _resolve_fisher_batch(sparse_args: SparseArguments, training_args) -> None:
-    """The per-sample Fisher is exact at any batch size; the pass holds a model-sized accumulator that a
-    training step does not, so by default it runs at half the training batch (measured: BERT-base at
-    training batch 8, the Fisher at batch 8 peaked 7% above the sparse engine's training step)."""
     if sparse_args.fisher_batch_size is None:
-        sparse_args.fisher_batch_size = max(1, training_args.per_device_train_batch_size // 2)
+        sparse_args.fisher_batch_size = default_fisher_batch_size(training_args.per_device_train_batch_size)
 
 
 def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
