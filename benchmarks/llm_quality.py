@@ -55,6 +55,7 @@ ARMS = {  # arm -> (learning-rate family, flags)
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
 GRIDS = {"full": (1e-5, 3e-5, 1e-4), "mask": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
+GRID_SIDES = {"lower": 0, "upper": 2}  # the grid points beside the centre
 SELECT_ON = "acc"  # validation accuracy (summed log-likelihood), lm-evaluation-harness's `acc`
 
 
@@ -134,7 +135,7 @@ def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
         if args.phase in ("center", "all"):
             runs.append((arm, grid[1] if family else None, 0))
         if args.phase in ("grid", "all") and family:
-            runs += [(arm, lr, 0) for lr in (grid[0], grid[2])]
+            runs += [(arm, grid[GRID_SIDES[side]], 0) for side in args.grid_points.split(",")]
     if args.phase in ("seeds", "all"):
         runs += [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
     return runs
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
                         help="in the order they run; shira-random, shira-fisher and ist-score-lr100 are extra arms")
     parser.add_argument("--phase", default="center", choices=["center", "grid", "seeds", "all"])
+    parser.add_argument("--grid-points", default="lower,upper",
+                        help="which side points --phase grid runs, in this order (e.g. 'upper' alone first)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=20)
@@ -215,6 +218,9 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    unknown_sides = [s for s in args.grid_points.split(",") if s not in GRID_SIDES]
+    if unknown_sides:
+        parser.error(f"unknown --grid-points {unknown_sides}; use {list(GRID_SIDES)}")
     if not args.summary_only:
         for arm, lr, seed in plan(args, arms):
             run_one(args, arm, lr, seed)
