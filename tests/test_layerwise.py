@@ -13,6 +13,7 @@ from sparsepeft import (LayerSelectionError, LayerwiseCallback, LayerwiseConfig,
                         ist_score_update)
 from sparsepeft.data.collate import PaddingCollator
 from sparsepeft.importance.suppression import suppress, suppressible_modules
+from sparsepeft.selection.layers import LayerSampler
 from sparsepeft.models import BlockDiscoveryError, block_parameters, find_blocks
 
 LAYERS = 4
@@ -135,6 +136,42 @@ def test_ist_score_update_matches_the_formula_by_hand():
     updated = ist_score_update(scores, subsets, losses, 10.0)
     assert updated.tolist() == pytest.approx(expected, abs=1e-15)
     assert updated[0] - scores[0] == pytest.approx(10 * (rewards[0] - mean) * 0.25)  # p(1-p) = 1/4 at s = 0
+
+
+def _frequencies(draws, num_blocks):
+    counts = torch.zeros(num_blocks)
+    for drawn in draws:
+        counts[list(drawn)] += 1
+    return counts / len(draws)
+
+
+def test_ist_trains_low_score_blocks_and_probes_high_score_ones():
+    """High score = cheap to suppress: training draws ∝ σ(−s), probe subsets ∝ σ(s) (METHODS.md §4)."""
+    sampler = LayerSampler(LayerwiseConfig("ist", seed=4), num_blocks=8)
+    sampler.scores = torch.tensor([1.5] * 4 + [-1.5] * 4, dtype=torch.float64)  # blocks 0-3 cheap to suppress
+    trained = _frequencies([sampler.select(step) for step in range(400)], 8)
+    probed = []
+    for _ in range(150):  # equal losses: zero advantage, the scores stay put
+        sampler.probe(lambda subset: probed.append(subset) or 1.0)
+    suppressed = _frequencies(probed, 8)
+    assert sampler.scores.tolist() == [1.5] * 4 + [-1.5] * 4
+    # 2 of 8 trained a step: a low-score block is drawn ~4.5x as often as a high-score one
+    assert trained[4:].min() > 2.5 * trained[:4].max()
+    # 4 of 8 suppressed per probe: the high-score blocks dominate
+    assert suppressed[:4].min() > 1.5 * suppressed[4:].max()
+    assert all(len(set(map(tuple, probed[i:i + 3]))) == 3 for i in range(0, len(probed), 3))  # distinct per update
+
+
+def test_lisa_redraws_every_interval_and_random_every_step():
+    lisa = LayerSampler(LayerwiseConfig("lisa", interval=5, seed=1), num_blocks=8)
+    draws = [tuple(lisa.select(step)) for step in range(40)]
+    assert all(len(drawn) == 2 for drawn in draws)
+    periods = [draws[start:start + 5] for start in range(0, 40, 5)]
+    assert all(len(set(period)) == 1 for period in periods)  # held for K steps
+    assert len({period[0] for period in periods}) > 1  # and re-drawn at multiples of K
+    uniform = LayerSampler(LayerwiseConfig("random", seed=1), num_blocks=8)
+    draws = [tuple(uniform.select(step)) for step in range(40)]
+    assert sum(a != b for a, b in zip(draws, draws[1:])) > 20 and all(len(d) == 2 for d in draws)
 
 
 def test_counts_and_bad_fractions():
