@@ -65,6 +65,23 @@ def test_other_optimizers_keep_frozen_entries(make_optimizer):
     assert_only_mask_moved(before, model, mask, must_move=support)
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+])
+def test_momentum_gathered_before_the_mask_does_not_move_frozen_entries(make_optimizer):
+    """A mask attached mid-training (after dense warm-up steps) must not let old momentum move frozen entries."""
+    model = make_model("bert")
+    optimizer = make_optimizer(list(model.parameters()))
+    _train(model, None, optimizer, _batches(n_batches=2))  # dense steps: every entry has momentum now
+    mask = _mask(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = DenseMaskEngine(model, mask).attach()
+    engine.attach_optimizer(optimizer)
+    _train(model, engine, optimizer, _batches()[2:])
+    assert_only_mask_moved(before, model, mask)
+
+
 def test_full_mask_reproduces_plain_adamw_exactly():
     batches = _batches()
     plain = make_model("bert")
