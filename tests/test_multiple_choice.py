@@ -32,10 +32,12 @@ def tiny_lm(tiny_llama_lm_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_lm_dir)
 
 
-def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm):
+@pytest.mark.parametrize("answer_logits", [True, False])  # left padding, answer positions only / right, all
+def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm, answer_logits):
     model, tokenizer = tiny_lm
     examples = read_bigbench(_write_task(tmp_path / "task.json", 5))
-    scores = option_log_likelihoods(model, tokenizer, examples, max_length=64, batch_size=4)  # batches cut across questions
+    scores = option_log_likelihoods(model, tokenizer, examples, max_length=64, batch_size=4,  # batches cut across questions
+                                    answer_logits=answer_logits)
     for example, option_scores in zip(examples, scores):
         for option, score in enumerate(option_scores):
             prompt = tokenizer(example.prompt)["input_ids"]

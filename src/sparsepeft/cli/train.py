@@ -12,6 +12,7 @@ import math
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..data import PaddingCollator, compute_metrics
+from ..data.collate import AnswerLogitsCollator, keeps_logits
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, evaluate_multiple_choice
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
@@ -96,10 +97,11 @@ def _shira_selection(model, options: dict, sparse_args: SparseArguments, seed: i
     return {**options, "mask_fn": mask_fn}
 
 
-def _collator(task, tokenizer):
-    """Causal-LM examples carry label sequences, which the tokenizer's padding collator cannot pad."""
+def _collator(task, tokenizer, model):
+    """Causal-LM examples carry label sequences, which the tokenizer's padding collator cannot pad; where
+    the model can, their logits are computed at the answer positions only (same loss, less work)."""
     if isinstance(task, (PromptResponseTask, MultipleChoiceTask)):
-        return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+        return (AnswerLogitsCollator if keeps_logits(model) else PaddingCollator)(pad_token_id=tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer)
 
 
@@ -155,7 +157,7 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
     model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     recipe = sparse_args.recipe(training_args.seed)
-    mask = _make_mask(model, _collator(task, tokenizer), train, sparse_args, peft_args, recipe, model_args.model,
+    mask = _make_mask(model, _collator(task, tokenizer, model), train, sparse_args, peft_args, recipe, model_args.model,
                       options, training_args.seed)
     if training_args.process_index == 0:  # every rank holds the same mask (checked); one writes it
         _save_mask(mask, output_dir)
@@ -178,7 +180,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
     total_params = sum(p.numel() for p in model.parameters())
     recipe = sparse_args.recipe(training_args.seed)
-    collate = _collator(task, tokenizer)
+    collate = _collator(task, tokenizer, model)
     mask_phase = PeakMemory()
     model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
     resume = training_args.resume_from_checkpoint

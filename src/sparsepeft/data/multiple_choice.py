@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .collate import AnswerLogitsCollator, PaddingCollator, keeps_logits
 from .loading import DataError
 
 MULTIPLE_CHOICE = "multiple-choice"
@@ -151,8 +152,12 @@ def training_features(examples: Sequence[ChoiceExample], tokenizer, max_length: 
 
 @torch.no_grad()
 def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], max_length: int = 256,
-                           batch_size: int = 16) -> list[list[float]]:
-    """Summed log-probability of every option's tokens given the prompt, one forward per batch of options."""
+                           batch_size: int = 16, answer_logits: bool | None = None) -> list[list[float]]:
+    """Summed log-probability of every option's tokens given the prompt, one forward per batch of options.
+
+    ``answer_logits``: project only the options' positions onto the vocabulary (left padding and
+    ``logits_to_keep``, :class:`AnswerLogitsCollator`) — the same scores up to float summation order, for
+    less work. None: wherever the model supports it."""
     sequences = []
     for e, example in enumerate(examples):
         for o, (ids, option_length) in enumerate(encode_choices(example, tokenizer, max_length)):
@@ -160,23 +165,26 @@ def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], 
     scores = [[0.0] * len(example.options) for example in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
+    if answer_logits is None:
+        answer_logits = keeps_logits(model)
+    collate = (AnswerLogitsCollator if answer_logits else PaddingCollator)(pad_token_id=pad)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(sequences), batch_size):
             batch = sequences[start:start + batch_size]
-            width = max(len(ids) for _, _, ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (_, _, ids, _) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            # labels mark each option's tokens, so the answer-only collator keeps just the logits they need
+            inputs = collate([{"input_ids": ids, "attention_mask": [1] * len(ids),
+                               "labels": [-100] * (len(ids) - length) + ids[len(ids) - length:]}
+                              for _, _, ids, length in batch])
+            labels = inputs.pop("labels")
+            logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits.float()
+            right_padded = collate.padding_side == "right"
             for row, (e, o, ids, option_length) in enumerate(batch):
-                end = len(ids)
-                # position t predicts token t+1: the option's tokens ids[end-L:end] are predicted at end-L-1 .. end-2
+                end = len(ids) if right_padded else logits.shape[1]  # one past the option's last token
+                # position t predicts token t+1: the option's L tokens are predicted at end-L-1 .. end-2
                 predicted = logits[row, end - option_length - 1:end - 1].log_softmax(-1)
-                targets = torch.tensor(ids[end - option_length:], device=predicted.device)
+                targets = labels[row, end - option_length:end].to(predicted.device)
                 scores[e][o] = float(predicted.gather(1, targets[:, None]).sum())
     finally:
         model.train(was_training)
