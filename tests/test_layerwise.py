@@ -206,7 +206,7 @@ def test_probe_batch_larger_than_the_data_and_too_few_distinct_probes_are_refuse
 # --------------------------------------------------------------------------- plain loop
 
 
-def _loop(model, config, steps=8, data=None, optimizer_kwargs=None, hooks=None):
+def _loop(model, config, steps=8, data=None, optimizer_kwargs=None, hooks=None, set_to_none=True):
     data = data or make_examples(64, seed=5)
     collate = PaddingCollator(0)
     engine = LayerwiseEngine(model, config, data, collate).attach()
@@ -218,7 +218,7 @@ def _loop(model, config, steps=8, data=None, optimizer_kwargs=None, hooks=None):
         model(**collate(data[(4 * step) % 60:(4 * step) % 60 + 4])).loss.backward()
         grads = {n for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
         log.append((selected, grads, moved, dict(optimizer.state)))
     return engine, optimizer, log
@@ -248,6 +248,17 @@ def test_only_selected_blocks_get_gradients_and_move(strategy):
         assert [p["step"] for p in engine.probes] == [2, 4, 6]
     engine.detach()
     assert all(p.requires_grad for p in engine.trainable_parameters())
+
+
+def test_blocks_sitting_out_do_not_move_when_the_loop_zeroes_gradients_instead_of_freeing_them():
+    """zero_grad(set_to_none=False) leaves zero tensors behind; AdamW would still step a block that holds
+    one (momentum, weight decay), so a block that sits a step out must hold no gradient at all."""
+    model = _peft_model()
+    engine, _, log = _loop(model, LayerwiseConfig("random", fraction=0.5), optimizer_kwargs={"weight_decay": 0.1},
+                           set_to_none=False)
+    path = engine.groups.path
+    for selected, grads, moved, _ in log:
+        assert _blocks_of(grads, path) == set(selected) == _blocks_of(moved, path)
 
 
 def test_backward_stops_below_the_lowest_selected_block():

@@ -98,6 +98,10 @@ def test_mask_for_another_model_is_refused():
     bigger = make_model("bert", num_labels=3)
     with pytest.raises(MaskMismatchError, match="shape differs"):
         mask.check_compatible(bigger)
+    deeper = make_model("bert", layers=3)  # holds every masked tensor, and a block the mask never saw
+    with pytest.raises(MaskMismatchError, match="fingerprint mismatch"):
+        mask.check_compatible(deeper)
+    mask.check_compatible(make_model("bert", seed=5))  # same architecture, other weights: accepted
 
 
 def test_corrupt_or_foreign_files_are_clear_errors(tmp_path):
