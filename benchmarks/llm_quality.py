@@ -127,6 +127,11 @@ def _existing(args, arm: str, lr: float | None, seed: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _has_results(args, arm: str) -> bool:
+    out = Path(args.out)
+    return (out / f"{arm}.json").is_file() or any(out.glob(f"{arm}_lr*_seed*.json"))
+
+
 def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     runs = []
     for arm in arms:
@@ -224,8 +229,11 @@ def main() -> None:
     if not args.summary_only:
         for arm, lr, seed in plan(args, arms):
             run_one(args, arm, lr, seed)
-    markdown, table = summary(args, arms)
-    grid_markdown, grid = grid_table(args, arms)
+    # the summary covers every arm with results, not only this invocation's: running the sweep in pieces
+    # must not shrink it
+    reported = [arm for arm in ARMS if arm in arms or _has_results(args, arm)]
+    markdown, table = summary(args, reported)
+    grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     print(markdown)
     if not args.smoke:
