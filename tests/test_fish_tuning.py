@@ -10,6 +10,7 @@ from conftest import assert_only_mask_moved, make_examples, make_model
 from reference import loop_fisher, relative_error
 from sparsepeft import SparseMaskCallback, estimate_fisher, mask_from_checkpoint
 from sparsepeft.data.collate import PaddingCollator
+from sparsepeft.importance.warmup import dense_warmup
 from sparsepeft.models.peft import apply_method, reference_count, tuned_parameters
 from sparsepeft.selection import Budget, BudgetError
 from sparsepeft.selection.fish_tuning import FishTuningConfig, fish_tuning_mask
@@ -113,6 +114,24 @@ def test_fisher_at_init_cannot_rank_lora_A_and_warmup_can_without_moving_the_ada
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name  # the warm-up was undone exactly
         assert param.requires_grad == (name in params)
+
+
+def test_the_warm_up_trains_only_its_parameters_then_restores_weights_flags_and_mode():
+    model = apply_method(make_model("bert"), "lora", {"r": 4, **TARGETS})
+    params = {n: p for n, p in tuned_parameters(model).items() if "lora_" in n}
+    outside_name, outside = next((n, p) for n, p in model.named_parameters() if "embeddings" in n)
+    outside.requires_grad_(True)  # a user's extra trainable tensor: the warm-up must leave it as it found it
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with dense_warmup(model, make_examples(16), params, steps=3, batch_size=4, collate_fn=PaddingCollator(0)):
+        assert model.training and not outside.requires_grad
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and moved <= set(params)  # only its parameters trained
+    assert not model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and flags[outside_name]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
 
 
 def _trainer(model, mask, out, **overrides):
