@@ -61,6 +61,14 @@ def make_model(family: str, num_labels: int = 2, seed: int = 0, layers: int = 2)
     return model
 
 
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off in every module, so that two forward passes compute the same function."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def make_examples(n: int, num_labels: int = 2, lengths=(3, 12), seed: int = 1, regression: bool = False, lm: bool = False):
     """Examples of varied length, so batches are padded."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from conftest import make_examples, make_model
+from conftest import make_examples, make_model, no_dropout
 
 
 def init(rank: int, world: int, init_file: str) -> None:
@@ -32,13 +32,6 @@ def fisher_worker(rank: int, world: int, init_file: str, out: str) -> None:
     if rank == 0:
         torch.save(fisher, out)
     dist.destroy_process_group()
-
-
-def no_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def train(model, mask, engine_name: str, batches, steps: int, ddp: bool):

@@ -3,9 +3,8 @@ full logits, computed at fewer positions."""
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB, make_model, no_dropout
 from sparsepeft import apply_method, estimate_fisher
 from sparsepeft.data.collate import AnswerLogitsCollator, PaddingCollator, keeps_logits
 
@@ -22,13 +21,6 @@ def _prompt_answer_examples(n=6, seed=0):
     return examples
 
 
-def _no_dropout(model):
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
-
-
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     output = model(**batch)
@@ -38,7 +30,7 @@ def _loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("family", ["llama-lm", "gpt2-lm"])
 def test_loss_and_gradients_equal_right_padding_with_full_logits(family):
-    model = _no_dropout(make_model(family, seed=1))
+    model = no_dropout(make_model(family, seed=1))
     examples = _prompt_answer_examples()
     full, full_grads = _loss_and_grads(model, PaddingCollator(0)(examples))
     trimmed_batch = AnswerLogitsCollator(0)(examples)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import make_examples, make_model
+from conftest import make_examples, make_model, no_dropout
 from sparsepeft import (LayerSelectionError, LayerwiseCallback, LayerwiseConfig, LayerwiseEngine, apply_method,
                         ist_score_update)
 from sparsepeft.data.collate import PaddingCollator
@@ -38,13 +38,6 @@ def _peft_model(family="bert", method="lora", seed=0, layers=LAYERS):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
-    return model
-
-
-def _no_dropout(model):
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
     return model
 
 
@@ -93,7 +86,7 @@ def test_layers_outside_the_peft_method_are_not_candidates():
 
 @pytest.mark.parametrize("method", ["lora", "dora", "adapter", "parallel"])
 def test_suppression_scales_exactly_what_the_method_adds(method):
-    model = _no_dropout(_peft_model("bert", method)).double().eval()
+    model = no_dropout(_peft_model("bert", method)).double().eval()
     _, blocks = find_blocks(model)
     for module in suppressible_modules(blocks[1]):
         x = torch.randn(3, 5, module.down.in_features if hasattr(module, "down") else module.in_features,
@@ -107,7 +100,7 @@ def test_suppression_scales_exactly_what_the_method_adds(method):
 
 
 def test_suppressing_a_block_changes_only_that_block():
-    model = _no_dropout(_peft_model("bert", "lora")).eval()
+    model = no_dropout(_peft_model("bert", "lora")).eval()
     batch = PaddingCollator(0)(make_examples(4))
     _, blocks = find_blocks(model)
     with torch.no_grad():
