@@ -11,8 +11,8 @@ import math
 
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..data import PaddingCollator, compute_metrics
-from ..data.collate import AnswerLogitsCollator, keeps_logits
+from ..data import compute_metrics
+from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, evaluate_multiple_choice
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
@@ -101,7 +101,7 @@ def _collator(task, tokenizer, model):
     """Causal-LM examples carry label sequences, which the tokenizer's padding collator cannot pad; where
     the model can, their logits are computed at the answer positions only (same loss, less work)."""
     if isinstance(task, (PromptResponseTask, MultipleChoiceTask)):
-        return (AnswerLogitsCollator if keeps_logits(model) else PaddingCollator)(pad_token_id=tokenizer.pad_token_id)
+        return causal_lm_collator(model, tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer)
 
 

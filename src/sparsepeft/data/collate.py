@@ -84,6 +84,11 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in parameters and "position_ids" in parameters
 
 
+def causal_lm_collator(model, pad_token_id: int | None) -> PaddingCollator:
+    """Answer-only logits where the model supports them (:func:`keeps_logits`), right padding otherwise."""
+    return (AnswerLogitsCollator if keeps_logits(model) else PaddingCollator)(pad_token_id=pad_token_id)
+
+
 def collator_for(model) -> PaddingCollator:
     """Pads with the model's own ``pad_token_id`` (when the caller gives no collator)."""
     return PaddingCollator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", None))

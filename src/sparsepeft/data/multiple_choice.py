@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .collate import AnswerLogitsCollator, PaddingCollator, keeps_logits
+from .collate import AnswerLogitsCollator, PaddingCollator, causal_lm_collator
 from .loading import DataError
 
 MULTIPLE_CHOICE = "multiple-choice"
@@ -166,8 +166,9 @@ def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     if answer_logits is None:
-        answer_logits = keeps_logits(model)
-    collate = (AnswerLogitsCollator if answer_logits else PaddingCollator)(pad_token_id=pad)
+        collate = causal_lm_collator(model, pad)
+    else:
+        collate = (AnswerLogitsCollator if answer_logits else PaddingCollator)(pad_token_id=pad)
     was_training = model.training
     model.eval()
     try:
