@@ -3,7 +3,7 @@ social_iqa (three-way multiple choice), the LLM track of docs/llm.md.
 
     pip install -e ".[llm]"
     python benchmarks/llm_quality.py --phase center       # seed 0, each family's central learning rate
-    python benchmarks/llm_quality.py --phase grid         # seed 0, the other two grid points
+    python benchmarks/llm_quality.py --phase grid         # seed 0, the other three grid points
     python benchmarks/llm_quality.py --phase seeds        # seeds 1 and 2 at each arm's chosen rate
     python benchmarks/llm_quality.py --summary-only       # the table from the result files that exist
 
@@ -11,7 +11,8 @@ Protocol (the same for every arm): the fixed split of the file (seed 0: 1369 tra
 390 test questions), prompt -> correct option with the loss on the answer tokens, --steps optimizer steps
 of batch --batch-size (default 200 x 16 = 3200 examples, 2.3 epochs), linear decay after 20 warm-up steps,
 sequences cut to 128 tokens. Each arm's learning rate is chosen on validation accuracy (seed 0) from a
-three-point grid centred on its family's usual value; test accuracy is reported as mean ± std over the
+four-point grid around its family's usual value (one point below, two above: every three-point grid
+picked its upper edge); test accuracy is reported as mean ± std over the
 seeds run at that rate. Nothing is chosen on test.
 
 Each run writes one file, OUT/ARM_lrLR_seedS.json (results.json of the run + provenance: commit, package
@@ -54,8 +55,10 @@ ARMS = {  # arm -> (learning-rate family, flags)
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
-GRIDS = {"full": (1e-5, 3e-5, 1e-4), "mask": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
-GRID_SIDES = {"lower": 0, "upper": 2}  # the grid points beside the centre
+# Each family's usual rate (the centre, index 1), one point below and two above. The fourth point was added
+# once every seed-0 grid picked its upper edge at 200 steps: the search must be able to pick a rate inside it.
+GRIDS = {"full": (1e-5, 3e-5, 1e-4, 3e-4), "mask": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2)}
+GRID_SIDES = {"lower": 0, "upper": 2, "higher": 3}  # the grid points beside the centre
 SELECT_ON = "acc"  # validation accuracy (summed log-likelihood), lm-evaluation-harness's `acc`
 
 
@@ -208,8 +211,8 @@ def main() -> None:
     parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
                         help="in the order they run; shira-random, shira-fisher and ist-score-lr100 are extra arms")
     parser.add_argument("--phase", default="center", choices=["center", "grid", "seeds", "all"])
-    parser.add_argument("--grid-points", default="lower,upper",
-                        help="which side points --phase grid runs, in this order (e.g. 'upper' alone first)")
+    parser.add_argument("--grid-points", default="lower,upper,higher",
+                        help="which side points --phase grid runs, in this order (e.g. 'higher' alone first)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=20)
