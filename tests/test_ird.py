@@ -160,3 +160,29 @@ def _held_out_loss(model, examples):
     with torch.no_grad():
         batch = collator_for(model)(examples)
         return float(empirical_nll(task, _forward_logits(model, batch, task), batch).mean())
+
+
+def test_the_probe_is_repeatable_whatever_the_callers_random_state_and_leaves_it_alone():
+    """Dropout on: the probe's draws come from its own seed, so two candidates are compared on the same draws
+    however much randomness the caller used in between, and the caller's stream is not advanced."""
+    from conftest import random_score_mask
+    from sparsepeft.selection.probe import probe_loss
+
+    model = make_model("bert")
+    assert model.config.hidden_dropout_prob > 0
+    data, held_out = make_examples(32), make_examples(8, seed=9)
+    mask = random_score_mask(model, ratio=0.05)
+    config = IRDConfig(probe_steps=3, probe_batch_size=8, probe_lr=1e-2, seed=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        losses.append(probe_loss(model, data, mask, held_out, config))
+        after_probe = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        assert torch.equal(after_probe, torch.rand(3))  # the caller's stream is where it was
+    assert losses[0] == losses[1]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    other = probe_loss(model, data, mask, held_out, IRDConfig(probe_steps=3, probe_batch_size=8, probe_lr=1e-2, seed=5))
+    assert other != losses[0]  # the seed does reach the draws (dropout, batch order)

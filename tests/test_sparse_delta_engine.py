@@ -145,3 +145,25 @@ def test_trainer_sparse_engine_under_bf16_only_moves_the_mask(tmp_path):
     _trainer(model, mask, tmp_path, bf16=True).train()
     assert_only_mask_moved(before, model, mask, min_moved_fraction=0.5)
     assert not any(n.endswith("_sparse_values") for n, _ in model.named_parameters())  # detached at train end
+
+
+def test_a_delta_loads_into_a_base_whose_fresh_head_was_initialised_differently(tmp_path):
+    """Loading a base checkpoint into a sequence-classification class draws a new random head each time; the
+    delta stores a whole-trained head in full, so the base check must ignore it (and only it)."""
+    model = make_model("bert")
+    mask = _mask(model)
+    assert mask.is_full("classifier.weight") and mask.is_full("classifier.bias")
+    engine, _ = _loop(model, SparseDeltaEngine, mask, steps=3)
+    engine.save_delta(tmp_path / "delta.safetensors")
+    engine.detach()
+    base = make_model("bert")
+    with torch.no_grad():
+        base.classifier.weight.normal_(0, 1.0)  # another draw of the new head, as from_pretrained gives
+        base.classifier.bias.fill_(0.3)
+    rebuilt = apply_delta(base, tmp_path / "delta.safetensors")
+    for (name, a), (_, b) in zip(model.named_parameters(), rebuilt.named_parameters()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        base.bert.pooler.dense.bias.add_(1e-3)  # any other tensor differing is still refused
+    with pytest.raises(DeltaMismatchError, match="weights differ"):
+        apply_delta(base, tmp_path / "delta.safetensors")
