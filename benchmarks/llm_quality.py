@@ -92,6 +92,7 @@ def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
         return None
     out = Path(tempfile.mkdtemp(prefix=f"{run_name(arm, lr, seed)}.", dir=args.scratch))
     line = command(args, arm, lr, seed, out)
+    measured_on = provenance(line)  # taken before the run: the tree may move on while it trains
     start = time.time()
     with open(out / "train.log", "w") as log:
         finished = subprocess.run(line, stdout=log, stderr=subprocess.STDOUT)
@@ -99,7 +100,7 @@ def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
         print(f"  {run_name(arm, lr, seed)} FAILED (exit {finished.returncode}); log: {out / 'train.log'}", flush=True)
         return None
     result = json.loads((out / "results.json").read_text())
-    result["provenance"] = provenance(line)
+    result["provenance"] = measured_on
     result["wall_seconds"] = time.time() - start
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
