@@ -2,8 +2,7 @@
 social_iqa (three-way multiple choice), the LLM track of docs/llm.md.
 
     pip install -e ".[llm]"
-    python benchmarks/llm_quality.py --phase center       # seed 0, each family's central learning rate
-    python benchmarks/llm_quality.py --phase grid         # seed 0, the other three grid points
+    python benchmarks/llm_quality.py --phase grid         # seed 0 at the three grid points of each arm
     python benchmarks/llm_quality.py --phase seeds        # seeds 1 and 2 at each arm's chosen rate
     python benchmarks/llm_quality.py --summary-only       # the table from the result files that exist
 
@@ -11,9 +10,10 @@ Protocol (the same for every arm): the fixed split of the file (seed 0: 1369 tra
 390 test questions), prompt -> correct option with the loss on the answer tokens, --steps optimizer steps
 of batch --batch-size (default 200 x 16 = 3200 examples, 2.3 epochs), linear decay after 20 warm-up steps,
 sequences cut to 128 tokens. Each arm's learning rate is chosen on validation accuracy (seed 0) from a
-four-point grid around its family's usual value (one point below, two above: every three-point grid
-picked its upper edge); test accuracy is reported as mean ± std over the
-seeds run at that rate. Nothing is chosen on test.
+three-point grid that starts at its family's usual value and goes two half-decades up (the first grids,
+centred on the usual value, all picked their upper edge at 200 steps); test accuracy is reported as
+mean ± std over the seeds run at that rate. Nothing is chosen on test. Points run outside the grid (the
+first grids' lower points) are listed beside it, never chosen.
 
 Each run writes one file, OUT/ARM_lrLR_seedS.json (results.json of the run + provenance: commit, package
 versions, machine, command), and is skipped when that file exists: the sweep resumes after an
@@ -55,10 +55,10 @@ ARMS = {  # arm -> (learning-rate family, flags)
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
-# Each family's usual rate (the centre, index 1), one point below and two above. The fourth point was added
-# once every seed-0 grid picked its upper edge at 200 steps: the search must be able to pick a rate inside it.
-GRIDS = {"full": (1e-5, 3e-5, 1e-4, 3e-4), "mask": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2)}
-GRID_SIDES = {"lower": 0, "upper": 2, "higher": 3}  # the grid points beside the centre
+# Each family's usual rate, then two half-decades up: the first grids, centred on the usual rate, all picked
+# their upper edge at 200 steps, so the search must reach above it. The same three points for every arm.
+GRIDS = {"full": (3e-5, 1e-4, 3e-4), "mask": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2)}
+OFF_GRID = {"full": (1e-5,), "mask": (1e-4,), "lora": (3e-4,)}  # the first grids' lower points: reported, never chosen
 SELECT_ON = "acc"  # validation accuracy (summed log-likelihood), lm-evaluation-harness's `acc`
 
 
@@ -113,7 +113,7 @@ def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
 
 
 def chosen_lr(args, arm: str) -> float | None:
-    """The grid point with the best validation accuracy at seed 0 (the centre while the grid is incomplete).
+    """The grid point with the best validation accuracy at seed 0 (the usual rate while none has run).
 
     195 validation questions make ties likely: they go to the higher acc_norm, then the lower answer NLL.
     """
@@ -123,7 +123,7 @@ def chosen_lr(args, arm: str) -> float | None:
     grid = GRIDS[family]
     scored = [((v := r["metrics"]["validation"])[SELECT_ON], v["acc_norm"], -v["answer_nll"], lr) for lr in grid
               if (r := _existing(args, arm, lr, 0)) is not None]
-    return max(scored)[-1] if scored else grid[1]
+    return max(scored)[-1] if scored else grid[0]
 
 
 def _existing(args, arm: str, lr: float | None, seed: int) -> dict | None:
@@ -140,11 +140,9 @@ def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     runs = []
     for arm in arms:
         family, _ = ARMS[arm]
-        grid = GRIDS.get(family, (None,))
-        if args.phase in ("center", "all"):
-            runs.append((arm, grid[1] if family else None, 0))
-        if args.phase in ("grid", "all") and family:
-            runs += [(arm, grid[GRID_SIDES[side]], 0) for side in args.grid_points.split(",")]
+        if args.phase in ("grid", "all"):
+            lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else GRIDS[family] if family else [None]
+            runs += [(arm, lr, 0) for lr in lrs]
     if args.phase in ("seeds", "all"):
         runs += [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
     return runs
@@ -187,21 +185,26 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
 
 
 def grid_table(args, arms: list[str]) -> tuple[str, dict]:
-    """Validation accuracy (seed 0) at every grid point run so far: the learning-rate search behind the table."""
+    """Validation accuracy (seed 0) at every grid point run so far, and at the points outside the grid: the
+    learning-rate search behind the table."""
     lines, table = [], {}
     for family, grid in GRIDS.items():
         members = [arm for arm in arms if ARMS[arm][0] == family]
         if not members:
             continue
-        lines += ["", f"| {family} family, seed 0 | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
-                  "|" + " --- |" * (len(grid) + 2)]
+        lines += ["", f"| {family} family, seed 0 | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen | "
+                  + " | ".join(f"outside the grid: lr {lr:g}" for lr in OFF_GRID[family]) + " |",
+                  "|" + " --- |" * (len(grid) + 2 + len(OFF_GRID[family]))]
         for arm in members:
             cells = []
-            for lr in grid:
+            for lr in (*grid, None, *OFF_GRID[family]):
+                if lr is None:
+                    cells.append(f"{chosen_lr(args, arm):g}")
+                    continue
                 run = _existing(args, arm, lr, 0)
                 table.setdefault(arm, {})[f"{lr:g}"] = run["metrics"]["validation"] if run else None
                 cells.append(f"{100 * run['metrics']['validation'][SELECT_ON]:.2f}" if run else "not run")
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {chosen_lr(args, arm):g} |")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines[1:]), table
 
 
@@ -211,9 +214,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/bigbench")
     parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
                         help="in the order they run; shira-random, shira-fisher and ist-score-lr100 are extra arms")
-    parser.add_argument("--phase", default="center", choices=["center", "grid", "seeds", "all"])
-    parser.add_argument("--grid-points", default="lower,upper,higher",
-                        help="which side points --phase grid runs, in this order (e.g. 'higher' alone first)")
+    parser.add_argument("--phase", default="grid", choices=["grid", "seeds", "all"])
+    parser.add_argument("--lrs", default="",
+                        help="with --phase grid: these learning rates (comma-separated, in this order) instead of the "
+                             "family's grid, e.g. one point first or a point outside the grid")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=20)
@@ -227,9 +231,6 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
-    unknown_sides = [s for s in args.grid_points.split(",") if s not in GRID_SIDES]
-    if unknown_sides:
-        parser.error(f"unknown --grid-points {unknown_sides}; use {list(GRID_SIDES)}")
     if not args.summary_only:
         for arm, lr, seed in plan(args, arms):
             run_one(args, arm, lr, seed)
