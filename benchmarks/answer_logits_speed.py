@@ -122,7 +122,7 @@ def main() -> None:
     for name in [*collators, *reversed(collators)]:  # full, answer, answer, full: order effects cancel
         start = time.perf_counter()
         scores[name] = option_log_likelihoods(base, tokenizer, questions, 128, 24,
-                                              answer_logits=name == "answer_logits")
+                                              answer_logits=name == "answer_logits", share_prompts=False)
         seconds[name] += time.perf_counter() - start
     difference = max(abs(a - b) for x, y in zip(scores["full_logits"], scores["answer_logits"]) for a, b in zip(x, y))
     report["evaluation"] = {"seconds": seconds, "answer_over_full": seconds["answer_logits"] / seconds["full_logits"],

@@ -230,6 +230,21 @@ MUTATIONS = [
      '    if len(set(values)) > 1:',
      '    if False:',
      'tests/test_distributed.py'),
+    # shared-prompt option scoring: the options' positions continue the prompt's, and the first option token
+    # is predicted by the prompt's last position
+    ('src/sparsepeft/data/multiple_choice.py',
+     'positions = prompt_mask.sum(-1)[rows, None] + torch.arange(option_ids.shape[1], device=device)',
+     'positions = torch.arange(option_ids.shape[1], device=device).expand(len(rows), -1)',
+     'tests/test_multiple_choice.py'),
+    ('src/sparsepeft/data/multiple_choice.py',
+     'scores[e][o] = float(first[q, ids[0]] + later.sum())',
+     'scores[e][o] = float(later.sum())',
+     'tests/test_multiple_choice.py'),
+    ('src/sparsepeft/data/multiple_choice.py',
+     'return list(prompt) if len(prompts) == 1 and prompt else None',
+     'return list(prompt) if prompt else None',
+     'tests/test_multiple_choice.py'),
+
 ]
 
 

@@ -32,12 +32,13 @@ def tiny_lm(tiny_llama_lm_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_lm_dir)
 
 
-@pytest.mark.parametrize("answer_logits", [True, False])  # left padding, answer positions only / right, all
-def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm, answer_logits):
+# prompts once on a cache / whole sequences, left padding, answer positions only / whole, right padding, all
+@pytest.mark.parametrize("share_prompts, answer_logits", [(True, None), (False, True), (False, False)])
+def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm, share_prompts, answer_logits):
     model, tokenizer = tiny_lm
     examples = read_bigbench(_write_task(tmp_path / "task.json", 5))
     scores = option_log_likelihoods(model, tokenizer, examples, max_length=64, batch_size=4,  # batches cut across questions
-                                    answer_logits=answer_logits)
+                                    answer_logits=answer_logits, share_prompts=share_prompts)
     for example, option_scores in zip(examples, scores):
         for option, score in enumerate(option_scores):
             prompt = tokenizer(example.prompt)["input_ids"]
@@ -46,6 +47,59 @@ def test_option_scores_equal_a_hand_computed_log_likelihood(tmp_path, tiny_lm, a
                 log_probs = model(input_ids=torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
             expected = sum(float(log_probs[len(prompt) - 1 + t, token]) for t, token in enumerate(answer))
             assert score == pytest.approx(expected, abs=1e-4)
+
+
+class _TokenCounter:
+    """Counts the input tokens a model's forwards read (how much work a scoring path does)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        self.tokens += int(kwargs["input_ids"].numel())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_prompts_score_as_whole_sequences_do_for_less_work(tmp_path, tiny_lm, family, monkeypatch):
+    """The prompt cache, repeated per option at the positions after each prompt, gives every option the score
+    the whole sequence gives it, with prompts of different lengths in one batch and batches cut between
+    questions; truncation that cuts a question's prompt differently per option falls back to whole sequences."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from sparsepeft.data import multiple_choice
+    from sparsepeft.data.collate import cache_keyword
+
+    llama, tokenizer = tiny_lm
+    torch.manual_seed(3)
+    model = llama if family == "llama" else GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)).eval()
+    path = _write_task(tmp_path / "task.json", 9)
+    data = json.loads(path.read_text())
+    for k, example in enumerate(data["examples"]):  # prompts of different lengths, options of 2 and 3 tokens
+        example["input"] = " ".join(WORDS[(k + j) % len(WORDS)] for j in range(2 + 3 * k))
+        first, *rest = example["target_scores"].items()
+        example["target_scores"] = {first[0] + " " + WORDS[k]: first[1], **dict(rest)}
+    path.write_text(json.dumps(data))
+    examples = read_bigbench(path)
+    assert cache_keyword(model) is not None
+    scored_whole = []
+    score_whole = multiple_choice._score_whole_sequences
+    monkeypatch.setattr(multiple_choice, "_score_whole_sequences",
+                        lambda model, sequences, *args: scored_whole.append({s[0] for s in sequences})
+                        or score_whole(model, sequences, *args))
+    counters, results = [], []
+    for share in (False, True):
+        counters.append(_TokenCounter(model))
+        results.append(option_log_likelihoods(model, tokenizer, examples, max_length=40, batch_size=5,
+                                              share_prompts=share))
+        counters[-1].handle.remove()
+    whole, shared = results
+    # the prompt is cut to 37 tokens before a 3-token option and to 38 before 2-token ones
+    cut_differently = {i for i, e in enumerate(examples) if len(tokenizer(e.prompt)["input_ids"]) > 37}
+    assert scored_whole == [set(range(len(examples))), cut_differently] and 0 < len(cut_differently) < len(examples)
+    for w, s in zip(whole, shared):
+        assert s == pytest.approx(w, abs=1e-4)
+    assert counters[1].tokens < 0.8 * counters[0].tokens
 
 
 def test_acc_and_acc_norm_follow_lm_evaluation_harness():

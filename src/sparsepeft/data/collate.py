@@ -70,9 +70,8 @@ class AnswerLogitsCollator(PaddingCollator):
         return batch
 
 
-def keeps_logits(model) -> bool:
-    """Whether ``model`` (or the model inside its PEFT / DDP wrappers) can compute logits for the last
-    positions only and take explicit position ids, as transformers' causal LMs do."""
+def _forward_parameters(model) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the forward of the model inside its PEFT / DDP wrappers (theirs pass keywords on)."""
     for _ in range(4):
         inner = getattr(model, "module", None)  # DDP
         if inner is None and hasattr(model, "get_base_model"):  # PEFT
@@ -80,8 +79,24 @@ def keeps_logits(model) -> bool:
         if inner is None or inner is model:
             break
         model = inner
-    parameters = inspect.signature(model.forward).parameters
+    return inspect.signature(model.forward).parameters
+
+
+def keeps_logits(model) -> bool:
+    """Whether ``model`` (or the model inside its PEFT / DDP wrappers) can compute logits for the last
+    positions only and take explicit position ids, as transformers' causal LMs do."""
+    parameters = _forward_parameters(model)
     return "logits_to_keep" in parameters and "position_ids" in parameters
+
+
+def cache_keyword(model) -> str | None:
+    """The keyword under which ``model`` takes (and returns) cached keys and values and continues from them at
+    explicit positions, as transformers' decoder-only LMs do (``cache``; ``past_key_values`` before
+    transformers 5.24), so that a prompt shared by several continuations is computed once. None if it cannot."""
+    parameters = _forward_parameters(model)
+    if "position_ids" not in parameters or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def causal_lm_collator(model, pad_token_id: int | None) -> PaddingCollator:

@@ -2,8 +2,9 @@
 
 A BIG-bench task file is ``{"examples": [{"input": ..., "target_scores": {option: 0 or 1, ...}}, ...]}``.
 Training uses the causal-LM machinery: ``prompt + " " + correct option + EOS`` with the loss on the answer
-tokens only. Evaluation does no generation: every option is appended to the prompt, one forward pass
-scores a batch of (prompt, option) sequences, and the prediction is the option with the highest
+tokens only. Evaluation does no generation: the prompt runs once, its options are scored on its cached
+keys and values (or, for models without a cache, every option is appended to the prompt and one forward
+scores a batch of such sequences), and the prediction is the option with the highest
 log-likelihood — summed over its tokens (``acc``) or divided by its length in characters (``acc_norm``),
 the two accuracies lm-evaluation-harness reports. The option text is scored exactly as it was trained:
 the same prompt tokens followed by the tokens of ``" " + option``.
@@ -23,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .collate import AnswerLogitsCollator, PaddingCollator, causal_lm_collator
+from .collate import AnswerLogitsCollator, PaddingCollator, cache_keyword, causal_lm_collator, keeps_logits
 from .loading import DataError
 
 MULTIPLE_CHOICE = "multiple-choice"
@@ -150,46 +151,129 @@ def training_features(examples: Sequence[ChoiceExample], tokenizer, max_length: 
     return tokenize_prompt_response(pairs, tokenizer, max_length)  # response tokens = the scored option's tokens
 
 
+Scored = tuple[int, int, list[int], int]  # question, option, prompt + option ids, how many trailing ids are the option's
+
+
 @torch.no_grad()
 def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], max_length: int = 256,
-                           batch_size: int = 16, answer_logits: bool | None = None) -> list[list[float]]:
+                           batch_size: int = 16, answer_logits: bool | None = None,
+                           share_prompts: bool | None = None) -> list[list[float]]:
     """Summed log-probability of every option's tokens given the prompt, one forward per batch of options.
 
-    ``answer_logits``: project only the options' positions onto the vocabulary (left padding and
-    ``logits_to_keep``, :class:`AnswerLogitsCollator`) — the same scores up to float summation order, for
-    less work. None: wherever the model supports it."""
-    sequences = []
+    ``share_prompts``: run each question's prompt once and score its options on the cached keys and values.
+    The prompt is most of every (prompt, option) sequence, so this skips most of the work; a question whose
+    options cut the prompt differently (truncation) is scored whole. ``answer_logits``: for sequences scored
+    whole, project only the options' positions onto the vocabulary (left padding and ``logits_to_keep``,
+    :class:`AnswerLogitsCollator`). Every path gives the same scores up to float summation order. None:
+    wherever the model supports it."""
+    if share_prompts is None:
+        share_prompts = cache_keyword(model) is not None
+    shared: list[tuple[int, list[int], list[list[int]]]] = []  # question, prompt ids, each option's ids
+    whole: list[Scored] = []
     for e, example in enumerate(examples):
-        for o, (ids, option_length) in enumerate(encode_choices(example, tokenizer, max_length)):
-            sequences.append((e, o, ids, option_length))
+        encoded = encode_choices(example, tokenizer, max_length)  # refuses indistinguishable options
+        prompt = _common_prompt(encoded) if share_prompts else None
+        if prompt is not None:
+            shared.append((e, prompt, [ids[len(prompt):] for ids, _ in encoded]))
+        else:
+            whole += [(e, o, ids, length) for o, (ids, length) in enumerate(encoded)]
     scores = [[0.0] * len(example.options) for example in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        _score_whole_sequences(model, whole, scores, pad, batch_size, answer_logits)
+        _score_on_shared_prompts(model, shared, scores, pad, batch_size)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _common_prompt(encoded: list[tuple[list[int], int]]) -> list[int] | None:
+    """The prompt ids every option of a question continues, or None where truncation cut them differently."""
+    prompts = {tuple(ids[:len(ids) - length]) for ids, length in encoded}
+    prompt = next(iter(prompts))
+    return list(prompt) if len(prompts) == 1 and prompt else None
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _score_whole_sequences(model, sequences: list[Scored], scores: list[list[float]], pad: int, batch_size: int,
+                           answer_logits: bool | None) -> None:
+    """Each (prompt + option) sequence in full, ``batch_size`` sequences a forward."""
     if answer_logits is None:
         collate = causal_lm_collator(model, pad)
     else:
         collate = (AnswerLogitsCollator if answer_logits else PaddingCollator)(pad_token_id=pad)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start:start + batch_size]
-            # labels mark each option's tokens, so the answer-only collator keeps just the logits they need
-            inputs = collate([{"input_ids": ids, "attention_mask": [1] * len(ids),
-                               "labels": [-100] * (len(ids) - length) + ids[len(ids) - length:]}
-                              for _, _, ids, length in batch])
-            labels = inputs.pop("labels")
-            logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits.float()
-            right_padded = collate.padding_side == "right"
-            for row, (e, o, ids, option_length) in enumerate(batch):
-                end = len(ids) if right_padded else logits.shape[1]  # one past the option's last token
-                # position t predicts token t+1: the option's L tokens are predicted at end-L-1 .. end-2
-                predicted = logits[row, end - option_length - 1:end - 1].log_softmax(-1)
-                targets = labels[row, end - option_length:end].to(predicted.device)
-                scores[e][o] = float(predicted.gather(1, targets[:, None]).sum())
-    finally:
-        model.train(was_training)
-    return scores
+    device = _device(model)
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        # labels mark each option's tokens, so the answer-only collator keeps just the logits they need
+        inputs = collate([{"input_ids": ids, "attention_mask": [1] * len(ids),
+                           "labels": [-100] * (len(ids) - length) + ids[len(ids) - length:]}
+                          for _, _, ids, length in batch])
+        labels = inputs.pop("labels")
+        logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits.float()
+        right_padded = collate.padding_side == "right"
+        for row, (e, o, ids, option_length) in enumerate(batch):
+            end = len(ids) if right_padded else logits.shape[1]  # one past the option's last token
+            # position t predicts token t+1: the option's L tokens are predicted at end-L-1 .. end-2
+            predicted = logits[row, end - option_length - 1:end - 1].log_softmax(-1)
+            targets = labels[row, end - option_length:end].to(predicted.device)
+            scores[e][o] = float(predicted.gather(1, targets[:, None]).sum())
+
+
+def _question_groups(questions: list, batch_size: int) -> list[list]:
+    """Consecutive questions with at most ``batch_size`` options in all (at least one question a group)."""
+    groups, current, count = [], [], 0
+    for question in questions:
+        options = len(question[2])
+        if current and count + options > batch_size:
+            groups.append(current)
+            current, count = [], 0
+        current.append(question)
+        count += options
+    return groups + [current] if current else groups
+
+
+def _score_on_shared_prompts(model, questions: list[tuple[int, list[int], list[list[int]]]],
+                             scores: list[list[float]], pad: int, batch_size: int) -> None:
+    """Two forwards a group of questions: the prompts (left-padded, keeping their keys and values and the
+    logits of their last position, which predict every option's first token), then all their options
+    (right-padded) on the prompt cache repeated once per option, at the positions that follow each prompt."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    device = _device(model)
+    cache_name = cache_keyword(model)
+    if questions and cache_name is None:
+        raise ValueError(f"{type(model).__name__} takes no cache of keys and values: score with share_prompts=False")
+    last_only = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    for group in _question_groups(questions, batch_size):
+        prompts = [torch.tensor(prompt) for _, prompt, _ in group]
+        prompt_ids = pad_sequence(prompts, batch_first=True, padding_value=pad, padding_side="left").to(device)
+        prompt_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True,
+                                   padding_side="left").to(device)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, **last_only)
+        first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
+        rows = torch.tensor([q for q, (_, _, options) in enumerate(group) for _ in options], device=device)
+        cache = getattr(out, cache_name)
+        cache.reorder_cache(rows)  # one copy of the question's prompt per option
+        options = [torch.tensor(ids) for _, _, option_ids in group for ids in option_ids]
+        option_ids = pad_sequence(options, batch_first=True, padding_value=pad).to(device)
+        option_mask = pad_sequence([torch.ones(len(o), dtype=torch.long) for o in options], batch_first=True).to(device)
+        positions = prompt_mask.sum(-1)[rows, None] + torch.arange(option_ids.shape[1], device=device)
+        logits = model(input_ids=option_ids, attention_mask=torch.cat([prompt_mask[rows], option_mask], dim=1),
+                       position_ids=positions, use_cache=True, **{cache_name: cache}).logits.float()
+        row = 0
+        for q, (e, _, option_list) in enumerate(group):
+            for o, ids in enumerate(option_list):
+                # token 0 is predicted by the prompt's last position, token t > 0 by option position t - 1
+                later = logits[row, :len(ids) - 1].log_softmax(-1).gather(1, option_ids[row, 1:len(ids), None])
+                scores[e][o] = float(first[q, ids[0]] + later.sum())
+                row += 1
 
 
 def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:
