@@ -60,7 +60,7 @@ class _TokenCounter:
         self.tokens += int(kwargs["input_ids"].numel())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama+lora"])
 def test_shared_prompts_score_as_whole_sequences_do_for_less_work(tmp_path, tiny_lm, family, monkeypatch):
     """The prompt cache, repeated per option at the positions after each prompt, gives every option the score
     the whole sequence gives it, with prompts of different lengths in one batch and batches cut between
@@ -71,8 +71,18 @@ def test_shared_prompts_score_as_whole_sequences_do_for_less_work(tmp_path, tiny
 
     llama, tokenizer = tiny_lm
     torch.manual_seed(3)
-    model = llama if family == "llama" else GPT2LMHeadModel(GPT2Config(
+    model = llama if family.startswith("llama") else GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)).eval()
+    if family == "llama+lora":  # as the CLI scores a tuned model: through PEFT's wrapper
+        import copy
+
+        from sparsepeft.models.peft import apply_method
+
+        model = apply_method(copy.deepcopy(llama), "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)  # a LoRA that changes the scores
+        model.eval()
     path = _write_task(tmp_path / "task.json", 9)
     data = json.loads(path.read_text())
     for k, example in enumerate(data["examples"]):  # prompts of different lengths, options of 2 and 3 tokens
