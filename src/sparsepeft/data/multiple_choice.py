@@ -243,27 +243,24 @@ def _score_on_shared_prompts(model, questions: list[tuple[int, list[int], list[l
     """Two forwards a group of questions: the prompts (left-padded, keeping their keys and values and the
     logits of their last position, which predict every option's first token), then all their options
     (right-padded) on the prompt cache repeated once per option, at the positions that follow each prompt."""
-    from torch.nn.utils.rnn import pad_sequence
-
     device = _device(model)
     cache_name = cache_keyword(model)
     if questions and cache_name is None:
         raise ValueError(f"{type(model).__name__} takes no cache of keys and values: score with share_prompts=False")
     last_only = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    left, right = PaddingCollator(pad, padding_side="left"), PaddingCollator(pad)
     for group in _question_groups(questions, batch_size):
-        prompts = [torch.tensor(prompt) for _, prompt, _ in group]
-        prompt_ids = pad_sequence(prompts, batch_first=True, padding_value=pad, padding_side="left").to(device)
-        prompt_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True,
-                                   padding_side="left").to(device)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, **last_only)
+        prompts = {k: v.to(device) for k, v in left([{"input_ids": p, "attention_mask": [1] * len(p)}
+                                                      for _, p, _ in group]).items()}
+        prompt_mask = prompts["attention_mask"]
+        out = model(**prompts, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **last_only)
         first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
         rows = torch.tensor([q for q, (_, _, options) in enumerate(group) for _ in options], device=device)
         cache = getattr(out, cache_name)
         cache.reorder_cache(rows)  # one copy of the question's prompt per option
-        options = [torch.tensor(ids) for _, _, option_ids in group for ids in option_ids]
-        option_ids = pad_sequence(options, batch_first=True, padding_value=pad).to(device)
-        option_mask = pad_sequence([torch.ones(len(o), dtype=torch.long) for o in options], batch_first=True).to(device)
+        options = right([{"input_ids": ids, "attention_mask": [1] * len(ids)} for _, _, option_ids in group
+                         for ids in option_ids])
+        option_ids, option_mask = options["input_ids"].to(device), options["attention_mask"].to(device)
         positions = prompt_mask.sum(-1)[rows, None] + torch.arange(option_ids.shape[1], device=device)
         logits = model(input_ids=option_ids, attention_mask=torch.cat([prompt_mask[rows], option_mask], dim=1),
                        position_ids=positions, use_cache=True, **{cache_name: cache}).logits.float()
