@@ -196,14 +196,10 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
                   + " | ".join(f"outside the grid: lr {lr:g}" for lr in OFF_GRID[family]) + " |",
                   "|" + " --- |" * (len(grid) + 2 + len(OFF_GRID[family]))]
         for arm in members:
-            cells = []
-            for lr in (*grid, None, *OFF_GRID[family]):
-                if lr is None:
-                    cells.append(f"{chosen_lr(args, arm):g}")
-                    continue
-                run = _existing(args, arm, lr, 0)
-                table.setdefault(arm, {})[f"{lr:g}"] = run["metrics"]["validation"] if run else None
-                cells.append(f"{100 * run['metrics']['validation'][SELECT_ON]:.2f}" if run else "not run")
+            runs = {lr: _existing(args, arm, lr, 0) for lr in (*grid, *OFF_GRID[family])}
+            table[arm] = {f"{lr:g}": run["metrics"]["validation"] if run else None for lr, run in runs.items()}
+            cells = [f"{100 * run['metrics']['validation'][SELECT_ON]:.2f}" if run else "not run" for run in runs.values()]
+            cells.insert(len(grid), f"{chosen_lr(args, arm):g}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines[1:]), table
 
