@@ -34,6 +34,10 @@ def test_cli_trains_lora_layer_wise(tiny_bert4_dir, tmp_path, strategy):
     assert len(history["selections"]) == 24 and all(len(s) == per_step for s in history["selections"])
     assert sum(results["layerwise"]["steps_trained_per_block"].values()) == 24 * per_step
     assert (out / "layerwise_heatmap.png").is_file() and (out / "adapter_model.safetensors").is_file()
+    # the loss curve (one entry per --logging-steps 1) is kept, and averages to the run's training loss
+    curve = results["train_log"]
+    assert [entry["step"] for entry in curve] == list(range(1, 25))
+    assert np.mean([entry["loss"] for entry in curve]) == pytest.approx(results["train_loss"], abs=1e-3)
     if strategy == "ist":
         assert [p["step"] for p in history["probes"]] == [4, 8, 12, 16, 20]
         assert any(v != 0 for v in results["layerwise"]["final_scores"].values())

@@ -280,6 +280,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_seconds": train_seconds,
         "train_loss": train_output.training_loss if train_output is not None else None,
         "train_steps": trainer.state.global_step,
+        "train_log": _loss_curve(trainer.state.log_history),
         "eval_seconds": eval_seconds,
         "learning_rate": training_args.learning_rate,
         "learning_rate_source": getattr(training_args, "learning_rate_source", "given"),
@@ -300,6 +301,12 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     if trainer.is_world_process_zero():
         write_json(output_dir / "results.json", results)
     return results
+
+
+def _loss_curve(log_history: list[dict]) -> list[dict]:
+    """Trainer's logged training losses (every --logging-steps), kept so a run's file shows whether it converged."""
+    keys = ("step", "loss", "learning_rate", "grad_norm")
+    return [{k: entry[k] for k in keys if k in entry} for entry in log_history if "loss" in entry]
 
 
 def _selection_summary(history: dict) -> dict:
