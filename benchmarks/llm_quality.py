@@ -23,6 +23,7 @@ interruption and can run in pieces. The model folder of a run is deleted once it
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import statistics
@@ -106,6 +107,9 @@ def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(target)
+    logs = Path(args.out) / "train_logs"  # Trainer's printed log: the loss curve of runs older than train_log
+    logs.mkdir(exist_ok=True)
+    shutil.copy(out / "train.log", logs / f"{run_name(arm, lr, seed)}.log")
     shutil.rmtree(out, ignore_errors=True)
     print(f"  {run_name(arm, lr, seed)}: {time.time() - start:.0f}s  validation {result['metrics']['validation']}",
           flush=True)
@@ -146,6 +150,67 @@ def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     if args.phase in ("seeds", "all"):
         runs += [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
     return runs
+
+
+LOGGING_STEPS = 10  # --logging-steps of every run (see command)
+
+
+def loss_curve(args, arm: str, lr: float | None, seed: int) -> list[tuple[int, float]]:
+    """(step, training loss) every LOGGING_STEPS steps: from the run file's train_log, or, for runs made before
+    results.json kept one, parsed from the run's printed Trainer log in OUT/train_logs."""
+    run = _existing(args, arm, lr, seed)
+    if run and run.get("train_log"):
+        return [(entry["step"], entry["loss"]) for entry in run["train_log"]]
+    log = Path(args.out) / "train_logs" / f"{run_name(arm, lr, seed)}.log"
+    if not log.is_file():
+        return []
+    logged = [ast.literal_eval(line) for line in log.read_text().splitlines() if line.startswith("{'loss'")]
+    return [(LOGGING_STEPS * (i + 1), float(entry["loss"])) for i, entry in enumerate(logged)]
+
+
+def convergence(args, arms: list[str]) -> tuple[str, dict]:
+    """Is the loss still falling at the end? Mean logged loss over each quarter of training, per run at each arm's
+    chosen rate: a run that converged has its last two quarters level."""
+    lines = ["| arm | lr | seed | loss, steps by quarter of training | last quarter − third quarter |",
+             "| --- | --- | --- | --- | --- |"]
+    table = {}
+    for arm in arms:
+        lr = chosen_lr(args, arm)
+        for seed in (0, 1, 2):
+            curve = loss_curve(args, arm, lr, seed) if lr is not None else []
+            if len(curve) < 4:
+                continue
+            losses = [loss for _, loss in curve]
+            quarter = len(losses) // 4
+            means = [statistics.mean(losses[i * quarter:(i + 1) * quarter]) for i in range(4)]
+            table[run_name(arm, lr, seed)] = {"quarter_means": means, "steps": curve[-1][0]}
+            lines.append(f"| {arm} | {lr:g} | {seed} | " + " → ".join(f"{m:.3f}" for m in means)
+                         + f" | {means[3] - means[2]:+.3f} |")
+    return "\n".join(lines), table
+
+
+def plot_loss_curves(args, arms: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for arm in arms:
+        lr = chosen_lr(args, arm)
+        curves = [c for seed in (0, 1, 2) if lr is not None and (c := loss_curve(args, arm, lr, seed))]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)  # the seeds' mean, step by step
+        steps = [step for step, _ in curves[0][:length]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(length)]
+        axis.plot(steps, mean, label=f"{arm} (lr {lr:g}, {len(curves)} seed{'s' * (len(curves) > 1)})")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel(f"training loss (mean of {LOGGING_STEPS} steps)")
+    axis.set_title("SmolLM2-135M on social_iqa: training loss at each arm's chosen rate")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def summary(args, arms: list[str]) -> tuple[str, dict]:
@@ -236,12 +301,18 @@ def main() -> None:
     markdown, table = summary(args, reported)
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
+    convergence_markdown, converged = convergence(args, reported)
+    markdown += "\n\nTraining loss by quarter of training, at each arm's chosen rate (runs whose log was kept):\n\n" \
+        + convergence_markdown
     print(markdown)
     if not args.smoke:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
-                                                                 "validation_grid": grid}, indent=2) + "\n")
+                                                                 "validation_grid": grid, "loss_by_quarter": converged},
+                                                                indent=2) + "\n")
+        if converged:
+            plot_loss_curves(args, reported, Path(args.out) / "loss_curves.png")
 
 
 if __name__ == "__main__":
