@@ -171,23 +171,33 @@ def loss_curve(args, arm: str, lr: float | None, seed: int) -> list[tuple[int, f
 
 
 def convergence(args, arms: list[str]) -> tuple[str, dict]:
-    """Is the loss still falling at the end? Mean logged loss over each quarter of training, per run at each arm's
-    chosen rate: a run that converged has its last two quarters level."""
-    lines = ["| arm | lr | seed | loss, steps by quarter of training | last quarter − third quarter |",
+    """Has the loss levelled off? Each run at its arm's chosen rate, from its logged loss (means of LOGGING_STEPS
+    steps). Training loss falls in steps at each epoch boundary (examples seen again are memorised), so the
+    curve over the whole run is no convergence signal. Two readings are: the loss in epoch 1, where every
+    batch is new (its early and late halves: level means the fit to unseen examples stopped improving), and
+    the mean loss of each epoch (how much of the fall is memorisation)."""
+    lines = ["| arm | lr | seed | epoch 1 (unseen examples): first half → second half | mean loss per epoch |",
              "| --- | --- | --- | --- | --- |"]
     table = {}
     for arm in arms:
         lr = chosen_lr(args, arm)
         for seed in (0, 1, 2):
             curve = loss_curve(args, arm, lr, seed) if lr is not None else []
-            if len(curve) < 4:
+            run = _existing(args, arm, lr, seed)
+            if len(curve) < 4 or run is None:
                 continue
-            losses = [loss for _, loss in curve]
-            quarter = len(losses) // 4
-            means = [statistics.mean(losses[i * quarter:(i + 1) * quarter]) for i in range(4)]
-            table[run_name(arm, lr, seed)] = {"quarter_means": means, "steps": curve[-1][0]}
-            lines.append(f"| {arm} | {lr:g} | {seed} | " + " → ".join(f"{m:.3f}" for m in means)
-                         + f" | {means[3] - means[2]:+.3f} |")
+            per_epoch = -(-run["train_samples"] // run["batch_size"])  # steps; the last batch of an epoch is short
+            epochs: dict[int, list[float]] = {}
+            for step, loss in curve:  # a logging window that straddles an epoch boundary belongs to neither
+                first, last = step - LOGGING_STEPS + 1, step
+                if (first - 1) // per_epoch == (last - 1) // per_epoch:
+                    epochs.setdefault((last - 1) // per_epoch + 1, []).append(loss)
+            unseen = [loss for step, loss in curve if step > 2 * LOGGING_STEPS and step <= per_epoch]  # after warm-up
+            halves = [statistics.mean(unseen[: len(unseen) // 2]), statistics.mean(unseen[len(unseen) // 2:])]
+            means = {epoch: statistics.mean(losses) for epoch, losses in sorted(epochs.items())}
+            table[run_name(arm, lr, seed)] = {"epoch1_halves": halves, "epoch_means": means, "steps_per_epoch": per_epoch}
+            lines.append(f"| {arm} | {lr:g} | {seed} | {halves[0]:.3f} → {halves[1]:.3f} | "
+                         + " · ".join(f"{epoch}: {mean:.3f}" for epoch, mean in means.items()) + " |")
     return "\n".join(lines), table
 
 
@@ -304,14 +314,14 @@ def main() -> None:
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     convergence_markdown, converged = convergence(args, reported)
-    markdown += "\n\nTraining loss by quarter of training, at each arm's chosen rate (runs whose log was kept):\n\n" \
+    markdown += "\n\nTraining loss at each arm's chosen rate (runs whose log was kept; see convergence()):\n\n" \
         + convergence_markdown
     print(markdown)
     if not args.smoke:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
-                                                                 "validation_grid": grid, "loss_by_quarter": converged},
+                                                                 "validation_grid": grid, "training_loss": converged},
                                                                 indent=2) + "\n")
         if converged:
             plot_loss_curves(args, reported, Path(args.out) / "loss_curves.png")
