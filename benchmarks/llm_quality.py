@@ -201,6 +201,43 @@ def convergence(args, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+REFERENCES = ("lora", "full")  # every arm is compared with these two
+
+
+def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
+    lr = chosen_lr(args, arm)
+    return [100 * r["metrics"][split][metric] for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed))]
+
+
+def comparisons(args, arms: list[str]) -> tuple[str, dict]:
+    """Each arm against LoRA and full FT, per split and metric: the difference of the seed means and Welch's t
+    (unequal variances) over the seeds. Every run is scored on the same questions, so this is over training
+    seeds only: it says whether a gap is larger than the seed-to-seed spread, not over the question sample."""
+    from scipy.stats import ttest_ind
+
+    lines = ["| arm | against | validation acc: diff (t, p) | test acc: diff (t, p) | test acc_norm: diff (t, p) |",
+             "| --- | --- | --- | --- | --- |"]
+    table = {}
+    for reference in REFERENCES:
+        for arm in arms:
+            if arm == reference or ARMS[arm][0] is None or arm in REFERENCES[:REFERENCES.index(reference)]:
+                continue  # the untrained floor, or a pair already shown the other way round
+            cells, entry = [], {}
+            for split, metric in (("validation", "acc"), ("test", "acc"), ("test", "acc_norm")):
+                ours, theirs = _seed_values(args, arm, split, metric), _seed_values(args, reference, split, metric)
+                if len(ours) < 2 or len(theirs) < 2:
+                    break
+                test = ttest_ind(ours, theirs, equal_var=False)
+                diff = statistics.mean(ours) - statistics.mean(theirs)
+                entry[f"{split}_{metric}"] = {"diff": diff, "t": float(test.statistic), "p": float(test.pvalue),
+                                              "seeds": [len(ours), len(theirs)]}
+                cells.append(f"{diff:+.2f} ({test.statistic:+.1f}, {test.pvalue:.2f})")
+            if len(cells) == 3:
+                table[f"{arm}_vs_{reference}"] = entry
+                lines.append(f"| {arm} | {reference} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), table
+
+
 def plot_loss_curves(args, arms: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -313,6 +350,9 @@ def main() -> None:
     markdown, table = summary(args, reported)
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
+    comparison_markdown, compared = comparisons(args, reported)
+    markdown += "\n\nEach arm with at least two seeds against LoRA and full FT (percentage points; Welch's t and " \
+        "two-sided p over training seeds):\n\n" + comparison_markdown
     convergence_markdown, converged = convergence(args, reported)
     markdown += "\n\nTraining loss at each arm's chosen rate (runs whose log was kept; see convergence()):\n\n" \
         + convergence_markdown
@@ -321,7 +361,8 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
-                                                                 "validation_grid": grid, "training_loss": converged},
+                                                                 "validation_grid": grid, "comparisons": compared,
+                                                                 "training_loss": converged},
                                                                 indent=2) + "\n")
         if converged:
             plot_loss_curves(args, reported, Path(args.out) / "loss_curves.png")
