@@ -204,9 +204,13 @@ def convergence(args, arms: list[str]) -> tuple[str, dict]:
 REFERENCES = ("lora", "full")  # every arm is compared with these two
 
 
-def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
+def _runs_at_chosen_rate(args, arm: str) -> list[dict]:
     lr = chosen_lr(args, arm)
-    return [100 * r["metrics"][split][metric] for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed))]
+    return [r for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed)) is not None]
+
+
+def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
+    return [100 * r["metrics"][split][metric] for r in _runs_at_chosen_rate(args, arm)]
 
 
 def comparisons(args, arms: list[str]) -> tuple[str, dict]:
@@ -269,7 +273,7 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
     table = {}
     for arm in arms:
         lr = chosen_lr(args, arm)
-        runs = [r for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed)) is not None]
+        runs = _runs_at_chosen_rate(args, arm)
         if arm == "zero-shot":
             runs = [r for r in [_existing(args, arm, None, 0)] if r is not None]
         if not runs:
