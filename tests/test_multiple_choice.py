@@ -183,6 +183,15 @@ def test_cli_trains_and_scores_multiple_choice_end_to_end(tiny_llama_lm_dir, tmp
     for split in ("validation", "test"):
         assert {"acc", "acc_norm", "answer_nll"} == set(lora["metrics"][split])
     assert zero["train_steps"] == 0 and lora["train_steps"] == 30
+    # each question's option log-likelihoods are kept, in the split's order: they give back the metrics, and two
+    # runs can be compared question by question
+    parts = split_examples(read_bigbench(path), seed=0)
+    for run in (zero, lora):
+        for split in ("validation", "test"):
+            scores = run["option_log_likelihoods"][split]
+            assert len(scores) == len(parts[split]) and all(len(s) == 3 for s in scores)
+            assert choice_metrics(parts[split], scores) == pytest.approx(run["metrics"][split], abs=0)
+    assert zero["option_log_likelihoods"]["test"] != lora["option_log_likelihoods"]["test"]
     # training on the answers lowers their negative log-likelihood on held-out questions
     assert lora["metrics"]["test"]["answer_nll"] < zero["metrics"]["test"]["answer_nll"]
     # a bad file is refused before anything is written

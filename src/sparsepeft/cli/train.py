@@ -14,7 +14,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from ..data import compute_metrics
 from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
-from ..data.multiple_choice import MultipleChoiceTask, evaluate_multiple_choice
+from ..data.multiple_choice import MultipleChoiceTask, choice_metrics, option_log_likelihoods
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
@@ -232,10 +232,12 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     train_peak = train_phase.read_mb()
     eval_start = time.perf_counter()
     metrics = {}
+    option_scores = {}  # per question of each split: what a paired comparison of two runs needs
     for split, features in evaluation.items():
         if isinstance(task, MultipleChoiceTask):
-            metrics[split] = evaluate_multiple_choice(model, tokenizer, features, model_args.max_seq_length,
-                                                      training_args.per_device_eval_batch_size)
+            option_scores[split] = option_log_likelihoods(model, tokenizer, features, model_args.max_seq_length,
+                                                          training_args.per_device_eval_batch_size)
+            metrics[split] = choice_metrics(features, option_scores[split])
             continue
         scores = trainer.evaluate(features, metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
@@ -291,6 +293,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None or "mask_fn" in options else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
+    if option_scores:  # the split is fixed by its seed, so runs on one file score the same questions in this order
+        results["option_log_likelihoods"] = option_scores
     if layerwise is not None and layerwise.history is not None:  # None when nothing was trained (--max-steps 0)
         results["layerwise"] = {**layerwise.stats, **_selection_summary(layerwise.history)}
     if mask is not None and mask.config.get("ird_report") is not None:  # which round IRD picked, and by what
