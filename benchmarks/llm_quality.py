@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import shutil
 import statistics
@@ -242,6 +243,66 @@ def comparisons(args, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+@functools.lru_cache(maxsize=None)
+def _split_questions(data_dir: str, seed: int) -> dict:
+    """The validation and test questions of a run's split, in the order its option scores were kept."""
+    from sparsepeft.data.multiple_choice import load_multiple_choice
+
+    return load_multiple_choice(Path(data_dir) / "social_iqa" / "task.json", split_seed=seed).evaluation
+
+
+def _correct(args, run: dict, split: str) -> list[bool] | None:
+    """Per question: did the run's highest summed log-likelihood fall on the right option (`acc`)?"""
+    scores = (run.get("option_log_likelihoods") or {}).get(split)
+    if scores is None:
+        return None
+    from sparsepeft.data.multiple_choice import choice_metrics
+
+    questions = _split_questions(args.data_dir, run["data_split"]["seed"])[split]
+    if len(questions) != len(scores) or choice_metrics(questions, scores)["acc"] != run["metrics"][split]["acc"]:
+        raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
+                         "score it against the task file it was trained on")
+    return [max(range(len(s)), key=s.__getitem__) == q.answer for s, q in zip(scores, questions)]
+
+
+def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
+    """Each arm against LoRA and full FT on the same questions, seed by seed, for runs that kept their option
+    scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
+    only the seed-to-seed spread of accuracies; this sees which questions changed, so it separates smaller gaps
+    (it is conditional on the question sample, as every accuracy here is)."""
+    from scipy.stats import binomtest
+
+    lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    table = {}
+    for reference in REFERENCES:
+        theirs = {r["seed"]: r for r in _runs_at_chosen_rate(args, reference)}
+        for arm in arms:
+            if arm == reference or ARMS[arm][0] is None or arm in REFERENCES[:REFERENCES.index(reference)]:
+                continue
+            for run in _runs_at_chosen_rate(args, arm):
+                other = theirs.get(run["seed"])
+                for split in ("validation", "test"):
+                    ours = _correct(args, run, split)
+                    against = _correct(args, other, split) if other is not None else None
+                    if ours is None or against is None:
+                        continue
+                    only_ours = sum(a and not b for a, b in zip(ours, against))
+                    only_theirs = sum(b and not a for a, b in zip(ours, against))
+                    discordant = only_ours + only_theirs
+                    p = binomtest(only_ours, discordant, 0.5).pvalue if discordant else 1.0
+                    diff = 100 * (only_ours - only_theirs) / len(ours)
+                    table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}"] = {
+                        "diff": diff, "only_arm_right": only_ours, "only_reference_right": only_theirs,
+                        "questions": len(ours), "mcnemar_p": float(p)}
+                    lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {diff:+.2f} | "
+                                 f"{only_ours} / {only_theirs} | {p:.3f} |")
+    if not table:
+        lines.append("| (no pair of runs at a shared seed kept its option scores: runs before 027d6d5 did not) "
+                     "| | | | | | |")
+    return "\n".join(lines), table
+
+
 def plot_loss_curves(args, arms: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -357,6 +418,9 @@ def main() -> None:
     comparison_markdown, compared = comparisons(args, reported)
     markdown += "\n\nEach arm with at least two seeds against LoRA and full FT (percentage points; Welch's t and " \
         "two-sided p over training seeds):\n\n" + comparison_markdown
+    paired_markdown, paired = paired_comparisons(args, reported)
+    markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " \
+        "(exact McNemar test on the questions only one of the two runs gets right):\n\n" + paired_markdown
     convergence_markdown, converged = convergence(args, reported)
     markdown += "\n\nTraining loss at each arm's chosen rate (runs whose log was kept; see convergence()):\n\n" \
         + convergence_markdown
@@ -365,7 +429,7 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
-                                                                 "validation_grid": grid, "comparisons": compared,
+                                                                 "validation_grid": grid, "comparisons": compared, "paired": paired,
                                                                  "training_loss": converged},
                                                                 indent=2) + "\n")
         if converged:

@@ -1,0 +1,80 @@
+"""benchmarks/llm_quality.py's question-by-question comparison: McNemar counts from kept option scores."""
+
+import argparse
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+
+from conftest import WORDS
+from sparsepeft.data.multiple_choice import choice_metrics, load_multiple_choice
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_quality.py"
+
+
+@pytest.fixture(scope="module")
+def llm_quality():
+    spec = importlib.util.spec_from_file_location("llm_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _task(folder: Path, n: int = 60) -> Path:
+    examples = [{"input": f"q{i} {WORDS[i % len(WORDS)]}",
+                 "target_scores": {f"{WORDS[(i + k) % len(WORDS)]} {k}": int(k == i % 3) for k in range(3)}}
+                for i in range(n)]
+    path = folder / "social_iqa" / "task.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"canary": "test data written by the test", "examples": examples}))
+    return path
+
+
+def _run(method: str, questions: dict, right: dict, lr: float) -> dict:
+    """A run file whose option scores put the top score on the answer exactly for the questions in ``right``."""
+    scores, metrics = {}, {}
+    for split, items in questions.items():
+        scores[split] = [[0.0 if (k == q.answer) == (i in right[split]) else -1.0 - k for k in range(3)]
+                         for i, q in enumerate(items)]
+        metrics[split] = choice_metrics(items, scores[split])
+    return {"method": method, "seed": 0, "learning_rate": lr, "data_split": {"seed": 0}, "metrics": metrics,
+            "option_log_likelihoods": scores}
+
+
+def test_paired_comparison_counts_the_questions_only_one_run_gets_right(tmp_path, llm_quality):
+    task = _task(tmp_path / "data")
+    questions = load_multiple_choice(task, split_seed=0).evaluation
+    rng = random.Random(0)
+    right = {name: {split: {i for i in range(len(items)) if rng.random() < share} for split, items in questions.items()}
+             for name, share in (("lora", 0.4), ("full", 0.7))}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora_lr0.003_seed0.json").write_text(json.dumps(_run("lora", questions, right["lora"], 3e-3)))
+    (out / "full_lr0.0003_seed0.json").write_text(json.dumps(_run("full", questions, right["full"], 3e-4)))
+    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
+    for split, items in questions.items():
+        only_full = len(right["full"][split] - right["lora"][split])
+        only_lora = len(right["lora"][split] - right["full"][split])
+        entry = table[f"full_vs_lora_seed0_{split}"]
+        assert (entry["only_arm_right"], entry["only_reference_right"]) == (only_full, only_lora)
+        assert entry["diff"] == pytest.approx(100 * (only_full - only_lora) / len(items))
+        assert entry["mcnemar_p"] == pytest.approx(binomtest(only_full, only_full + only_lora, 0.5).pvalue)
+    assert "| full | lora | 0 | test |" in markdown
+
+
+def test_paired_comparison_refuses_scores_from_another_split(tmp_path, llm_quality):
+    task = _task(tmp_path / "data")
+    questions = load_multiple_choice(task, split_seed=0).evaluation
+    run = _run("lora", questions, {split: {0, 1, 2} for split in questions}, 3e-3)
+    run["metrics"]["test"]["acc"] += 0.5  # the kept scores no longer give back the run's own accuracy
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora_lr0.003_seed0.json").write_text(json.dumps(run))
+    (out / "full_lr0.0003_seed0.json").write_text(json.dumps(run | {"method": "full"}))
+    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    with pytest.raises(SystemExit, match="do not match"):
+        llm_quality.paired_comparisons(args, ["full", "lora"])
