@@ -203,6 +203,15 @@ def convergence(args, arms: list[str]) -> tuple[str, dict]:
 
 
 REFERENCES = ("lora", "full")  # every arm is compared with these two
+# and pairs that answer one question each: do IST's scores beat drawing the same number of blocks uniformly?
+EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"))
+
+
+def _pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(arm, reference) for every trained arm against LoRA and full FT (each pair once), then EXTRA_PAIRS."""
+    pairs = [(arm, reference) for reference in REFERENCES for arm in arms
+             if arm != reference and ARMS[arm][0] is not None and arm not in REFERENCES[:REFERENCES.index(reference)]]
+    return pairs + [(arm, reference) for arm, reference in EXTRA_PAIRS if arm in arms and reference in arms]
 
 
 def _runs_at_chosen_rate(args, arm: str) -> list[dict]:
@@ -215,7 +224,7 @@ def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
 
 
 def comparisons(args, arms: list[str]) -> tuple[str, dict]:
-    """Each arm against LoRA and full FT, per split and metric: the difference of the seed means and Welch's t
+    """Each arm against LoRA and full FT (and EXTRA_PAIRS), per split and metric: the difference of the seed means and Welch's t
     (unequal variances) over the seeds. Every run is scored on the same questions, so this is over training
     seeds only: it says whether a gap is larger than the seed-to-seed spread, not over the question sample."""
     from scipy.stats import ttest_ind
@@ -223,23 +232,20 @@ def comparisons(args, arms: list[str]) -> tuple[str, dict]:
     lines = ["| arm | against | validation acc: diff (t, p) | test acc: diff (t, p) | test acc_norm: diff (t, p) |",
              "| --- | --- | --- | --- | --- |"]
     table = {}
-    for reference in REFERENCES:
-        for arm in arms:
-            if arm == reference or ARMS[arm][0] is None or arm in REFERENCES[:REFERENCES.index(reference)]:
-                continue  # the untrained floor, or a pair already shown the other way round
-            cells, entry = [], {}
-            for split, metric in (("validation", "acc"), ("test", "acc"), ("test", "acc_norm")):
-                ours, theirs = _seed_values(args, arm, split, metric), _seed_values(args, reference, split, metric)
-                if len(ours) < 2 or len(theirs) < 2:
-                    break
-                test = ttest_ind(ours, theirs, equal_var=False)
-                diff = statistics.mean(ours) - statistics.mean(theirs)
-                entry[f"{split}_{metric}"] = {"diff": diff, "t": float(test.statistic), "p": float(test.pvalue),
-                                              "seeds": [len(ours), len(theirs)]}
-                cells.append(f"{diff:+.2f} ({test.statistic:+.1f}, {test.pvalue:.2f})")
-            if len(cells) == 3:
-                table[f"{arm}_vs_{reference}"] = entry
-                lines.append(f"| {arm} | {reference} | " + " | ".join(cells) + " |")
+    for arm, reference in _pairs(arms):
+        cells, entry = [], {}
+        for split, metric in (("validation", "acc"), ("test", "acc"), ("test", "acc_norm")):
+            ours, theirs = _seed_values(args, arm, split, metric), _seed_values(args, reference, split, metric)
+            if len(ours) < 2 or len(theirs) < 2:
+                break
+            test = ttest_ind(ours, theirs, equal_var=False)
+            diff = statistics.mean(ours) - statistics.mean(theirs)
+            entry[f"{split}_{metric}"] = {"diff": diff, "t": float(test.statistic), "p": float(test.pvalue),
+                                          "seeds": [len(ours), len(theirs)]}
+            cells.append(f"{diff:+.2f} ({test.statistic:+.1f}, {test.pvalue:.2f})")
+        if len(cells) == 3:
+            table[f"{arm}_vs_{reference}"] = entry
+            lines.append(f"| {arm} | {reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines), table
 
 
@@ -266,7 +272,7 @@ def _correct(args, run: dict, split: str) -> list[bool] | None:
 
 
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
-    """Each arm against LoRA and full FT on the same questions, seed by seed, for runs that kept their option
+    """Each pair of comparisons() on the same questions, seed by seed, for runs that kept their option
     scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
     only the seed-to-seed spread of accuracies; this sees which questions changed, so it separates smaller gaps
     (it is conditional on the question sample, as every accuracy here is)."""
@@ -275,28 +281,25 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     table = {}
-    for reference in REFERENCES:
+    for arm, reference in _pairs(arms):
         theirs = {r["seed"]: r for r in _runs_at_chosen_rate(args, reference)}
-        for arm in arms:
-            if arm == reference or ARMS[arm][0] is None or arm in REFERENCES[:REFERENCES.index(reference)]:
-                continue
-            for run in _runs_at_chosen_rate(args, arm):
-                other = theirs.get(run["seed"])
-                for split in ("validation", "test"):
-                    ours = _correct(args, run, split)
-                    against = _correct(args, other, split) if other is not None else None
-                    if ours is None or against is None:
-                        continue
-                    only_ours = sum(a and not b for a, b in zip(ours, against))
-                    only_theirs = sum(b and not a for a, b in zip(ours, against))
-                    discordant = only_ours + only_theirs
-                    p = binomtest(only_ours, discordant, 0.5).pvalue if discordant else 1.0
-                    diff = 100 * (only_ours - only_theirs) / len(ours)
-                    table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}"] = {
-                        "diff": diff, "only_arm_right": only_ours, "only_reference_right": only_theirs,
-                        "questions": len(ours), "mcnemar_p": float(p)}
-                    lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {diff:+.2f} | "
-                                 f"{only_ours} / {only_theirs} | {p:.3f} |")
+        for run in _runs_at_chosen_rate(args, arm):
+            other = theirs.get(run["seed"])
+            for split in ("validation", "test"):
+                ours = _correct(args, run, split)
+                against = _correct(args, other, split) if other is not None else None
+                if ours is None or against is None:
+                    continue
+                only_ours = sum(a and not b for a, b in zip(ours, against))
+                only_theirs = sum(b and not a for a, b in zip(ours, against))
+                discordant = only_ours + only_theirs
+                p = binomtest(only_ours, discordant, 0.5).pvalue if discordant else 1.0
+                diff = 100 * (only_ours - only_theirs) / len(ours)
+                table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}"] = {
+                    "diff": diff, "only_arm_right": only_ours, "only_reference_right": only_theirs,
+                    "questions": len(ours), "mcnemar_p": float(p)}
+                lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {diff:+.2f} | "
+                             f"{only_ours} / {only_theirs} | {p:.3f} |")
     if not table:
         lines.append("| (no pair of runs at a shared seed kept its option scores: runs before 027d6d5 did not) "
                      "| | | | | | |")
@@ -416,7 +419,7 @@ def main() -> None:
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     comparison_markdown, compared = comparisons(args, reported)
-    markdown += "\n\nEach arm with at least two seeds against LoRA and full FT (percentage points; Welch's t and " \
+    markdown += "\n\nEach arm with at least two seeds against LoRA and full FT, and IST against uniform draws (percentage points; Welch's t and " \
         "two-sided p over training seeds):\n\n" + comparison_markdown
     paired_markdown, paired = paired_comparisons(args, reported)
     markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " \
