@@ -419,8 +419,8 @@ def main() -> None:
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     comparison_markdown, compared = comparisons(args, reported)
-    markdown += "\n\nEach arm with at least two seeds against LoRA and full FT, and IST against uniform draws (percentage points; Welch's t and " \
-        "two-sided p over training seeds):\n\n" + comparison_markdown
+    markdown += "\n\nEach arm with at least two seeds against LoRA and full FT, and IST against uniform draws " \
+        "(percentage points; Welch's t and two-sided p over training seeds):\n\n" + comparison_markdown
     paired_markdown, paired = paired_comparisons(args, reported)
     markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " \
         "(exact McNemar test on the questions only one of the two runs gets right):\n\n" + paired_markdown
