@@ -224,8 +224,8 @@ def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
 
 
 def comparisons(args, arms: list[str]) -> tuple[str, dict]:
-    """Each arm against LoRA and full FT (and EXTRA_PAIRS), per split and metric: the difference of the seed means and Welch's t
-    (unequal variances) over the seeds. Every run is scored on the same questions, so this is over training
+    """Each arm against LoRA and full FT (and EXTRA_PAIRS), per split and metric: the difference of the seed
+    means and Welch's t (unequal variances) over the seeds. Every run is scored on the same questions, so this is over training
     seeds only: it says whether a gap is larger than the seed-to-seed spread, not over the question sample."""
     from scipy.stats import ttest_ind
 
@@ -262,13 +262,14 @@ def _correct(args, run: dict, split: str) -> list[bool] | None:
     scores = (run.get("option_log_likelihoods") or {}).get(split)
     if scores is None:
         return None
-    from sparsepeft.data.multiple_choice import choice_metrics
+    from sparsepeft.data.multiple_choice import answer_hits
 
     questions = _split_questions(args.data_dir, run["data_split"]["seed"])[split]
-    if len(questions) != len(scores) or choice_metrics(questions, scores)["acc"] != run["metrics"][split]["acc"]:
+    hits = answer_hits(questions, scores)
+    if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
                          "score it against the task file it was trained on")
-    return [max(range(len(s)), key=s.__getitem__) == q.answer for s, q in zip(scores, questions)]
+    return hits
 
 
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:

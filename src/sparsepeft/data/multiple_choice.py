@@ -276,22 +276,23 @@ def _score_on_shared_prompts(model, questions: list[tuple[int, list[int], list[l
 def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:
     """``acc`` (highest summed log-likelihood), ``acc_norm`` (per character of the option, with its leading
     space, as lm-evaluation-harness does) and the mean per-example negative log-likelihood of the answer."""
-    hits = hits_norm = 0
+    hits = sum(answer_hits(examples, scores))
+    hits_norm = 0
     nll = 0.0
     for example, option_scores in zip(examples, scores):
         lengths = [len(example.continuation(i)) for i in range(len(example.options))]
-        hits += _argmax(option_scores) == example.answer
         hits_norm += _argmax([s / n for s, n in zip(option_scores, lengths)]) == example.answer
         nll -= option_scores[example.answer]
     n = max(len(examples), 1)
     return {"acc": hits / n, "acc_norm": hits_norm / n, "answer_nll": nll / n}
 
 
+def answer_hits(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> list[bool]:
+    """Per question: does the highest summed log-likelihood fall on the right option (``acc``)? Two runs scored
+    on the same questions are compared question by question through this."""
+    return [_argmax(option_scores) == example.answer for example, option_scores in zip(examples, scores)]
+
+
 def _argmax(values: Sequence[float]) -> int:
     best = max(values)
     return next(i for i, v in enumerate(values) if v == best) if not math.isnan(best) else -1
-
-
-def evaluate_multiple_choice(model, tokenizer, examples: Sequence[ChoiceExample], max_length: int = 256,
-                             batch_size: int = 16) -> dict[str, float]:
-    return choice_metrics(examples, option_log_likelihoods(model, tokenizer, examples, max_length, batch_size))
