@@ -175,3 +175,44 @@ def test_streamed_global_topk_on_a_real_fisher(chunk, monkeypatch):
     k = round(0.01 * sum(f.numel() for f in fisher.values()))
     streamed, reference = global_topk(fisher, k), _concatenated_topk(fisher, k)
     assert all(torch.equal(streamed[n], reference[n]) for n in fisher)
+
+
+def _awkward_scores(seed):
+    """Negative values, both zeros, infinities, NaN, subnormals, heavy ties, two dtypes, bf16."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(50, 30, generator=g) * 10.0 ** torch.randint(-30, 30, (50, 30), generator=g)
+    a.view(-1)[:40] = torch.tensor([0.0, -0.0] * 20)
+    a.view(-1)[40:46] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.4e38])
+    b = torch.randint(-3, 3, (777,), generator=g).double() * 0.5  # float64: the ranking runs in float64
+    c = torch.randn(64, 8, generator=g).to(torch.bfloat16)
+    d = -torch.rand(100, generator=g)  # all negative
+    return {"a": a, "b": b, "c": c, "d": d}
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 97])
+@pytest.mark.parametrize("seed", range(3))
+def test_radix_select_equals_one_stable_sort_on_awkward_scores(seed, chunk, monkeypatch):
+    from sparsepeft.selection import topk
+    from sparsepeft.selection.topk import global_topk
+
+    monkeypatch.setattr(topk, "CHUNK", chunk)
+    scores = _awkward_scores(seed)
+    total = sum(v.numel() for v in scores.values())
+    for k in (1, 2, 39, 40, 41, 500, 1500, 2000, 2300, total - 1):
+        chosen, reference = global_topk(scores, k), _concatenated_topk(scores, k)
+        for name in scores:
+            assert torch.equal(chosen[name], reference[name]), (k, name)
+    float32_only = {n: v for n, v in scores.items() if v.dtype != torch.float64}  # the float32 (2-pass) path
+    for k in (3, 777, 1600):
+        chosen, reference = global_topk(float32_only, k), _concatenated_topk(float32_only, k)
+        assert all(torch.equal(chosen[n], reference[n]) for n in float32_only), k
+
+
+def test_per_tensor_topk_equals_a_stable_sort_per_tensor():
+    from sparsepeft.selection.topk import per_tensor_topk, proportional_quotas
+
+    scores = _awkward_scores(5)
+    quotas = proportional_quotas({n: v.numel() for n, v in scores.items()}, 400)
+    chosen = per_tensor_topk(scores, 400)
+    for name, value in scores.items():
+        assert torch.equal(chosen[name], _concatenated_topk({name: value}, quotas[name])[name]), name

@@ -153,7 +153,7 @@ def _delta(tmp_path, names, ratio=0.1, always_train=()):
     import copy
 
     from sparsepeft import select_mask
-    from sparsepeft.engines.delta import base_content_hash, save_delta
+    from sparsepeft.engines.delta import save_delta
     from sparsepeft.selection.mask import model_fingerprint
 
     base = make_model("llama-lm")
@@ -166,7 +166,7 @@ def _delta(tmp_path, names, ratio=0.1, always_train=()):
         for name, index in mask.indices.items():
             params[name].view(-1)[index] += torch.randn(index.numel(), generator=g)
     path = tmp_path / "sparse_delta.safetensors"
-    save_delta(trained, mask, path, base_content_hash(base), fingerprint=model_fingerprint(base))
+    save_delta(trained, mask, path, fingerprint=model_fingerprint(base))
     return base, trained, mask, path
 
 
@@ -220,7 +220,7 @@ def test_cli_exports_a_fitting_delta_and_refuses_a_whole_model_fish_delta(tiny_l
     from transformers import AutoModelForCausalLM
 
     from sparsepeft import select_mask
-    from sparsepeft.engines.delta import base_content_hash, save_delta
+    from sparsepeft.engines.delta import save_delta
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_lm_dir)
     scores = {n: torch.rand(p.shape) for n, p in base.named_parameters() if n.endswith("v_proj.weight")}
@@ -229,7 +229,7 @@ def test_cli_exports_a_fitting_delta_and_refuses_a_whole_model_fish_delta(tiny_l
     with torch.no_grad():
         for name, index in mask.indices.items():
             dict(trained.named_parameters())[name].view(-1)[index] += 0.5
-    save_delta(trained, mask, tmp_path / "fits.safetensors", base_content_hash(base))
+    save_delta(trained, mask, tmp_path / "fits.safetensors")
     assert main(["export-shira", "--model", str(tiny_llama_lm_dir), "--delta", str(tmp_path / "fits.safetensors"),
                  "--output-dir", str(tmp_path / "adapter")]) == 0
     assert "SHiRA adapter (r=" in capsys.readouterr().out

@@ -167,3 +167,97 @@ def test_a_delta_loads_into_a_base_whose_fresh_head_was_initialised_differently(
         base.bert.pooler.dense.bias.add_(1e-3)  # any other tensor differing is still refused
     with pytest.raises(DeltaMismatchError, match="weights differ"):
         apply_delta(base, tmp_path / "delta.safetensors")
+
+
+def test_attach_and_training_read_no_weight_and_the_first_save_hashes_once(tmp_path, monkeypatch):
+    from sparsepeft.engines import delta
+
+    hashed = []
+    real = delta._hash_tensor
+    monkeypatch.setattr(delta, "_hash_tensor", lambda digest, name, value: (hashed.append(name), real(digest, name, value)))
+    model = make_model("bert")
+    engine, _ = _loop(model, SparseDeltaEngine, _mask(model, ratio=0.02), steps=2)
+    assert hashed == []  # attach and training steps never copy a weight to the host
+    engine.save_delta(tmp_path / "a.safetensors")
+    first = len(hashed)
+    assert first > 0
+    engine.save_delta(tmp_path / "b.safetensors")  # the frozen entries cannot have changed: hash kept
+    assert len(hashed) == first
+
+
+def test_frozen_entry_hash_refuses_another_base_and_accepts_one_that_differs_only_where_trained(tmp_path):
+    model = make_model("bert")
+    mask = _mask(model, ratio=0.02)
+    engine, _ = _loop(model, SparseDeltaEngine, mask, steps=3)
+    engine.save_delta(tmp_path / "delta.safetensors")
+    engine.detach()
+    other = make_model("bert")
+    name = next(n for n in mask.indices if not mask.is_full(n))
+    with torch.no_grad():  # the entries the delta overwrites are not part of the base's identity
+        dict(other.named_parameters())[name].view(-1)[mask.indices[name]] += 1.0
+    rebuilt = apply_delta(other, tmp_path / "delta.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), rebuilt.parameters()))
+    moved = make_model("bert")
+    frozen = (~mask.dense(name)).nonzero()[0]
+    with torch.no_grad():  # one frozen entry of another value: another base
+        dict(moved.named_parameters())[name][tuple(frozen)] += 1e-3
+    with pytest.raises(DeltaMismatchError, match="weights differ"):
+        apply_delta(moved, tmp_path / "delta.safetensors")
+
+
+def test_a_delta_written_before_the_hash_scope_is_still_checked_against_the_whole_base(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sparsepeft.engines.delta import DELTA_HEADER_KEY, base_content_hash, fully_trained
+
+    model = make_model("bert")
+    mask = _mask(model, ratio=0.02)
+    legacy_hash = base_content_hash(model, skip=fully_trained(mask))  # what attach used to compute
+    engine, _ = _loop(model, SparseDeltaEngine, mask, steps=2)
+    engine.save_delta(tmp_path / "new.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as handle:
+        header = json.loads(handle.metadata()[DELTA_HEADER_KEY])
+    header.pop("base_hash_scope")
+    header["base_hash"] = legacy_hash
+    save_file(load_file(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors"),
+              metadata={DELTA_HEADER_KEY: json.dumps(header)})
+    engine.detach()
+    rebuilt = apply_delta(make_model("bert"), tmp_path / "old.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), rebuilt.parameters()))
+    with pytest.raises(DeltaMismatchError, match="weights differ"):
+        apply_delta(make_model("bert", seed=5), tmp_path / "old.safetensors")
+
+
+def _train_steps(model, engine, steps=4):
+    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=5e-3, weight_decay=0.1)
+    engine.attach_optimizer(optimizer)
+    batches = _batches()
+    model.train()
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("engine_cls", [SparseDeltaEngine, DenseMaskEngine])
+def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(engine_cls):
+    mask = _mask(make_model("bert"), ratio=0.02)
+    reference = make_model("bert").double()  # moved before attach
+    _train_steps(reference, engine_cls(reference, mask).attach())
+    moved = make_model("bert")
+    engine = engine_cls(moved, mask).attach()
+    tensors = lambda: [*moved.named_parameters(), *moved.named_buffers()]  # noqa: E731 (non-persistent too)
+    saved = {name: value.detach().clone() for name, value in tensors()}
+    moved.to("meta")  # e.g. a loader that materialises later: buffers and weights are replaced
+    moved.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, value in tensors():
+            value.copy_(saved[name])
+    moved.double()  # attached in float32, trained in float64
+    _train_steps(moved, engine)
+    for (name, a), (_, b) in zip(reference.named_parameters(), moved.named_parameters()):
+        assert torch.equal(a, b), name

@@ -2,16 +2,20 @@
 
 A delta file holds, per partly-trained tensor, the flat indices of its trained entries and their
 values after training; tensors trained in full (the task head) are stored whole. Its header carries
-the model fingerprint (names and shapes) and a content hash of the *base* weights the delta applies to,
-so ``apply_delta`` on any other base — another architecture, or the same architecture with other
-weights — is refused instead of silently producing a different model.
+the model fingerprint (names and shapes) and a content hash of the *frozen* entries — every base weight
+the delta does not overwrite — so ``apply_delta`` on any other base (another architecture, or the same
+architecture with other weights) is refused instead of silently producing a different model.
+
+Hashing only the frozen entries is what lets the hash be taken when a delta is written rather than when
+an engine is attached: training never moves a frozen entry, so the trained model's frozen entries are the
+base's. Attaching therefore reads no weight, and a run that never saves a delta never hashes at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -24,36 +28,72 @@ DELTA_HEADER_KEY = "sparsepeft_delta"
 _INDEX, _VALUES, _DENSE = "::indices", "::values", "::dense"
 
 
+FROZEN_HASH = "frozen-entries"  # header["base_hash_scope"] of deltas whose hash skips the trained entries
+
+
 class DeltaMismatchError(ValueError):
     """The delta was made from another base model."""
+
+
+def _hash_tensor(digest, name: str, value: torch.Tensor) -> None:
+    digest.update(name.encode())
+    digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy())
 
 
 def base_content_hash(model: nn.Module, skip: Iterable[str] = ()) -> str:
     """SHA-256 over the bytes of every parameter except ``skip`` (tensors the delta replaces whole).
 
-    Skipping whole-trained tensors matters: a freshly initialised task head differs on every load, and
-    the delta overwrites it anyway.
-    """
+    The hash of deltas written before ``base_hash_scope`` existed; still used to check those."""
     skip = set(skip)
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if name in skip:
-            continue
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if name not in skip:
+            _hash_tensor(digest, name, param)
     return digest.hexdigest()
+
+
+def frozen_content_hash(params: Iterable[tuple[str, torch.Tensor]], trained: Mapping[str, torch.Tensor],
+                        whole: Iterable[str]) -> str:
+    """SHA-256 over every parameter's frozen entries: ``whole`` tensors are skipped, and the ``trained`` flat
+    indices of a tensor are hashed as zeros.
+
+    Equal for a base model and for any model trained from it by the delta's entries alone, and different
+    for another checkpoint (unless it differs only where the delta overwrites, which gives the same model
+    after ``apply_delta`` anyway). One tensor at a time is copied to the host."""
+    whole = set(whole)
+    digest = hashlib.sha256()
+    for name, param in sorted(params, key=lambda item: item[0]):
+        if name in whole:
+            continue
+        value = param.detach()
+        index = trained.get(name)
+        if index is not None and index.numel():
+            value = value.reshape(-1).clone()
+            value[index.to(value.device)] = 0
+        _hash_tensor(digest, name, value)
+    return digest.hexdigest()
+
+
+def mask_frozen_hash(params: Iterable[tuple[str, torch.Tensor]], mask: SparseMask) -> str:
+    """:func:`frozen_content_hash` of the model's ``params`` (``named_parameters()`` of the plain model)
+    outside what ``mask`` trains."""
+    whole = fully_trained(mask)
+    trained = {n: i for n, i in mask.indices.items() if n not in whole}
+    return frozen_content_hash(params, trained, whole)
 
 
 def fully_trained(mask: SparseMask) -> list[str]:
     return [n for n in mask.shapes if mask.kept(n) and mask.is_full(n)]
 
 
-def save_delta(model: nn.Module, mask: SparseMask, path: str | os.PathLike, base_hash: str,
+def save_delta(model: nn.Module, mask: SparseMask, path: str | os.PathLike, base_hash: str | None = None,
                fingerprint: str | None = None) -> int:
     """Write the mask's entries of ``model`` to ``path`` (atomic); returns the file size in bytes.
 
-    ``fingerprint`` is that of the plain base model (default: ``model``'s own, right for a model with no
-    engine attached)."""
+    ``model`` is the trained model (or the base itself): only the mask's entries may differ from the
+    base. ``base_hash`` is :func:`mask_frozen_hash` of it, if already known (an engine keeps it between
+    checkpoints). ``fingerprint`` is that of the plain base model (default: ``model``'s own, right for a
+    model with no engine attached)."""
     params = dict(model.named_parameters())
     tensors = {}
     for name, index in mask.indices.items():
@@ -67,7 +107,8 @@ def save_delta(model: nn.Module, mask: SparseMask, path: str | os.PathLike, base
     header = {
         "format_version": DELTA_FORMAT_VERSION,
         "fingerprint": fingerprint or model_fingerprint(model),
-        "base_hash": base_hash,
+        "base_hash": base_hash or mask_frozen_hash(model.named_parameters(), mask),
+        "base_hash_scope": FROZEN_HASH,
         "architecture": type(model).__name__,  # which Auto class rebuilds the model (merge)
         "shapes": {n: list(s) for n, s in mask.shapes.items()},
         "mask_config": mask.config,
@@ -89,11 +130,18 @@ def check_delta_base(model: nn.Module, header: dict, tensors: dict, path, verify
             f"({header.get('mask_config', {}).get('model', 'unknown')}); load that base model first."
         )
     whole = dense_tensor_names(tensors)
-    if verify_base and header.get("base_hash") and base_content_hash(model, skip=whole) != header["base_hash"]:
+    if verify_base and header.get("base_hash") and _base_hash(model, header, tensors, whole) != header["base_hash"]:
         raise DeltaMismatchError(
             f"{path} was trained from a base model whose weights differ from this one's (same architecture, "
             "other checkpoint). Load the exact base checkpoint the delta was made from."
         )
+
+
+def _base_hash(model: nn.Module, header: dict, tensors: dict, whole: list[str]) -> str:
+    if header.get("base_hash_scope") == FROZEN_HASH:
+        trained = {n: index for n, (index, _) in sparse_entries(tensors).items()}
+        return frozen_content_hash(model.named_parameters(), trained, whole)
+    return base_content_hash(model, skip=whole)  # a delta written before the scope existed
 
 
 def dense_tensor_names(tensors: dict) -> list[str]:

@@ -46,11 +46,26 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _keep_entries(index: torch.Tensor):
+class FollowingIndex:
+    """A mask's flat indices that follow the tensor they index: moved to its device when it moves (once,
+    then kept there), so an engine attached before ``model.to(device)`` indexes on the right device. The
+    mask's own CPU copy stays the source, so even a round trip through the meta device loses nothing."""
+
+    def __init__(self, source: torch.Tensor, device: torch.device | str = "cpu"):
+        self.source = source
+        self._on_device = source.to(device)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self._on_device.device != device:
+            self._on_device = self.source.to(device)
+        return self._on_device
+
+
+def _keep_entries(index: FollowingIndex):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         flat = grad.reshape(-1)
         masked = torch.zeros_like(flat)
-        idx = index if index.device == flat.device else index.to(flat.device)
+        idx = index.on(flat.device)
         masked[idx] = flat[idx]
         return masked.view_as(grad)
 
@@ -83,8 +98,9 @@ class DenseMaskEngine:
         self.mask = mask
         self.guard = guard
         self._params = dict(model.named_parameters())
-        self.partial: dict[str, torch.Tensor] = {}
+        self.partial: dict[str, FollowingIndex] = {}
         self._handles: list = []
+        self._weight_hooks: dict = {}
         self._saved_flags: dict[str, bool] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._frozen_copies: dict[str, torch.Tensor] = {}
@@ -105,14 +121,29 @@ class DenseMaskEngine:
                 param.requires_grad_(False)
             elif not self.mask.is_full(name):
                 param.requires_grad_(True)
-                index = self.mask.indices[name].to(param.device)
+                index = FollowingIndex(self.mask.indices[name], param.device)
                 self.partial[name] = index
-                self._handles.append(param.register_hook(_keep_entries(index)))
+                self._weight_hooks[name] = param.register_hook(_keep_entries(index))
             else:
                 param.requires_grad_(True)
         return self
 
+    def _follow_model(self) -> None:
+        """Re-hook weights that ``model.to()`` replaced by new Parameter objects (a move to or from the meta
+        device does; a device or dtype move keeps them): hooks and ``requires_grad`` live on the object."""
+        current = dict(self.model.named_parameters())
+        for name, param in list(self._params.items()):
+            fresh = current.get(name)
+            if fresh is None or fresh is param:
+                continue
+            self._params[name] = fresh
+            fresh.requires_grad_(param.requires_grad)
+            if name in self.partial:
+                self._weight_hooks.pop(name).remove()
+                self._weight_hooks[name] = fresh.register_hook(_keep_entries(self.partial[name]))
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        self._follow_model()
         return (p for n, p in self._params.items() if self.mask.kept(n) > 0 and n in self.mask.shapes)
 
     @property
@@ -125,6 +156,7 @@ class DenseMaskEngine:
 
     # ------------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer) -> "DenseMaskEngine":
+        self._follow_model()
         optimizer = unwrap_optimizer(optimizer)
         self._optimizer = optimizer
         self._names_by_id = {id(p): n for n, p in self._params.items()}
@@ -159,7 +191,7 @@ class DenseMaskEngine:
                 if param.grad is None:
                     continue
                 index = self.partial.get(by_id.get(id(param)))
-                _apply_decay(param, index, lr, decay, decoupled)
+                _apply_decay(param, None if index is None else index.on(param.device), lr, decay, decoupled)
             self._paused_decay.append((group, decay))
             group["weight_decay"] = 0.0
 
@@ -169,7 +201,7 @@ class DenseMaskEngine:
         self._paused_decay.clear()
         for name, frozen in self._frozen_copies.items():
             param = self._params[name]
-            index = self.partial[name]
+            index = self.partial[name].on(param.device)
             with torch.no_grad():
                 trained = param.reshape(-1)[index].clone()
                 param.copy_(frozen)
@@ -177,9 +209,10 @@ class DenseMaskEngine:
 
     # ------------------------------------------------------------------ teardown
     def detach(self) -> None:
-        for handle in self._handles:
+        for handle in [*self._handles, *self._weight_hooks.values()]:
             handle.remove()
         self._handles.clear()
+        self._weight_hooks.clear()
         if self._saved_flags is not None:
             for name, flag in self._saved_flags.items():
                 self._params[name].requires_grad_(flag)

@@ -19,6 +19,7 @@ pass stops there and the activations of the blocks below are freed during the fo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from ..utils.distributed import (assert_same_on_all_ranks, broadcast_from_rank_z
 from .dense_mask import unwrap_optimizer
 
 STATE_VERSION = 1
+DEFAULT_PROBE_CHUNK = 8  # samples per probe forward when neither the config nor the training batch size says
 
 
 class LayerwiseEngine:
@@ -46,12 +48,20 @@ class LayerwiseEngine:
         config: the strategy and its constants.
         probe_data: IST only — training examples (a sequence of feature dicts) the probes draw from.
         collate_fn: turns a list of examples into a batch with ``labels``.
+        train_batch_size: IST only — the training batch size. Unless ``config.probe_chunk_size`` is set, the
+            probe batch is evaluated in chunks of this many samples, so a probe never needs more activation
+            memory than a training step (``LayerwiseCallback`` passes the per-device batch size). Without
+            either, chunks of ``DEFAULT_PROBE_CHUNK`` samples.
     """
 
     def __init__(self, model: nn.Module, config: LayerwiseConfig | None = None,
-                 probe_data: Sequence | None = None, collate_fn: Callable | None = None):
+                 probe_data: Sequence | None = None, collate_fn: Callable | None = None,
+                 train_batch_size: int | None = None):
         self.model = model
-        self.config = config or LayerwiseConfig()
+        config = config or LayerwiseConfig()
+        if config.strategy == "ist" and config.probe_chunk_size is None:
+            config = dataclasses.replace(config, probe_chunk_size=train_batch_size or DEFAULT_PROBE_CHUNK)
+        self.config = config
         self.probe_data = probe_data
         self.collate_fn = collate_fn
         self.groups: BlockParameters | None = None

@@ -36,7 +36,7 @@ from ..utils.distributed import (
     refuse_sharded_model,
     world_size,
 )
-from .delta import base_content_hash, fully_trained, save_delta
+from .delta import mask_frozen_hash, save_delta
 from .dense_mask import unwrap_optimizer
 
 VALUES_SUFFIX = "_sparse_values"
@@ -46,6 +46,26 @@ INDEX_SUFFIX = "_sparse_index"
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_path, _, attr = name.rpartition(".")
     return (model.get_submodule(module_path) if module_path else model), attr
+
+
+class _PartlyTrained:
+    """A partly-trained weight, its value vector and its index, looked up on their module at each use:
+    ``model.to()`` replaces buffers (and may replace parameters), so no tensor is held here."""
+
+    def __init__(self, module: nn.Module, attr: str):
+        self.module, self.attr = module, attr
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def values(self) -> nn.Parameter:
+        return getattr(self.module, self.attr + VALUES_SUFFIX)
+
+    @property
+    def index(self) -> torch.Tensor:
+        return getattr(self.module, self.attr + INDEX_SUFFIX)
 
 
 class SparseDeltaEngine:
@@ -66,8 +86,9 @@ class SparseDeltaEngine:
         self.model = model
         self.mask = mask
         self._params = dict(model.named_parameters())
-        self.partial: dict[str, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
+        self.partial: dict[str, _PartlyTrained] = {}
         self._handles: list = []
+        self._weight_hooks: dict = {}
         self._saved_flags: dict[str, bool] | None = None
         self.base_hash: str | None = None
         self.base_fingerprint: str | None = None
@@ -86,7 +107,6 @@ class SparseDeltaEngine:
         self._distributed = is_distributed()
         if self._distributed:
             assert_same_on_all_ranks(self.mask.digest(), "the mask")
-        self.base_hash = base_content_hash(self.model, skip=fully_trained(self.mask))
         self.base_fingerprint = model_fingerprint(self.model)
         self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
         for name, param in self._params.items():
@@ -117,12 +137,31 @@ class SparseDeltaEngine:
         module.register_parameter(attr + VALUES_SUFFIX, values)
         module.register_buffer(attr + INDEX_SUFFIX, index)
         param.requires_grad_(True)  # its dense gradient is still computed, and dropped right away
-        self._handles.append(param.register_post_accumulate_grad_hook(self._gather_into(values, index)))
-        self.partial[name] = (param, values, index)
+        self._weight_hooks[name] = param.register_post_accumulate_grad_hook(self._gather_into(module, attr))
+        self.partial[name] = _PartlyTrained(module, attr)
 
-    def _gather_into(self, values: nn.Parameter, index: torch.Tensor):
+    def _follow_model(self) -> None:
+        """Re-hook weights that ``model.to()`` replaced by new Parameter objects (a move to or from the meta
+        device does; a device or dtype move keeps them): hooks and ``requires_grad`` live on the object."""
+        current = dict(self.model.named_parameters())
+        for name, param in list(self._params.items()):
+            fresh = current.get(name)
+            if fresh is None or fresh is param:
+                continue
+            self._params[name] = fresh
+            fresh.requires_grad_(param.requires_grad)
+            if name in self.partial:
+                self._weight_hooks.pop(name).remove()
+                part = self.partial[name]
+                self._weight_hooks[name] = fresh.register_post_accumulate_grad_hook(
+                    self._gather_into(part.module, part.attr))
+
+    def _gather_into(self, module: nn.Module, attr: str):
+        """The hook reads the value vector and its index from the module at every call, so the engine
+        follows ``model.to(device or dtype)`` (which replaces buffers) and ``load_state_dict``."""
         def hook(param: torch.Tensor) -> None:
-            selected = param.grad.reshape(-1)[index]
+            values, index = getattr(module, attr + VALUES_SUFFIX), getattr(module, attr + INDEX_SUFFIX)
+            selected = param.grad.reshape(-1)[index].to(values.dtype)
             if values.grad is None:
                 values.grad = selected
                 self._reduced.pop(id(values), None)  # a fresh accumulation: nothing averaged yet
@@ -139,7 +178,7 @@ class SparseDeltaEngine:
     def _average_over_ranks(self) -> None:
         """End of backward: average this backward's contributions to the value gradients over the ranks."""
         self._reduction_queued = False
-        vectors = [values for _, values, _ in self.partial.values()]
+        vectors = [part.values for part in self.partial.values()]
         for values in vectors:
             if values.grad is None:
                 values.grad = torch.zeros_like(values)  # every rank must send the same message
@@ -153,17 +192,19 @@ class SparseDeltaEngine:
             self._reduced[id(values)] = values.grad.clone()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        self._follow_model()
         for name, param in self._params.items():
             if name in self.partial:
-                yield self.partial[name][1]
+                yield self.partial[name].values
             elif name in self.mask.shapes and self.mask.kept(name) and self.mask.is_full(name):
                 yield param
 
     # ------------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer) -> "SparseDeltaEngine":
+        self._follow_model()
         inner = unwrap_optimizer(optimizer)
         in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
-        missing = [n for n, (_, values, _) in self.partial.items() if id(values) not in in_optimizer]
+        missing = [n for n, part in self.partial.items() if id(part.values) not in in_optimizer]
         if missing:
             raise RuntimeError(
                 f"The optimizer does not hold the sparse value vectors (e.g. of {missing[0]}): build it after "
@@ -174,27 +215,34 @@ class SparseDeltaEngine:
 
     @torch.no_grad()
     def _write_back(self, optimizer=None, args=None, kwargs=None) -> None:
-        for param, values, index in self.partial.values():
-            param.view(-1)[index] = values.to(param.dtype)
+        for part in self.partial.values():
+            part.weight.view(-1)[part.index] = part.values.to(part.weight.dtype)
 
     # ------------------------------------------------------------------ accounting and saving
     def trainable_state_bytes(self) -> int:
         """Bytes of what is trained: value vectors, their indices, and whole-trained tensors."""
-        total = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for _, v, i in self.partial.values())
+        total = sum(part.values.numel() * part.values.element_size() + part.index.numel() * part.index.element_size()
+                    for part in self.partial.values())
         return total + sum(p.numel() * p.element_size() for n, p in self._params.items()
                            if n not in self.partial and p.requires_grad)
 
     def save_delta(self, path: str | os.PathLike) -> int:
+        """Write the trained entries (atomic). The frozen entries' hash is taken at the first save, not at
+        attach: they never change while the engine is attached, and a run that saves nothing never reads
+        every weight."""
         self._write_back()
+        if self.base_hash is None:
+            self.base_hash = mask_frozen_hash(self._params.items(), self.mask)  # the plain model's
         return save_delta(self.model, self.mask, path, self.base_hash, self.base_fingerprint)
 
     # ------------------------------------------------------------------ teardown
     def detach(self) -> nn.Module:
         """Remove the value vectors and hooks; the model is left as a plain model with trained weights."""
         self._write_back()
-        for handle in self._handles:
+        for handle in [*self._handles, *self._weight_hooks.values()]:
             handle.remove()
         self._handles.clear()
+        self._weight_hooks.clear()
         for name in self.partial:
             module, attr = _owner(self.model, name)
             delattr(module, attr + VALUES_SUFFIX)

@@ -13,7 +13,6 @@ heat map ``layerwise_heatmap.png`` are written to ``output_dir``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import weakref
@@ -89,10 +88,8 @@ class LayerwiseCallback(TrainerCallback, ExportableState):
             raise RuntimeError("LayerwiseCallback needs the Trainer's model and optimizer at train begin.")
         probe_data = self.probe_data if self.probe_data is not None else getattr(train_dataloader, "dataset", None)
         collate_fn = self.collate_fn or getattr(train_dataloader, "collate_fn", None)
-        config = self.config
-        if config.strategy == "ist" and config.probe_chunk_size is None:  # a probe costs no more than a step
-            config = dataclasses.replace(config, probe_chunk_size=args.per_device_train_batch_size)
-        self.engine = LayerwiseEngine(model, config, probe_data, collate_fn).attach()
+        self.engine = LayerwiseEngine(model, self.config, probe_data, collate_fn,
+                                      train_batch_size=args.per_device_train_batch_size).attach()
         _check_optimizer_holds(optimizer, self.engine)
         saved = self._resume_state or _saved_state(state, type(self).__name__)
         if saved and state.global_step > 0:

@@ -30,44 +30,77 @@ def validate_keep_ratio(keep_ratio: float) -> None:
         )
 
 
-def _threshold_select(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of ``flat``; ties go to the lowest positions."""
-    if k >= flat.numel():
-        return torch.ones_like(flat, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(flat, dtype=torch.bool)
-    threshold = torch.topk(flat, k, sorted=False).values.min()
-    chosen = flat > threshold
-    needed = k - int(chosen.sum())
-    tied_positions = (flat == threshold).nonzero().flatten()  # ascending, usually a handful
-    chosen[tied_positions[:needed]] = True
-    return chosen
+def _comparable(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scores as ``dtype`` on their own device, NaN as -inf (ranked lowest) and -0.0 as +0.0 (so that equal
+    values have equal order keys)."""
+    return torch.nan_to_num(chunk.to(dtype), nan=float("-inf")).add_(0.0)
 
 
-def _nan_as_lowest(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    dtype = dtype or (torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    flat = scores.detach().reshape(-1).to("cpu", dtype)
-    return torch.nan_to_num(flat, nan=float("-inf"))
-
-
-CHUNK = 1 << 20  # entries ranked at a time: CPU top-k copies its input as (value, index) pairs, 16 bytes each
+CHUNK = 1 << 22  # entries processed at a time: bounds every temporary to a few chunk-sized tensors
 
 
 def _chunks(scores: torch.Tensor, dtype: torch.dtype):
-    """(offset, chunk) over the flat scores, NaN as -inf, one ``CHUNK`` at a time (no tensor-sized copy)."""
+    """(offset, comparable chunk) over the flat scores, one ``CHUNK`` at a time (no tensor-sized copy)."""
     flat = scores.detach().reshape(-1)
     for offset in range(0, flat.numel(), CHUNK):
-        yield offset, torch.nan_to_num(flat[offset : offset + CHUNK].to("cpu", dtype), nan=float("-inf"))
+        yield offset, _comparable(flat[offset : offset + CHUNK], dtype)
+
+
+_DIGIT_BITS = 16
+_KEY_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Signed integers in the same order as the floats ``values`` (an involution on the bit patterns).
+
+    Non-negative floats already order like their bits; negative ones order in reverse, so their magnitude
+    bits are flipped. No NaN may be present (see :func:`_comparable`)."""
+    bits = values.view(_KEY_DTYPE[values.dtype])
+    width = bits.element_size() * 8
+    return bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+
+
+def _kth_largest(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The k-th largest score over all tensors, and how many scores are strictly larger.
+
+    A most-significant-digit radix select on the order keys: each pass histograms one 16-bit digit of the
+    keys that share the digits fixed so far, and fixes the digit holding the k-th largest. Two passes for
+    float32 scores, four for float64, each linear in the number of scores and run on the scores' device;
+    the histograms are the only extra memory."""
+    width = torch.finfo(dtype).bits
+    bins = 1 << _DIGIT_BITS
+    device = scores[0].device
+    prefix, larger, remaining = 0, 0, k
+    for shift in range(width - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        histogram = torch.zeros(bins, dtype=torch.int64, device=device)
+        for tensor in scores:
+            for _, chunk in _chunks(tensor, dtype):
+                keys = _order_keys(chunk)
+                if shift == width - _DIGIT_BITS:  # top digit: signed, shifted into 0..bins-1
+                    digits = (keys >> shift) + bins // 2
+                else:
+                    digits = (keys[(keys >> (shift + _DIGIT_BITS)) == prefix] >> shift) & (bins - 1)
+                histogram += torch.bincount(digits.to(torch.int64), minlength=bins).to(device)
+        from_top = histogram.flip(0).cumsum(0).cpu()
+        position = int(torch.searchsorted(from_top, remaining))  # first digit (from the top) reaching k
+        digit = bins - 1 - position
+        above = int(from_top[position - 1]) if position else 0
+        larger += above
+        remaining -= above
+        prefix = (digit - bins // 2) if shift == width - _DIGIT_BITS else (prefix << _DIGIT_BITS) | digit
+    key = torch.tensor([prefix], dtype=_KEY_DTYPE[dtype])
+    threshold = (key ^ ((key >> (width - 1)) & ((1 << (width - 1)) - 1))).view(dtype)[0]
+    return threshold, larger
 
 
 def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Flat indices kept per tensor under one ranking over all tensors.
+    """Flat indices (CPU, ascending) kept per tensor under one ranking over all tensors.
 
-    Streamed, one chunk of one tensor at a time: the k-th largest score comes from a pool of at most k
-    candidates (each chunk's own top entries merged in turn), then each tensor keeps what lies above it,
-    and ties at it go to the earliest positions. The result is exactly that of ranking one concatenation
-    of all scores, without that model-sized copy, its boolean mask, or top-k's (value, index) copy of the
-    largest tensor."""
+    Exactly the entries of one stable descending sort of the concatenated scores — ties to the earliest
+    tensor, then the lowest flat index; NaN lowest — in a few linear passes on the scores' own device
+    (:func:`_kth_largest`, then one pass that collects what lies above the threshold and the first ties
+    at it), with no model-sized copy. Scores of several dtypes are compared in float64 if any is float64,
+    else in float32."""
     names = list(scores)
     if not names or k <= 0:
         return {n: torch.empty(0, dtype=torch.int64) for n in names}
@@ -75,44 +108,21 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     total = sum(scores[n].numel() for n in names)
     if k >= total:
         return {n: torch.arange(scores[n].numel()) for n in names}
-    threshold = _kth_largest(scores, names, k, dtype)
-    above = {n: _positions(scores[n], dtype, lambda chunk: chunk > threshold) for n in names}
-    needed = k - sum(int(idx.numel()) for idx in above.values())
+    threshold, larger = _kth_largest([scores[n] for n in names], k, dtype)
+    ties_left = k - larger
     out = {}
-    for name in names:  # ties at the threshold: earliest tensor, then lowest flat index
-        chosen = above[name]
-        if needed > 0:
-            tied = _positions(scores[name], dtype, lambda chunk: chunk == threshold, limit=needed)
-            if tied.numel():
-                needed -= int(tied.numel())
-                chosen = torch.cat([chosen, tied]).sort().values
-        out[name] = chosen
-    return out
-
-
-def _positions(scores: torch.Tensor, dtype: torch.dtype, condition, limit: int | None = None) -> torch.Tensor:
-    """Ascending flat positions where ``condition(chunk)`` holds (the first ``limit`` of them)."""
-    found, count = [], 0
-    for offset, chunk in _chunks(scores, dtype):
-        hits = condition(chunk).nonzero().flatten() + offset
-        if limit is not None:
-            hits = hits[: limit - count]
-        found.append(hits)
-        count += int(hits.numel())
-        if limit is not None and count >= limit:
-            break
-    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
-
-
-def _kth_largest(scores: Mapping[str, torch.Tensor], names: list[str], k: int, dtype: torch.dtype) -> torch.Tensor:
-    pool = torch.empty(0, dtype=dtype)
     for name in names:
-        for _, chunk in _chunks(scores[name], dtype):
-            top = torch.topk(chunk, min(k, chunk.numel()), sorted=False).values
-            pool = torch.cat([pool, top])
-            if pool.numel() > k:
-                pool = torch.topk(pool, k, sorted=False).values
-    return pool.min()
+        found = []
+        for offset, chunk in _chunks(scores[name], dtype):
+            value = threshold.to(chunk.device)
+            hits = (chunk > value).nonzero().flatten()
+            if ties_left > 0:
+                tied = (chunk == value).nonzero().flatten()[:ties_left]
+                ties_left -= int(tied.numel())
+                hits = torch.cat([hits, tied]).sort().values
+            found.append(hits.add_(offset).cpu())
+        out[name] = torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+    return out
 
 
 def proportional_quotas(sizes: Mapping[str, int], k: int) -> dict[str, int]:
@@ -135,7 +145,4 @@ def proportional_quotas(sizes: Mapping[str, int], k: int) -> dict[str, int]:
 
 def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     quotas = proportional_quotas({n: s.numel() for n, s in scores.items()}, k)
-    return {
-        name: _threshold_select(_nan_as_lowest(scores[name]).cpu(), quotas[name]).nonzero().flatten()
-        for name in scores
-    }
+    return {name: global_topk({name: scores[name]}, quotas[name])[name] for name in scores}
