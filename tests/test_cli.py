@@ -63,7 +63,11 @@ def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(t
     results = _results(out)
     assert results["task"] == "rte" and results["method"] == "fish"
     assert results["engine"] == "sparse" and (out / "sparse_delta.safetensors").is_file()  # the default engine
-    assert results["fisher_batch_size"] == 4  # the default: half the training batch of 8
+    plan = results["mask_phase"]["fisher_batch_plan"]  # the default: the largest batch within a training step
+    assert results["fisher_batch_size"] == plan["batch_size"] and 1 <= plan["batch_size"] <= 8
+    assert (plan["batch_size"] * plan["fisher_activation_bytes_per_sample"] + plan["accumulator_bytes"]
+            + plan["per_layer_work_bytes"] <= 8 * plan["train_activation_bytes_per_sample"]) == plan["fits"]
+    assert results["mask_phase"]["device"] == "cpu" and results["mask_phase"]["precision"] == "float32"
     logits, gold = _saved_model_outputs(out, glue, "rte", 40)
     validation = results["metrics"]["validation"]
     assert validation["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, gold.long())), rel=1e-4)
@@ -180,8 +184,8 @@ def test_sparse_engine_writes_a_delta_that_merges_into_the_same_model(tiny_bert_
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), name
     assert main(["merge", "--model", str(out), "--delta", str(out / "sparse_delta.safetensors"),
-                 "--output-dir", str(tmp_path / "wrong")]) == 2
-    assert "weights differ" in capsys.readouterr().err
+                 "--output-dir", str(tmp_path / "wrong")]) == 2  # the fine-tuned model is not the base
+    assert "already holds every value" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [["--method", "fish"], ["--method", "lora", "--lora-r", "4", "--fish",

@@ -1,6 +1,7 @@
 """Every subcommand's --help prints its flags and exits 0 (argparse formats help strings with %)."""
 
 import pytest
+import torch
 
 from sparsepeft.cli.main import main
 
@@ -96,7 +97,51 @@ def test_ist_probe_chunk_size_reaches_the_config_and_is_kept():
     assert LayerwiseArguments(layers="ist").config(0).probe_chunk_size is None  # the callback uses the batch
 
 
-def test_the_default_fisher_batch_is_half_the_training_batch_and_never_zero():
-    from sparsepeft.cli.arguments import default_fisher_batch_size
+def test_the_fisher_batch_plan_fits_the_training_step_or_says_by_how_much_it_does_not():
+    from conftest import make_examples, make_model
 
-    assert [default_fisher_batch_size(b) for b in (1, 2, 8, 9, 32)] == [1, 1, 4, 4, 16]
+    from sparsepeft.data.collate import PaddingCollator
+    from sparsepeft.importance.memory import plan_fisher_batch, saved_activation_bytes
+
+    model = make_model("bert")
+    examples = make_examples(64, lengths=(20, 40))
+    collate = PaddingCollator(0)
+    scored = dict(model.named_parameters())
+    per_sample = saved_activation_bytes(model, collate(examples[:1]))
+    assert per_sample > 0 and saved_activation_bytes(model, collate(examples[:2])) > per_sample  # grows with the batch
+    sizes = []
+    for train_batch in (1, 8, 64):
+        plan = plan_fisher_batch(model, examples, collate, train_batch, scored)
+        sizes.append(plan.batch_size)
+        budget = plan.train_batch_size * plan.train_activation_bytes_per_sample
+        need = plan.batch_size * plan.fisher_activation_bytes_per_sample + plan.accumulator_bytes + plan.per_layer_work_bytes
+        assert 1 <= plan.batch_size <= train_batch
+        assert (need <= budget) == plan.fits
+        if not plan.fits:
+            assert plan.batch_size == 1 and plan.excess_bytes == need - budget
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] > 1  # a larger training step allows a larger pass
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_the_cli_mask_phase_runs_on_the_training_device(tiny_bert_dir, tmp_path, monkeypatch):
+    """The Fisher pass sees the model on the device TrainingArguments resolves to (meta stands in for a GPU)."""
+    from transformers import TrainingArguments
+
+    from sparsepeft.experiments import pipeline
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device)
+        raise Stop
+
+    monkeypatch.setattr(TrainingArguments, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(pipeline, "estimate_fisher", record)
+    with pytest.raises(Stop):
+        main(["mask", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "16",
+              "--num-samples", "8", "--fisher-batch-size", "4", "--output-dir", str(tmp_path / "m"),
+              "--report-to", "none"])
+    assert seen == [torch.device("meta")]

@@ -261,3 +261,27 @@ def test_tied_embeddings_are_scored_without_a_batch_by_vocab_buffer():
     assert done.returncode == 0, done.stderr[-2000:]
     grown_mb = float(done.stdout.strip().splitlines()[-1])
     assert grown_mb < 250, f"the Fisher pass grew the peak by {grown_mb:.0f} MB; a batch-sized buffer is 410 MB"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-lm"])
+def test_fisher_under_bf16_autocast_is_float32_and_close_to_the_float32_fisher(family):
+    from conftest import make_examples, make_model
+
+    model = make_model(family)
+    examples = make_examples(16, lm=family.endswith("-lm"))
+    reference = estimate_fisher(model, examples, num_samples=16, progress=False)
+    low = estimate_fisher(model, examples, num_samples=16, progress=False, autocast_dtype=torch.bfloat16)
+    assert all(value.dtype == torch.float32 for value in low.values())
+    error = sum(float((reference[n] - low[n]).abs().sum()) for n in reference)
+    scale = sum(float(reference[n].abs().sum()) for n in reference)
+    assert 0 < error / scale < 0.05  # bf16 did run (not bit-equal), and the sums stayed float32-accurate
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())  # the model as it was
+
+
+def test_an_outer_autocast_context_gives_the_same_fisher_as_the_argument():
+    model = make_model("llama-lm")
+    examples = make_examples(8, lm=True)
+    given = estimate_fisher(model, examples, num_samples=8, progress=False, autocast_dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outer = estimate_fisher(model, examples, num_samples=8, progress=False)
+    assert all(torch.equal(given[n], outer[n]) for n in given)

@@ -261,3 +261,13 @@ def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(eng
     _train_steps(moved, engine)
     for (name, a), (_, b) in zip(reference.named_parameters(), moved.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_applying_a_delta_twice_says_so(tmp_path):
+    model = make_model("bert")
+    engine, _ = _loop(model, SparseDeltaEngine, _mask(model), steps=2)
+    engine.save_delta(tmp_path / "delta.safetensors")
+    engine.detach()
+    once = apply_delta(make_model("bert"), tmp_path / "delta.safetensors")
+    with pytest.raises(DeltaMismatchError, match="already holds every value"):
+        apply_delta(once, tmp_path / "delta.safetensors")

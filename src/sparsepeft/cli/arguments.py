@@ -29,14 +29,7 @@ from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseCo
 DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "lora": 3e-3, "peft": 1e-3, "shira": 3e-3}
 
 
-def default_fisher_batch_size(training_batch_size: int) -> int:
-    """The Fisher pass's batch when --fisher-batch-size is not given: half the training batch.
-
-    The per-sample Fisher is exact at any batch size, but the pass holds a model-sized accumulator that a
-    training step does not (measured: BERT-base with the Fisher at its training batch 8 peaked 7% above the
-    sparse engine's training step), so half the batch keeps the mask phase within a training step's memory.
-    """
-    return max(1, training_batch_size // 2)
+FISHER_PRECISIONS = {"auto": None, "fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -91,9 +84,13 @@ class SparseArguments:
         "help": "empirical (true labels), expected (model's own distribution), absolute (|g|).",
         "choices": ["empirical", "expected", "absolute"]})
     fisher_batch_size: Optional[int] = field(default=None, metadata={
-        "help": "Batch size of the Fisher pass. Default: half the training batch (--per-device-train-batch-size), "
-                "so the mask phase, which also holds a model-sized Fisher accumulator, stays within a training "
-                "step's memory; the Fisher does not depend on it."})
+        "help": "Batch size of the Fisher pass (the Fisher does not depend on it). Default: the largest batch, up "
+                "to --per-device-train-batch-size, whose activations plus the Fisher accumulator fit in a training "
+                "step's activations, measured on the longest training examples (results.json: fisher_batch_plan)."})
+    fisher_precision: str = field(default="auto", metadata={
+        "help": "Precision of the Fisher pass's forward and backward: auto (the training precision: bf16 under "
+                "--bf16, fp16 under --fp16, else fp32), fp32, bf16 or fp16 (autocast). Per-sample squares and sums "
+                "are float32 always.", "choices": list(FISHER_PRECISIONS)})
     selection_strategy: str = field(default="global", metadata={
         "help": "global: one ranking over all weights (reference); per_tensor: each tensor its share.",
         "choices": ["global", "per_tensor"]})

@@ -7,14 +7,17 @@ import os
 import time
 from pathlib import Path
 
+import contextlib
 import math
 
+import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..data import compute_metrics
 from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics, option_log_likelihoods
+from ..importance.memory import plan_fisher_batch
 from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
@@ -24,8 +27,7 @@ from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
-from .arguments import (DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments,
-                        default_fisher_batch_size)
+from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
 logger = logging.getLogger("sparsepeft")
 
@@ -41,9 +43,45 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
     return task, model, tokenizer, train, evaluation
 
 
-def _resolve_fisher_batch(sparse_args: SparseArguments, training_args) -> None:
-    if sparse_args.fisher_batch_size is None:
-        sparse_args.fisher_batch_size = default_fisher_batch_size(training_args.per_device_train_batch_size)
+def _mask_autocast(sparse_args: SparseArguments, training_args) -> torch.dtype | None:
+    """The autocast dtype of the mask phase: the training precision unless --fisher-precision says otherwise."""
+    choice = sparse_args.fisher_precision
+    if choice == "auto":
+        choice = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def _autocast(model, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+
+
+def _needs_fisher(sparse_args: SparseArguments, peft_args: PeftArguments) -> bool:
+    if sparse_args.mask_file or sparse_args.method in ("full", "random") or sparse_args.selection == "random":
+        return False
+    return not sparse_args.is_peft or peft_args.fish or sparse_args.method == "shira"
+
+
+def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, training_args, autocast) -> dict | None:
+    """Unless --fisher-batch-size is given, the largest Fisher batch that keeps the mask phase within a training
+    step's memory (see sparsepeft.importance.memory); the plan goes into results.json."""
+    if sparse_args.fisher_batch_size is not None:
+        return None
+    scored = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    plan = plan_fisher_batch(model, train, collate, training_args.per_device_train_batch_size, scored,
+                             train_autocast=_mask_autocast(SparseArguments(fisher_precision="auto"), training_args),
+                             fisher_autocast=autocast)
+    sparse_args.fisher_batch_size = plan.batch_size
+    logger.info("Fisher batch %d: %.1f MB of activations per sample, a %.0f MB accumulator, within a training "
+                "batch of %d.", plan.batch_size, plan.fisher_activation_bytes_per_sample / 2**20,
+                plan.accumulator_bytes / 2**20, plan.train_batch_size)
+    return plan.to_dict()
+
+
+def _mask_phase_report(device: torch.device, autocast, peak: dict, plan: dict | None) -> dict:
+    return {"device": str(device), "precision": str(autocast).replace("torch.", "") if autocast else "float32",
+            **{k: round(v, 1) for k, v in peak.items()}, "fisher_batch_plan": plan}
 
 
 def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
@@ -151,17 +189,29 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     if sparse_args.method == "full" or (sparse_args.is_peft and not peft_args.fish):
         raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random, or a PEFT method with --fish.")
     _check_combination(sparse_args, peft_args)
-    _resolve_fisher_batch(sparse_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
-    model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
+    model.to(training_args.device)  # the mask phase runs where training would (--use-cpu; each rank's own GPU)
+    collate = _collator(task, tokenizer, model)
+    autocast = _mask_autocast(sparse_args, training_args)
+    mask_phase = PeakMemory()
+    plan = None
+    if sparse_args.method != "shira" and not sparse_args.is_peft and _needs_fisher(sparse_args, peft_args):
+        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
+    with _autocast(model, autocast):
+        model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
+    if plan is None and _needs_fisher(sparse_args, peft_args):
+        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
     recipe = sparse_args.recipe(training_args.seed)
-    mask = _make_mask(model, _collator(task, tokenizer, model), train, sparse_args, peft_args, recipe, model_args.model,
-                      options, training_args.seed)
+    with _autocast(model, autocast):
+        mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
+                          training_args.seed)
     if training_args.process_index == 0:  # every rank holds the same mask (checked); one writes it
         _save_mask(mask, output_dir)
-    summary = {"task": task.name, "model": model_args.model, **recipe.timings, **mask.summary()}
+    summary = {"task": task.name, "model": model_args.model, **recipe.timings,
+               "mask_phase": _mask_phase_report(training_args.device, autocast, mask_phase.read_mb(), plan),
+               **mask.summary()}
     if training_args.process_index == 0:
         write_json(output_dir / "mask_summary.json", summary)
     logger.info("Saved a mask of %d entries (%.4f%%) to %s", mask.num_selected, 100 * mask.density, output_dir)
@@ -174,20 +224,28 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
     _check_combination(sparse_args, peft_args, layer_args)
-    _resolve_fisher_batch(sparse_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
     total_params = sum(p.numel() for p in model.parameters())
-    recipe = sparse_args.recipe(training_args.seed)
+    model.to(training_args.device)  # the mask phase runs where training will (--use-cpu; each rank's own GPU)
     collate = _collator(task, tokenizer, model)
-    mask_phase = PeakMemory()
-    model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
+    autocast = _mask_autocast(sparse_args, training_args)
     resume = training_args.resume_from_checkpoint
     mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
+    mask_phase = PeakMemory()
+    plan = None
+    if mask is None and not (sparse_args.is_peft and sparse_args.method != "shira") and _needs_fisher(sparse_args, peft_args):
+        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
+    recipe = sparse_args.recipe(training_args.seed)
+    with _autocast(model, autocast):
+        model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
+    if mask is None and plan is None and _needs_fisher(sparse_args, peft_args) and sparse_args.method != "shira":
+        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
     if mask is None:
-        mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
-                          training_args.seed)
+        with _autocast(model, autocast):
+            mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
+                              training_args.seed)
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
@@ -291,6 +349,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         **state,
         "train_peak_rss_mb": train_peak["peak_rss_mb"],
         "mask_peak_rss_mb": mask_peak["peak_rss_mb"] if mask is not None or "mask_fn" in options else None,
+        "mask_phase": _mask_phase_report(training_args.device, autocast, mask_peak, plan)
+        if mask is not None or "mask_fn" in options else None,
         **{f"train_{k}": v for k, v in train_peak.items() if k != "peak_rss_mb"},
     }
     if option_scores:  # the split is fixed by its seed, so runs on one file score the same questions in this order

@@ -144,6 +144,18 @@ def _base_hash(model: nn.Module, header: dict, tensors: dict, whole: list[str]) 
     return base_content_hash(model, skip=whole)  # a delta written before the scope existed
 
 
+def _holds_delta(params: dict, tensors: dict) -> bool:
+    """Whether every entry the delta writes already has the delta's value (a second application)."""
+    for name in dense_tensor_names(tensors):
+        if not torch.equal(params[name].detach().cpu(), tensors[name + _DENSE].to(params[name].dtype)):
+            return False
+    for name, (index, values) in sparse_entries(tensors).items():
+        current = params[name].detach().reshape(-1)[index.to(params[name].device)].cpu()
+        if not torch.equal(current, values.to(current.dtype)):
+            return False
+    return bool(tensors)
+
+
 def dense_tensor_names(tensors: dict) -> list[str]:
     """Tensors the delta stores whole (trained in full)."""
     return [key[: -len(_DENSE)] for key in tensors if key.endswith(_DENSE)]
@@ -161,6 +173,10 @@ def apply_delta(model: nn.Module, path: str | os.PathLike, verify_base: bool = T
     header, tensors = read_delta(path)
     check_delta_base(model, header, tensors, path, verify_base)
     params = dict(model.named_parameters())
+    if verify_base and _holds_delta(params, tensors):
+        raise DeltaMismatchError(
+            f"This model already holds every value of {path}: it is the fine-tuned model (the delta was applied "
+            "before), not the base it was trained from. Load the base checkpoint to apply the delta to.")
     for key, value in tensors.items():
         if key.endswith(_DENSE):
             params[key[: -len(_DENSE)]].copy_(value)

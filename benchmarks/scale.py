@@ -1,0 +1,325 @@
+"""The mask phase at the scale LLM users work: selection, Fisher, attach and the training step, by model size.
+
+Two parts, one result file per run under --out (a run whose file exists is skipped, so the sweep resumes):
+
+* ``selection``: global top-k over N random float32 scores (0.5%) split into model-like tensors, for four N;
+  time per N (median of repeats) and, at the smaller sizes, the streaming pool selection it replaced
+  (``_pool_select`` below, kept here only as the baseline) with a check that both keep the same entries.
+* ``model``: LLaMA-shaped random-init models (134M, 374M, 1.1B on this CPU; up to 7B on a GPU). Per size,
+  each arm in its own process, so every peak is that arm's own: ``mask`` (the Fisher batch planned from the
+  training step, the Fisher, the selection, the sparse engine's attach — timed part by part — and the mask
+  phase's peak), ``fish`` (the sparse engine on that Fisher mask), ``fish-random`` (the sparse engine on a
+  random 0.5% mask, spread over every tensor: a random-init model's Fisher mask sits in a few tensors and
+  flatters FISH's step time), ``lora`` (r=16 on every linear layer of the blocks) and ``full`` (where it fits).
+  Peak: RSS on the CPU, allocated memory on a GPU; step time: median of the timed steps.
+
+    python benchmarks/scale.py --part selection
+    python benchmarks/scale.py --part model --sizes 134m,374m,1.1b
+    python benchmarks/scale.py --part summary          # docs/results/scale_cpu.json and the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, provenance, write_json  # noqa: E402
+
+SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate (vocabulary 32000)
+    "134m": (768, 12, 12, 12, 2048),
+    "374m": (1024, 24, 16, 16, 2816),
+    "1.1b": (2048, 22, 32, 4, 5632),  # TinyLlama's
+    "3b": (3200, 26, 32, 32, 8640),
+    "7b": (4096, 32, 32, 32, 11008),
+}
+SELECTION_SIZES = (25_000_000, 50_000_000, 100_000_000, 200_000_000)
+ARMS = ("mask", "fish", "fish-random", "lora", "full")
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def _model_like_scores(total: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random scores in tensors of LLaMA-like sizes (one large embedding, then blocks of mixed sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, left = [], total
+    sizes.append(total // 20)  # an embedding
+    left -= sizes[0]
+    pattern = [4, 4, 1, 1, 11, 11, 11]  # q, o, k, v (GQA), gate, up, down in relative sizes
+    unit = max(1, left // (sum(pattern) * 8))
+    while left > 0:
+        for part in pattern:
+            size = min(left, part * unit)
+            if size <= 0:
+                break
+            sizes.append(size)
+            left -= size
+    return {f"t{i}": torch.rand(size, generator=g) for i, size in enumerate(sizes)}
+
+
+def _pool_select(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The selection this release replaced: each 1M-entry chunk's top-k merged into a pool of k (O(N k))."""
+    pool = torch.empty(0)
+    for value in scores.values():
+        flat = torch.nan_to_num(value.reshape(-1).float(), nan=float("-inf"))
+        for offset in range(0, flat.numel(), 1 << 20):
+            chunk = flat[offset:offset + (1 << 20)]
+            pool = torch.cat([pool, torch.topk(chunk, min(k, chunk.numel()), sorted=False).values])
+            if pool.numel() > k:
+                pool = torch.topk(pool, k, sorted=False).values
+    threshold = pool.min()
+    out, needed = {}, k - sum(int((v > threshold).sum()) for v in scores.values())
+    for name, value in scores.items():
+        flat = value.reshape(-1)
+        chosen = (flat > threshold).nonzero().flatten()
+        if needed > 0:
+            tied = (flat == threshold).nonzero().flatten()[:needed]
+            needed -= tied.numel()
+            chosen = torch.cat([chosen, tied]).sort().values
+        out[name] = chosen
+    return out
+
+
+def run_selection(out: Path, repeats: int, baseline_up_to: int) -> None:
+    from sparsepeft.selection.topk import global_topk
+
+    for total in SELECTION_SIZES:
+        path = out / f"selection_{total}.json"
+        if path.exists():
+            continue
+        scores = _model_like_scores(total)
+        k = round(0.005 * total)
+        times, chosen = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            chosen = global_topk(scores, k)
+            times.append(time.perf_counter() - start)
+        result = {"part": "selection", "scores": total, "k": k, "tensors": len(scores), "seconds": median(times),
+                  "seconds_all": times, **provenance()}
+        if total <= baseline_up_to:
+            start = time.perf_counter()
+            old = _pool_select(scores, k)
+            result["pool_select_seconds"] = time.perf_counter() - start
+            result["same_entries_as_pool_select"] = all(torch.equal(old[n], chosen[n]) for n in scores)
+        write_json(path, result)
+        print(json.dumps({k: v for k, v in result.items() if k in ("scores", "seconds", "pool_select_seconds")}))
+
+
+# ----------------------------------------------------------------------------------------------- model arms
+def _build_model(size: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter = SIZES[size]
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _examples(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 32000, (n, seq_len), generator=g)
+    return [{"input_ids": row.tolist(), "attention_mask": [1] * seq_len, "labels": row.tolist()} for row in ids]
+
+
+class _Peak:
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+
+    def mb(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:"))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_steps(model, params, batches, steps: int, device: str, autocast) -> list[float]:
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    return optimizer, [_one_step(model, optimizer, batches[i % len(batches)], device, autocast) for i in range(steps)]
+
+
+def _one_step(model, optimizer, batch, device, autocast) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_arm(size: str, arm: str, out: Path, args) -> dict:
+    from sparsepeft import SparseDeltaEngine, estimate_fisher, random_mask, select_mask
+    from sparsepeft.data.collate import causal_lm_collator
+    from sparsepeft.importance.memory import plan_fisher_batch
+    from sparsepeft.selection import SparseMask
+
+    device = args.device
+    autocast = torch.bfloat16 if args.bf16 else None
+    model = _build_model(size, device)
+    collate = causal_lm_collator(model, 0)
+    train = _examples(max(args.fisher_samples, args.batch_size * 2), args.seq_len)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(train[i * args.batch_size:(i + 1) * args.batch_size]).items()}
+               for i in range(2)]
+    result = {"part": "model", "size": size, "arm": arm, "params": sum(p.numel() for p in model.parameters()),
+              "device": device, "precision": "bf16-autocast" if autocast else "fp32", "batch_size": args.batch_size,
+              "seq_len": args.seq_len}
+    mask_path = out / f"mask_{size}.safetensors"
+    if arm == "mask":
+        peak = _Peak(device)
+        scored = dict(model.named_parameters())
+        start = time.perf_counter()
+        plan = plan_fisher_batch(model, train, collate, args.batch_size, scored, train_autocast=autocast,
+                                 fisher_autocast=autocast)
+        result["plan_seconds"] = time.perf_counter() - start
+        result["fisher_batch_plan"] = plan.to_dict()
+        _sync(device)
+        start = time.perf_counter()
+        fisher = estimate_fisher(model, train, num_samples=args.fisher_samples, batch_size=plan.batch_size,
+                                 collate_fn=collate, progress=False, autocast_dtype=autocast)
+        _sync(device)
+        result["fisher_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        mask = select_mask(fisher, args.keep_ratio, model=model, always_train=())
+        _sync(device)
+        result["selection_seconds"] = time.perf_counter() - start
+        del fisher
+        start = time.perf_counter()
+        engine = SparseDeltaEngine(model, mask).attach()
+        _sync(device)
+        result["attach_seconds"] = time.perf_counter() - start
+        engine.detach()
+        result["mask_peak_mb"] = peak.mb()
+        result["mask_tensors"] = sum(1 for n in mask.shapes if mask.kept(n))
+        result["candidate_tensors"] = len(mask.shapes)
+        mask.save(mask_path)
+        start = time.perf_counter()  # one read of every weight, the yardstick for attach
+        for param in model.parameters():
+            float(param.detach().sum())
+        _sync(device)
+        result["read_every_weight_seconds"] = time.perf_counter() - start
+        return result
+    if arm in ("fish", "fish-random"):
+        mask = SparseMask.load(mask_path) if arm == "fish" else random_mask(model, args.keep_ratio, always_train=())
+        result["mask_tensors"] = sum(1 for n in mask.shapes if mask.kept(n))
+        peak = _Peak(device)
+        engine = SparseDeltaEngine(model, mask).attach()
+        params = list(engine.trainable_parameters())
+    elif arm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        peak = _Peak(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        peak = _Peak(device)
+        params = list(model.parameters())
+    model.train()
+    _, times = _train_steps(model, params, batches, args.steps + 1, device, autocast)
+    result["step_seconds"] = median(times[1:])
+    result["step_seconds_all"] = times
+    result["train_peak_mb"] = peak.mb()
+    return result
+
+
+def run_models(out: Path, args) -> None:
+    """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers."""
+    for size in args.sizes.split(","):
+        for arm in args.arms.split(","):
+            path = out / f"model_{size}_{arm}.json"
+            if path.exists():
+                continue
+            command = [sys.executable, __file__, "--part", "one", "--size", size, "--arm", arm, "--out", str(out),
+                       "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                       "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
+                       "--keep-ratio", str(args.keep_ratio)] + (["--bf16"] if args.bf16 else [])
+            print("running", size, arm, flush=True)
+            finished = subprocess.run(command)
+            if finished.returncode != 0:
+                print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
+
+
+def summarize(out: Path, target: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    selection = sorted((r for r in runs if r["part"] == "selection"), key=lambda r: r["scores"])
+    models = [r for r in runs if r["part"] == "model"]
+    lines = ["| scores | k | selection (s) | per 1e8 scores (s) | replaced pool select (s) | same entries |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in selection:
+        lines.append(f"| {r['scores']:.1e} | {r['k']:,} | {r['seconds']:.2f} | {r['seconds'] / r['scores'] * 1e8:.2f} | "
+                     f"{r.get('pool_select_seconds', float('nan')):.1f} | {r.get('same_entries_as_pool_select', '–')} |")
+    lines += ["", "| model | arm | peak (MB) | step (s) | Fisher batch | Fisher (s) | selection (s) | attach (s) | "
+              "read all weights (s) | tensors in mask |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(models, key=lambda r: (r["params"], ARMS.index(r["arm"]))):
+        peak = r.get("mask_peak_mb", r.get("train_peak_mb"))
+        plan = r.get("fisher_batch_plan") or {}
+        cell = lambda key: f"{r[key]:.2f}" if key in r else "–"  # noqa: E731
+        tensors = f"{r['mask_tensors']}" + (f" of {r['candidate_tensors']}" if "candidate_tensors" in r else "") \
+            if "mask_tensors" in r else "–"
+        lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['arm']} | {peak:,.0f} | {cell('step_seconds')} | "
+                     f"{plan.get('batch_size', '–')} | {cell('fisher_seconds')} | {cell('selection_seconds')} | "
+                     f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
+    table = "\n".join(lines)
+    write_json(target, {"selection": selection, "models": models, "table": table, **provenance()})
+    print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["selection", "model", "one", "summary"], required=True)
+    parser.add_argument("--out", default="docs/results/scale_cpu")
+    parser.add_argument("--summary", default=None, help="summary file (default: OUT.json)")
+    parser.add_argument("--sizes", default="134m,374m,1.1b")
+    parser.add_argument("--arms", default="mask,fish,fish-random,lora,full")
+    parser.add_argument("--size")
+    parser.add_argument("--arm")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every phase (as training with --bf16)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fisher-samples", type=int, default=16)
+    parser.add_argument("--keep-ratio", type=float, default=0.005)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-up-to", type=int, default=50_000_000)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(os.environ.get("SCALE_THREADS", torch.get_num_threads())))
+    if args.part == "selection":
+        run_selection(out, args.repeats, args.baseline_up_to)
+    elif args.part == "model":
+        run_models(out, args)
+    elif args.part == "one":
+        path = out / f"model_{args.size}_{args.arm}.json"
+        write_json(path, {**run_arm(args.size, args.arm, out, args), **provenance()})
+    else:
+        summarize(out, Path(args.summary or f"{out}.json"))
+
+
+if __name__ == "__main__":
+    main()

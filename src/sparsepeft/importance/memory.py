@@ -1,0 +1,124 @@
+"""Sizing the Fisher pass so that the mask phase needs no more memory than a training step.
+
+Both phases hold the weights. Beyond them a training step holds its batch's activations (what autograd
+saves for backward), and the Fisher pass holds its own batch's activations (the per-sample rules need each
+layer's input, as a weight gradient does), a float32 accumulator the size of the scored parameters, and
+one layer's per-sample work at a time. So the Fisher batch that keeps the mask phase within the training
+step is::
+
+    fisher_batch = (train_batch * a_train - accumulator - per_layer_work) / a_fisher
+
+where ``a`` is the activation memory of one sample of the longest training examples, *measured* by counting
+what autograd saves in one forward pass (exact on any device, no allocator statistics needed). Gradients and
+optimizer state, which only training holds, are left out: the bound is conservative for every method.
+When even one sample does not fit (the accumulator alone is larger than a training batch's activations,
+e.g. a large model trained at batch 1), the plan says so and by how much, and the batch is 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FisherBatchPlan:
+    batch_size: int
+    train_batch_size: int
+    train_activation_bytes_per_sample: int
+    fisher_activation_bytes_per_sample: int
+    accumulator_bytes: int
+    per_layer_work_bytes: int
+    fits: bool  # False: even batch 1 exceeds the training step's activations by ``excess_bytes``
+    excess_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def saved_activation_bytes(model: nn.Module, batch: Mapping, autocast_dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd saves for backward in one forward pass of ``batch`` (parameters not counted).
+
+    Storages are counted once however many saved tensors view them; parameters are excluded because both
+    phases hold the weights anyway."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in parameter_storages and tensor.device.type != "meta":
+            seen[pointer] = storage.nbytes()
+        return tensor
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()  # dropout off, as in the Fisher pass; its masks would add a little in training
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+            output = model(**inputs)
+        del output
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+def _longest(examples: Sequence[Mapping], count: int) -> list[Mapping]:
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    return [examples[i] for i in order[:count]]
+
+
+@contextlib.contextmanager
+def _requires_grad(params: Mapping[str, nn.Parameter] | None):
+    if params is None:
+        yield
+        return
+    flags = {id(p): p.requires_grad for p in params.values()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(flags[id(p)])
+
+
+def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn: Callable, train_batch_size: int,
+                      scored: Mapping[str, nn.Parameter], *, train_autocast: torch.dtype | None = None,
+                      fisher_autocast: torch.dtype | None = None) -> FisherBatchPlan:
+    """The largest Fisher batch (at most the training batch) whose pass fits in a training step's memory.
+
+    ``scored`` are the parameters the Fisher will score; ``model``'s current ``requires_grad`` flags are the
+    training step's. One forward pass each is measured on the ``train_batch_size`` longest examples."""
+    sample = collate_fn(_longest(examples, max(1, min(train_batch_size, len(examples)))))
+    count = len(sample["input_ids"])
+    with torch.enable_grad():
+        train_bytes = saved_activation_bytes(model, sample, train_autocast) / count
+        with _requires_grad(scored):  # the Fisher keeps each scored layer's input, as a weight gradient does
+            fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast) / count
+    accumulator = sum(p.numel() for p in scored.values()) * 4
+    per_layer = 2 * max((p.numel() for p in scored.values()), default=0) * 4  # one per-sample block, and its square
+    room = train_batch_size * train_bytes - accumulator - per_layer
+    size = int(room // max(fisher_bytes, 1.0))
+    fits = size >= 1
+    plan = FisherBatchPlan(batch_size=max(1, min(train_batch_size, size)), train_batch_size=train_batch_size,
+                           train_activation_bytes_per_sample=round(train_bytes),
+                           fisher_activation_bytes_per_sample=round(fisher_bytes), accumulator_bytes=accumulator,
+                           per_layer_work_bytes=per_layer, fits=fits,
+                           excess_bytes=0 if fits else round(fisher_bytes - room))
+    if not fits:
+        logger.warning("The Fisher accumulator (%.0f MB) is larger than a training batch's activations (%.0f MB): "
+                       "the mask phase will need about %.0f MB more than a training step, at Fisher batch 1. A "
+                       "larger --per-device-train-batch-size or a smaller --max-seq-length closes the gap.",
+                       accumulator / 2**20, train_batch_size * train_bytes / 2**20, plan.excess_bytes / 2**20)
+    return plan
