@@ -15,7 +15,11 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
 
     python benchmarks/scale.py --part selection
     python benchmarks/scale.py --part model --sizes 134m,374m,1.1b
+    python benchmarks/scale.py --part precision        # bf16-autocast Fisher vs float32 on real models
     python benchmarks/scale.py --part summary          # docs/results/scale_cpu.json and the table
+
+* ``precision``: the Fisher under bf16 autocast against the float32 Fisher, on MiniLM (SST-2) and SmolLM2-135M
+  (social_iqa), same samples: overlap of the 0.5% masks they select, and the time of each pass.
 """
 
 from __future__ import annotations
@@ -283,14 +287,64 @@ def summarize(out: Path, target: Path) -> None:
         lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['arm']} | {peak:,.0f} | {cell('step_seconds')} | "
                      f"{plan.get('batch_size', '–')} | {cell('fisher_seconds')} | {cell('selection_seconds')} | "
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
+    precision = [r for r in runs if r["part"] == "precision"]
+    if precision:
+        lines += ["", "| model (task) | Fisher samples | mask entries | same entries, bf16 vs fp32 | of the ranked "
+                  "(head excluded) | fp32 Fisher (s) | bf16 Fisher (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in precision:
+            lines.append(f"| {r['model']} ({r['task']}) | {r['samples']} | {r['selected']:,} | {100 * r['overlap']:.1f}% | "
+                         f"{100 * r['overlap_ranked']:.1f}% | {r['fp32_fisher_seconds']:.1f} | "
+                         f"{r['bf16_fisher_seconds']:.1f} |")
     table = "\n".join(lines)
-    write_json(target, {"selection": selection, "models": models, "table": table, **provenance()})
+    write_json(target, {"selection": selection, "models": models, "precision": precision, "table": table,
+                        **provenance()})
     print(table)
+
+
+PRECISION_RUNS = {  # model, task, data folder under ../shared/data, sequence length
+    "minilm": ("minilm", "sst2", "glue", 64),
+    "smollm2": ("smollm2-135m", "social_iqa", "bigbench", 256),
+}
+
+
+def run_precision(out: Path, models: str, samples: int, batch_size: int, data_root: Path) -> None:
+    from sparsepeft import estimate_fisher, select_mask
+    from sparsepeft.cli.train import _collator
+    from sparsepeft.experiments.pipeline import featurize, load_model_and_tokenizer, load_task_data
+
+    for key in models.split(","):
+        path = out / f"precision_{key}.json"
+        if path.exists():
+            continue
+        name, task_name, folder, max_length = PRECISION_RUNS[key]
+        task = load_task_data(task_name, str(data_root / folder))
+        model, tokenizer = load_model_and_tokenizer(name, task)
+        train, _ = featurize(task, tokenizer, max_length, None, 1, 0)
+        collate = _collator(task, tokenizer, model)
+        result = {"part": "precision", "model": name, "task": task_name, "samples": samples, "max_length": max_length}
+        masks = {}
+        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            start = time.perf_counter()
+            fisher = estimate_fisher(model, train, num_samples=samples, batch_size=batch_size, collate_fn=collate,
+                                     progress=False, autocast_dtype=dtype)
+            result[f"{label}_fisher_seconds"] = time.perf_counter() - start
+            masks[label] = select_mask(fisher, 0.005, model=model)
+            del fisher
+        a, b = masks["fp32"], masks["bf16"]
+        common = sum(int(torch.isin(a.indices[n], b.indices[n]).sum()) for n in a.indices if n in b.indices)
+        ranked = a.num_selected - sum(a.kept(n) for n in a.shapes if a.kept(n) and a.is_full(n))
+        heads = a.num_selected - ranked
+        result.update(selected=a.num_selected, always_trained=heads, common=common,
+                      overlap=common / a.num_selected, overlap_ranked=(common - heads) / max(1, ranked))
+        write_json(path, {**result, **provenance()})
+        print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["selection", "model", "one", "summary"], required=True)
+    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "summary"], required=True)
+    parser.add_argument("--models", default="minilm,smollm2", help="precision: which real models")
+    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--out", default="docs/results/scale_cpu")
     parser.add_argument("--summary", default=None, help="summary file (default: OUT.json)")
     parser.add_argument("--sizes", default="134m,374m,1.1b")
@@ -314,6 +368,8 @@ def main() -> None:
         run_selection(out, args.repeats, args.baseline_up_to)
     elif args.part == "model":
         run_models(out, args)
+    elif args.part == "precision":
+        run_precision(out, args.models, args.fisher_samples, args.batch_size, Path(args.data_root))
     elif args.part == "one":
         path = out / f"model_{args.size}_{args.arm}.json"
         write_json(path, {**run_arm(args.size, args.arm, out, args), **provenance()})

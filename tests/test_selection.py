@@ -216,3 +216,29 @@ def test_per_tensor_topk_equals_a_stable_sort_per_tensor():
     chosen = per_tensor_topk(scores, 400)
     for name, value in scores.items():
         assert torch.equal(chosen[name], _concatenated_topk({name: value}, quotas[name])[name]), name
+
+
+def test_api_errors_say_what_is_wrong():
+    from sparsepeft import DenseMaskEngine, SparseDeltaEngine
+    from sparsepeft.selection import Budget
+    from sparsepeft.selection.budget import BudgetError
+    from sparsepeft.selection.fish_tuning import FishTuningConfig
+
+    model = make_model("bert")
+    scores = _scores(model)
+    name = next(iter(scores))
+    with pytest.raises(TypeError, match="keep_ratio must be a number.*'0.5'"):
+        select_mask(scores, "0.5")
+    wrong = dict(scores, **{name: torch.rand(3, 3)})
+    with pytest.raises(ValueError, match=rf"shape differs: \['{name}: scores \(3, 3\)"):
+        select_mask(wrong, 0.05, model=model)
+    with pytest.raises(BudgetError, match=r"r='x' must be a whole number"):
+        FishTuningConfig(budget="lora:r=x")
+    assert Budget.parse("lora:r=8").reference_options == {"r": 8}
+    mask = select_mask(scores, 0.05, model=model)
+    engine = SparseDeltaEngine(model, mask).attach()
+    for second in (SparseDeltaEngine, DenseMaskEngine):
+        with pytest.raises(RuntimeError, match="A SparseDeltaEngine is already attached"):
+            second(model, mask)
+    engine.detach()
+    DenseMaskEngine(model, mask).attach().detach()  # detached: a new engine is welcome

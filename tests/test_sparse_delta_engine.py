@@ -271,3 +271,40 @@ def test_applying_a_delta_twice_says_so(tmp_path):
     once = apply_delta(make_model("bert"), tmp_path / "delta.safetensors")
     with pytest.raises(DeltaMismatchError, match="already holds every value"):
         apply_delta(once, tmp_path / "delta.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("negative", "fall outside"), ("beyond", "fall outside"), ("nan", "NaN/inf"), ("nan_dense", "NaN/inf"),
+    ("count", "indices but"),
+])
+def test_a_damaged_delta_is_refused_and_the_model_is_left_as_it_was(tmp_path, damage, message):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = make_model("bert")
+    engine, _ = _loop(model, SparseDeltaEngine, _mask(model), steps=2)
+    engine.save_delta(tmp_path / "delta.safetensors")
+    with safe_open(str(tmp_path / "delta.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    index_key = next(k for k in tensors if k.endswith("::indices"))
+    dense_key = next(k for k in tensors if k.endswith("::dense"))
+    if damage == "negative":
+        tensors[index_key][0] = -1  # used to write another entry silently
+    elif damage == "beyond":
+        tensors[index_key][-1] = 10**6
+    elif damage == "nan":
+        tensors[index_key.replace("::indices", "::values")][0] = float("nan")
+    elif damage == "nan_dense":
+        tensors[dense_key].view(-1)[0] = float("inf")
+    else:
+        tensors[index_key] = tensors[index_key][:-1]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    base = make_model("bert")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        apply_delta(base, tmp_path / "bad.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert json.loads(metadata["sparsepeft_delta"])["base_hash_scope"] == "frozen-entries"

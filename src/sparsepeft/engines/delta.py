@@ -144,6 +144,35 @@ def _base_hash(model: nn.Module, header: dict, tensors: dict, whole: list[str]) 
     return base_content_hash(model, skip=whole)  # a delta written before the scope existed
 
 
+def _check_entries(tensors: dict, params: dict, path) -> None:
+    """Refuse a damaged delta before anything is written: indices without values (or of another count), indices
+    outside their tensor (negative ones included), tensors this model does not have, non-finite values."""
+    for key in tensors:
+        if key.endswith(_INDEX) and key[: -len(_INDEX)] + _VALUES not in tensors:
+            raise ValueError(f"{path} is corrupt: {key[: -len(_INDEX)]} has indices but no values.")
+    for name in dense_tensor_names(tensors) + list(sparse_entries(tensors)):
+        if name not in params:
+            raise ValueError(f"{path} is corrupt: it holds {name}, which this model does not have.")
+    for name in dense_tensor_names(tensors):
+        value = tensors[name + _DENSE]
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{path} is corrupt: {name} is stored as {tuple(value.shape)}, the model's is "
+                             f"{tuple(params[name].shape)}.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path} holds NaN/inf values in {name}: the run that wrote it diverged. Retrain with a "
+                             "lower learning rate (or without fp16), or use an earlier checkpoint's delta.")
+    for name, (index, values) in sparse_entries(tensors).items():
+        numel = params[name].numel()
+        if index.numel() != values.numel():
+            raise ValueError(f"{path} is corrupt: {name} has {index.numel()} indices but {values.numel()} values.")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+            raise ValueError(f"{path} is corrupt: indices of {name} fall outside its {numel} entries "
+                             f"(min {int(index.min())}, max {int(index.max())}).")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{path} holds NaN/inf values in {name}: the run that wrote it diverged. Retrain with a "
+                             "lower learning rate (or without fp16), or use an earlier checkpoint's delta.")
+
+
 def _holds_delta(params: dict, tensors: dict) -> bool:
     """Whether every entry the delta writes already has the delta's value (a second application)."""
     for name in dense_tensor_names(tensors):
@@ -171,22 +200,17 @@ def sparse_entries(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 def apply_delta(model: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> nn.Module:
     """Turn ``model`` (the base the delta was trained from) into the fine-tuned model, exactly."""
     header, tensors = read_delta(path)
-    check_delta_base(model, header, tensors, path, verify_base)
+    check_delta_base(model, header, tensors, path, verify_base=False)  # names and shapes first: the clearest error
     params = dict(model.named_parameters())
+    _check_entries(tensors, params, path)  # before the hash, which reads the indices
+    check_delta_base(model, header, tensors, path, verify_base)
     if verify_base and _holds_delta(params, tensors):
         raise DeltaMismatchError(
             f"This model already holds every value of {path}: it is the fine-tuned model (the delta was applied "
             "before), not the base it was trained from. Load the base checkpoint to apply the delta to.")
-    for key, value in tensors.items():
-        if key.endswith(_DENSE):
-            params[key[: -len(_DENSE)]].copy_(value)
-        elif key.endswith(_INDEX):
-            name = key[: -len(_INDEX)]
-            if name + _VALUES not in tensors:
-                raise ValueError(f"{path} is corrupt: {name} has indices but no values.")
-            target = params[name]
-            index = value.to(torch.int64).to(target.device)
-            if index.numel() and int(index.max()) >= target.numel():
-                raise ValueError(f"{path} is corrupt: indices of {name} exceed its {target.numel()} entries.")
-            target.view(-1)[index] = tensors[name + _VALUES].to(target.device, target.dtype)
+    for name in dense_tensor_names(tensors):
+        params[name].copy_(tensors[name + _DENSE])
+    for name, (index, values) in sparse_entries(tensors).items():
+        target = params[name]
+        target.view(-1)[index.to(target.device)] = values.to(target.device, target.dtype)
     return model

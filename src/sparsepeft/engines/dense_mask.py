@@ -39,6 +39,17 @@ ZERO_UPDATE_SAFE = (
 )
 
 
+ATTACHED_FLAG = "_sparsepeft_engine"  # set on a model while an engine is attached to it
+
+
+def refuse_second_engine(model: nn.Module) -> None:
+    """One engine per model: a second would re-mask (or re-split) weights the first already manages."""
+    attached = getattr(model, ATTACHED_FLAG, None)
+    if attached is not None:
+        raise RuntimeError(f"A {attached} is already attached to this model: call its detach() (or let the "
+                           "callback finish training) before attaching another engine.")
+
+
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """accelerate's ``AcceleratedOptimizer`` (and similar wrappers) hold the real one in ``.optimizer``."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -93,6 +104,7 @@ class DenseMaskEngine:
     def __init__(self, model: nn.Module, mask: SparseMask, guard: str = "auto"):
         if guard not in ("auto", "restore"):
             raise ValueError("guard must be 'auto' (exact through zero updates, restore if unknown) or 'restore'.")
+        refuse_second_engine(model)
         mask.check_compatible(model)
         self.model = model
         self.mask = mask
@@ -112,9 +124,11 @@ class DenseMaskEngine:
         if self._saved_flags is not None:
             raise RuntimeError("This DenseMaskEngine is already attached.")
         refuse_sharded_model(self.model)
+        refuse_second_engine(self.model)
         if is_distributed():  # DDP all-reduces the masked gradients as they are; every rank must mask alike
             assert_same_on_all_ranks(self.mask.digest(), "the mask")
         self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
+        setattr(self.model, ATTACHED_FLAG, type(self).__name__)
         for name, param in self._params.items():
             kept = self.mask.kept(name) if name in self.mask.shapes else 0
             if kept == 0:
@@ -219,6 +233,8 @@ class DenseMaskEngine:
         self._saved_flags = None
         self.partial.clear()
         self._frozen_copies.clear()
+        if getattr(self.model, ATTACHED_FLAG, None) == type(self).__name__:
+            delattr(self.model, ATTACHED_FLAG)
 
     def __enter__(self) -> "DenseMaskEngine":
         return self.attach() if self._saved_flags is None else self

@@ -37,7 +37,7 @@ from ..utils.distributed import (
     world_size,
 )
 from .delta import mask_frozen_hash, save_delta
-from .dense_mask import unwrap_optimizer
+from .dense_mask import ATTACHED_FLAG, refuse_second_engine, unwrap_optimizer
 
 VALUES_SUFFIX = "_sparse_values"
 INDEX_SUFFIX = "_sparse_index"
@@ -82,6 +82,7 @@ class SparseDeltaEngine:
     """
 
     def __init__(self, model: nn.Module, mask: SparseMask):
+        refuse_second_engine(model)
         mask.check_compatible(model)
         self.model = model
         self.mask = mask
@@ -101,6 +102,7 @@ class SparseDeltaEngine:
         if self._saved_flags is not None:
             raise RuntimeError("This SparseDeltaEngine is already attached.")
         refuse_sharded_model(self.model)
+        refuse_second_engine(self.model)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             raise RuntimeError("Attach the sparse engine to the model before wrapping it in DistributedDataParallel "
                                "(pass the unwrapped model; with Trainer, use SparseMaskCallback).")
@@ -109,6 +111,7 @@ class SparseDeltaEngine:
             assert_same_on_all_ranks(self.mask.digest(), "the mask")
         self.base_fingerprint = model_fingerprint(self.model)
         self._saved_flags = {n: p.requires_grad for n, p in self._params.items()}
+        setattr(self.model, ATTACHED_FLAG, type(self).__name__)
         for name, param in self._params.items():
             kept = self.mask.kept(name) if name in self.mask.shapes else 0
             if kept == 0:
@@ -252,6 +255,8 @@ class SparseDeltaEngine:
             for name, flag in self._saved_flags.items():
                 self._params[name].requires_grad_(flag)
         self._saved_flags = None
+        if getattr(self.model, ATTACHED_FLAG, None) == type(self).__name__:
+            delattr(self.model, ATTACHED_FLAG)
         return self.model
 
     def __enter__(self) -> "SparseDeltaEngine":

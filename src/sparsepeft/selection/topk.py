@@ -24,6 +24,9 @@ def budget_for(keep_ratio: float, num_candidates: int) -> int:
 
 
 def validate_keep_ratio(keep_ratio: float) -> None:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise TypeError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r} ({type(keep_ratio).__name__}): "
+                        "write keep_ratio=0.005 for 0.5% of the weights.")
     if not (0.0 < float(keep_ratio) <= 1.0):
         raise ValueError(
             f"keep_ratio must be in (0, 1], got {keep_ratio}. It is a fraction: 0.005 keeps 0.5% of the weights."
