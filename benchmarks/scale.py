@@ -202,15 +202,24 @@ def run_arm(size: str, arm: str, out: Path, args) -> dict:
         result["fisher_batch_plan"] = plan.to_dict()
         _sync(device)
         start = time.perf_counter()
-        fisher = estimate_fisher(model, train, num_samples=args.fisher_samples, batch_size=plan.batch_size,
-                                 collate_fn=collate, progress=False, autocast_dtype=autocast)
-        _sync(device)
-        result["fisher_seconds"] = time.perf_counter() - start
-        start = time.perf_counter()
-        mask = select_mask(fisher, args.keep_ratio, model=model, always_train=())
-        _sync(device)
-        result["selection_seconds"] = time.perf_counter() - start
-        del fisher
+        if len(plan.groups) > 1:  # the accumulator does not fit beside the activations: one pass per group
+            from sparsepeft.selection.grouped import grouped_fisher_mask
+
+            mask = grouped_fisher_mask(model, train, plan.groups, args.keep_ratio, always_train=(),
+                                       num_samples=args.fisher_samples, batch_size=plan.batch_size,
+                                       collate_fn=collate, progress=False, autocast_dtype=autocast)
+            _sync(device)
+            result["fisher_and_selection_seconds"] = time.perf_counter() - start
+        else:
+            fisher = estimate_fisher(model, train, num_samples=args.fisher_samples, batch_size=plan.batch_size,
+                                     collate_fn=collate, progress=False, autocast_dtype=autocast)
+            _sync(device)
+            result["fisher_seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
+            mask = select_mask(fisher, args.keep_ratio, model=model, always_train=())
+            _sync(device)
+            result["selection_seconds"] = time.perf_counter() - start
+            del fisher
         start = time.perf_counter()
         engine = SparseDeltaEngine(model, mask).attach()
         _sync(device)
@@ -278,6 +287,7 @@ def summarize(out: Path, target: Path) -> None:
                      f"{r.get('pool_select_seconds', float('nan')):.1f} | {r.get('same_entries_as_pool_select', '–')} |")
     lines += ["", "| model | arm | peak (MB) | step (s) | Fisher batch | Fisher (s) | selection (s) | attach (s) | "
               "read all weights (s) | tensors in mask |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # Fisher batch "b x G": G passes over groups of tensors (the accumulator did not fit beside b samples at once)
     for r in sorted(models, key=lambda r: (r["params"], ARMS.index(r["arm"]))):
         peak = r.get("mask_peak_mb", r.get("train_peak_mb"))
         plan = r.get("fisher_batch_plan") or {}
@@ -285,7 +295,9 @@ def summarize(out: Path, target: Path) -> None:
         tensors = f"{r['mask_tensors']}" + (f" of {r['candidate_tensors']}" if "candidate_tensors" in r else "") \
             if "mask_tensors" in r else "–"
         lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['arm']} | {peak:,.0f} | {cell('step_seconds')} | "
-                     f"{plan.get('batch_size', '–')} | {cell('fisher_seconds')} | {cell('selection_seconds')} | "
+                     f"{plan.get('batch_size', '–')}{' x ' + str(plan['groups']) if plan.get('groups', 1) > 1 else ''} | "
+                     f"{cell('fisher_seconds') if 'fisher_seconds' in r else cell('fisher_and_selection_seconds')} | "
+                     f"{cell('selection_seconds') if 'fisher_seconds' in r else 'incl.'} | "
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
     precision = [r for r in runs if r["part"] == "precision"]
     if precision:

@@ -104,22 +104,29 @@ def test_the_fisher_batch_plan_fits_the_training_step_or_says_by_how_much_it_doe
     from sparsepeft.importance.memory import plan_fisher_batch, saved_activation_bytes
 
     model = make_model("bert")
-    examples = make_examples(64, lengths=(20, 40))
+    examples = make_examples(64, lengths=(3, 6))  # short: the accumulator outweighs a few samples' activations
     collate = PaddingCollator(0)
     scored = dict(model.named_parameters())
     per_sample = saved_activation_bytes(model, collate(examples[:1]))
     assert per_sample > 0 and saved_activation_bytes(model, collate(examples[:2])) > per_sample  # grows with the batch
-    sizes = []
-    for train_batch in (1, 8, 64):
+    plans = {}
+    for train_batch in (1, 2, 4, 8, 64):
         plan = plan_fisher_batch(model, examples, collate, train_batch, scored)
-        sizes.append(plan.batch_size)
+        plans[train_batch] = plan
         budget = plan.train_batch_size * plan.train_activation_bytes_per_sample
-        need = plan.batch_size * plan.fisher_activation_bytes_per_sample + plan.accumulator_bytes + plan.per_layer_work_bytes
+        need = (plan.batch_size * plan.fisher_activation_bytes_per_sample + plan.largest_group_bytes
+                + plan.per_layer_work_bytes)
         assert 1 <= plan.batch_size <= train_batch
         assert (need <= budget) == plan.fits
+        assert [n for group in plan.groups for n in group] == list(scored)  # every scored tensor, once, in order
         if not plan.fits:
             assert plan.batch_size == 1 and plan.excess_bytes == need - budget
-    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] > 1  # a larger training step allows a larger pass
+    assert len(plans[64].groups) == 1 and plans[64].batch_size > 1  # a large training step: one pass
+    assert not plans[1].fits  # at training batch 1 one sample's activations are all a step holds
+    counts = [len(plans[b].groups) for b in sorted(plans)]
+    assert counts == sorted(counts, reverse=True)  # the smaller the training step, the more Fisher passes
+    # where the accumulator does not fit beside the activations, it is measured in groups within the step
+    assert any(len(plan.groups) > 1 and plan.fits for plan in plans.values())
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 

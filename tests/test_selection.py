@@ -242,3 +242,24 @@ def test_api_errors_say_what_is_wrong():
             second(model, mask)
     engine.detach()
     DenseMaskEngine(model, mask).attach().detach()  # detached: a new engine is welcome
+
+
+@pytest.mark.parametrize("strategy", ["global", "per_tensor"])
+@pytest.mark.parametrize("lowest", [False, True])
+def test_a_mask_measured_group_by_group_is_the_one_pass_mask(strategy, lowest):
+    from sparsepeft.selection.grouped import group_parameters, grouped_fisher_mask
+
+    model = make_model("bert")
+    examples = make_examples(12)
+    fisher = estimate_fisher(model, examples, num_samples=12, batch_size=4, progress=False)
+    if lowest:
+        fisher = {n: f.neg() for n, f in fisher.items()}
+    reference = select_mask(fisher, 0.03, strategy=strategy, model=model)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    groups = group_parameters(sizes, capacity_bytes=4 * max(sizes.values()))  # as small as the largest tensor
+    assert len(groups) > 3 and [n for g in groups for n in g] == list(sizes)
+    grouped = grouped_fisher_mask(model, examples, groups, 0.03, strategy=strategy, lowest=lowest,
+                                  num_samples=12, batch_size=4, progress=False)
+    assert grouped.indices.keys() == reference.indices.keys()
+    assert all(torch.equal(grouped.indices[n], reference.indices[n]) for n in reference.indices)
+    assert grouped.config["fisher_groups"] == len(groups)

@@ -63,9 +63,10 @@ def _needs_fisher(sparse_args: SparseArguments, peft_args: PeftArguments) -> boo
     return not sparse_args.is_peft or peft_args.fish or sparse_args.method == "shira"
 
 
-def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, training_args, autocast) -> dict | None:
-    """Unless --fisher-batch-size is given, the largest Fisher batch that keeps the mask phase within a training
-    step's memory (see sparsepeft.importance.memory); the plan goes into results.json."""
+def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, training_args, autocast):
+    """Unless --fisher-batch-size is given, the largest Fisher batch (and, if the accumulator needs it, the groups
+    of tensors measured one pass each) that keeps the mask phase within a training step's memory (see
+    sparsepeft.importance.memory); the plan goes into results.json."""
     if sparse_args.fisher_batch_size is not None:
         return None
     scored = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -76,12 +77,20 @@ def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, trai
     logger.info("Fisher batch %d: %.1f MB of activations per sample, a %.0f MB accumulator, within a training "
                 "batch of %d.", plan.batch_size, plan.fisher_activation_bytes_per_sample / 2**20,
                 plan.accumulator_bytes / 2**20, plan.train_batch_size)
-    return plan.to_dict()
+    return plan
 
 
-def _mask_phase_report(device: torch.device, autocast, peak: dict, plan: dict | None) -> dict:
+def _recipe(sparse_args: SparseArguments, seed: int, plan, autocast):
+    recipe = sparse_args.recipe(seed)
+    recipe.autocast_dtype = autocast
+    if plan is not None and len(plan.groups) > 1 and sparse_args.selection in ("fisher", "lowest"):
+        recipe.fisher_groups = plan.groups
+    return recipe
+
+
+def _mask_phase_report(device: torch.device, autocast, peak: dict, plan) -> dict:
     return {"device": str(device), "precision": str(autocast).replace("torch.", "") if autocast else "float32",
-            **{k: round(v, 1) for k, v in peak.items()}, "fisher_batch_plan": plan}
+            **{k: round(v, 1) for k, v in peak.items()}, "fisher_batch_plan": plan.to_dict() if plan else None}
 
 
 def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
@@ -203,7 +212,7 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
         model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
     if plan is None and _needs_fisher(sparse_args, peft_args):
         plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    recipe = sparse_args.recipe(training_args.seed)
+    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
     with _autocast(model, autocast):
         mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
                           training_args.seed)
@@ -237,7 +246,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     plan = None
     if mask is None and not (sparse_args.is_peft and sparse_args.method != "shira") and _needs_fisher(sparse_args, peft_args):
         plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    recipe = sparse_args.recipe(training_args.seed)
+    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
     with _autocast(model, autocast):
         model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
     if mask is None and plan is None and _needs_fisher(sparse_args, peft_args) and sparse_args.method != "shira":

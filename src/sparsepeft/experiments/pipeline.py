@@ -159,6 +159,8 @@ class MaskRecipe:
     always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN
     seed: int = 0
     ird: Any = None  # an IRDConfig when selection == "ird"
+    fisher_groups: Any = None  # lists of parameter names: the Fisher in one pass per group (the same mask)
+    autocast_dtype: Any = None  # the Fisher pass under autocast (the training precision)
     timings: dict[str, float] = field(default_factory=dict)
     ird_result: Any = None  # filled by build_mask when selection == "ird"
 
@@ -182,9 +184,21 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
     elif recipe.method == "random" or recipe.selection == "random":
         mask = random_mask(model, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
                            seed=recipe.seed)
+    elif recipe.fisher_groups and len(recipe.fisher_groups) > 1:
+        from ..selection.grouped import grouped_fisher_mask
+
+        mask = grouped_fisher_mask(
+            model, train_features, recipe.fisher_groups, recipe.keep_ratio, strategy=recipe.strategy,
+            always_train=recipe.always_train, lowest=recipe.selection == "lowest",
+            config={"selection": recipe.selection, "fisher_mode": recipe.fisher_mode,
+                    "num_samples": min(recipe.num_samples, len(train_features)), "seed": recipe.seed},
+            num_samples=recipe.num_samples, mode=recipe.fisher_mode, batch_size=recipe.fisher_batch_size,
+            collate_fn=collate_fn, seed=recipe.seed, autocast_dtype=recipe.autocast_dtype)
+        recipe.timings["fisher_seconds"] = time.perf_counter() - start
     else:
         fisher = estimate_fisher(model, train_features, num_samples=recipe.num_samples, mode=recipe.fisher_mode,
-                                 batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed)
+                                 batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed,
+                                 autocast_dtype=recipe.autocast_dtype)
         recipe.timings["fisher_seconds"] = time.perf_counter() - start
         if recipe.selection == "lowest":
             fisher = {n: f.neg_() for n, f in fisher.items()}

@@ -11,15 +11,19 @@ step is::
 where ``a`` is the activation memory of one sample of the longest training examples, *measured* by counting
 what autograd saves in one forward pass (exact on any device, no allocator statistics needed). Gradients and
 optimizer state, which only training holds, are left out: the bound is conservative for every method.
-When even one sample does not fit (the accumulator alone is larger than a training batch's activations,
-e.g. a large model trained at batch 1), the plan says so and by how much, and the batch is 1.
+
+When the accumulator alone is larger than a training batch's activations (a large model trained at a small
+batch), the plan splits the scored parameters into groups measured one Fisher pass each
+(:func:`sparsepeft.selection.grouped.grouped_fisher_mask`: the same mask, G passes): the groups are as large
+as the room leaves at half the training batch, else at batch 1. Only when a single tensor's accumulator does
+not fit (one group per tensor is the floor) does the plan say by how much the mask phase will exceed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -38,9 +42,13 @@ class FisherBatchPlan:
     per_layer_work_bytes: int
     fits: bool  # False: even batch 1 exceeds the training step's activations by ``excess_bytes``
     excess_bytes: int = 0
+    groups: list[list[str]] = field(default_factory=list)  # Fisher passes, one per group of scored tensors
+    largest_group_bytes: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["groups"] = len(self.groups)  # the count; the names are the scored parameters in order
+        return out
 
 
 def saved_activation_bytes(model: nn.Module, batch: Mapping, autocast_dtype: torch.dtype | None = None) -> int:
@@ -106,19 +114,41 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
         train_bytes = saved_activation_bytes(model, sample, train_autocast) / count
         with _requires_grad(scored):  # the Fisher keeps each scored layer's input, as a weight gradient does
             fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast) / count
-    accumulator = sum(p.numel() for p in scored.values()) * 4
-    per_layer = 2 * max((p.numel() for p in scored.values()), default=0) * 4  # one per-sample block, and its square
-    room = train_batch_size * train_bytes - accumulator - per_layer
-    size = int(room // max(fisher_bytes, 1.0))
+    sizes = {n: p.numel() for n, p in scored.items()}
+    accumulator = sum(sizes.values()) * 4
+    largest = 4 * max(sizes.values(), default=0)
+    per_layer = 2 * largest  # one per-sample block, and its square
+    room = train_batch_size * train_bytes - per_layer  # for the Fisher batch's activations and accumulator
+    fisher_bytes = max(fisher_bytes, 1.0)
+    groups = [list(sizes)]
+    if accumulator + fisher_bytes > room:  # one pass does not fit even at batch 1: measure in groups
+        for target_batch in (max(1, train_batch_size // 2), 1):
+            capacity = room - target_batch * fisher_bytes
+            if capacity >= largest:
+                break
+        groups = _group(sizes, max(capacity, largest))
+    group_bytes = max(4 * sum(sizes[n] for n in group) for group in groups) if sizes else 0
+    size = int((room - group_bytes) // fisher_bytes)
     fits = size >= 1
     plan = FisherBatchPlan(batch_size=max(1, min(train_batch_size, size)), train_batch_size=train_batch_size,
                            train_activation_bytes_per_sample=round(train_bytes),
                            fisher_activation_bytes_per_sample=round(fisher_bytes), accumulator_bytes=accumulator,
                            per_layer_work_bytes=per_layer, fits=fits,
-                           excess_bytes=0 if fits else round(fisher_bytes - room))
+                           excess_bytes=0 if fits else round(fisher_bytes + group_bytes - room), groups=groups,
+                           largest_group_bytes=group_bytes)
+    if len(groups) > 1:
+        logger.info("The Fisher accumulator (%.0f MB) does not fit beside a training batch's activations "
+                    "(%.0f MB): the Fisher is measured in %d passes over groups of tensors (the same mask).",
+                    accumulator / 2**20, train_batch_size * train_bytes / 2**20, len(groups))
     if not fits:
-        logger.warning("The Fisher accumulator (%.0f MB) is larger than a training batch's activations (%.0f MB): "
-                       "the mask phase will need about %.0f MB more than a training step, at Fisher batch 1. A "
-                       "larger --per-device-train-batch-size or a smaller --max-seq-length closes the gap.",
-                       accumulator / 2**20, train_batch_size * train_bytes / 2**20, plan.excess_bytes / 2**20)
+        logger.warning("Even one tensor's Fisher accumulator (%.0f MB) does not fit beside one sample within a "
+                       "training batch's activations (%.0f MB): the mask phase will need about %.0f MB more than a "
+                       "training step. A larger --per-device-train-batch-size closes the gap.",
+                       group_bytes / 2**20, train_batch_size * train_bytes / 2**20, plan.excess_bytes / 2**20)
     return plan
+
+
+def _group(sizes: dict[str, int], capacity_bytes: float) -> list[list[str]]:
+    from ..selection.grouped import group_parameters
+
+    return group_parameters(sizes, int(capacity_bytes))

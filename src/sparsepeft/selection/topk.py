@@ -146,6 +146,8 @@ def proportional_quotas(sizes: Mapping[str, int], k: int) -> dict[str, int]:
     return quotas
 
 
-def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    quotas = proportional_quotas({n: s.numel() for n, s in scores.items()}, k)
+def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int,
+                    quotas: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Each tensor its own top entries: ``quotas`` per tensor (default: ``k`` split in proportion to size)."""
+    quotas = quotas if quotas is not None else proportional_quotas({n: s.numel() for n, s in scores.items()}, k)
     return {name: global_topk({name: scores[name]}, quotas[name])[name] for name in scores}

@@ -1,0 +1,104 @@
+"""A Fisher mask measured one group of tensors at a time: the mask phase within a training step's memory.
+
+The Fisher pass holds a float32 accumulator as large as every scored parameter together. When that alone is
+more than a training step's activations (a large model trained at a small batch), the mask phase would peak
+above training. Scoring the parameters in G groups, one Fisher pass each, holds one group's accumulator at a
+time; each group then keeps only its own top-k candidates (values and positions), and one global top-k over
+the candidates gives the mask.
+
+Exactly the same entries as the one-pass global top-k: an entry among the k best of all has fewer than k
+entries ranked above it in its own group, so it is among its group's k candidates; and the candidates of a
+tensor are kept in ascending position, so the final ranking breaks ties by tensor order, then by position,
+as the one-pass ranking does. The price is G passes over the samples instead of one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..importance.fisher import estimate_fisher
+from .mask import SparseMask, model_fingerprint
+from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk, proportional_quotas
+
+
+def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:
+    """Consecutive tensors (in ``sizes``' order) packed into groups whose float32 accumulators stay within
+    ``capacity_bytes``; a tensor larger than that is a group of its own."""
+    groups: list[list[str]] = []
+    current, used = [], 0
+    for name, numel in sizes.items():
+        need = 4 * numel
+        if current and used + need > capacity_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+def grouped_fisher_mask(
+    model: nn.Module,
+    data,
+    groups: Sequence[Sequence[str]],
+    keep_ratio: float = 0.005,
+    *,
+    strategy: str = "global",
+    always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN,
+    lowest: bool = False,
+    config: dict[str, Any] | None = None,
+    **fisher_kwargs,
+) -> SparseMask:
+    """:func:`select_mask` of :func:`estimate_fisher` over ``groups`` (lists of parameter names that together
+    are the candidates), one Fisher pass per group on the same samples. ``lowest`` keeps the lowest-Fisher
+    entries instead (the baseline). ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``,
+    ``batch_size``, ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
+    if strategy not in ("global", "per_tensor"):
+        raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
+    params = dict(model.named_parameters())
+    names = [n for group in groups for n in group]
+    if len(set(names)) != len(names) or any(n not in params for n in names):
+        raise ValueError("Fisher groups must name each candidate parameter of the model once.")
+    order = [n for n in params if n in set(names)]
+    shapes = {n: tuple(params[n].shape) for n in order}
+    num_candidates = sum(params[n].numel() for n in order)
+    budget = budget_for(keep_ratio, num_candidates)
+    forced = [n for n in order if matches_module(n, always_train)]
+    ranked_budget = budget - sum(params[n].numel() for n in forced)
+    if ranked_budget < 0:
+        from .budget import BudgetError
+
+        raise BudgetError(f"The budget of {budget} entries is smaller than the always-trained modules {forced[:4]}.")
+    ranked = [n for n in order if n not in forced]
+    quotas = proportional_quotas({n: params[n].numel() for n in ranked}, ranked_budget)
+    values: dict[str, torch.Tensor] = {}
+    positions: dict[str, torch.Tensor] = {}
+    for group in groups:
+        scored = [n for n in group if n in quotas]
+        if not scored:
+            continue
+        fisher = estimate_fisher(model, data, params=scored, **fisher_kwargs)
+        if lowest:
+            fisher = {n: f.neg_() for n, f in fisher.items()}
+        chosen = (global_topk(fisher, ranked_budget) if strategy == "global"
+                  else per_tensor_topk(fisher, sum(quotas[n] for n in scored), quotas={n: quotas[n] for n in scored}))
+        for name, index in chosen.items():
+            positions[name] = index
+            values[name] = fisher[name].reshape(-1)[index.to(fisher[name].device)].float().cpu()
+        del fisher
+    if strategy == "global":  # the final ranking over every group's candidates, tensors in model order
+        candidates = {n: values[n] for n in ranked if n in values}
+        kept = global_topk(candidates, ranked_budget)
+        indices = {n: positions[n][kept[n]] for n in candidates}
+    else:
+        indices = positions
+    for name in forced:
+        indices[name] = torch.arange(params[name].numel())
+    indices = {n: indices[n] for n in order if n in indices and indices[n].numel()}
+    info = {"keep_ratio": keep_ratio, "budget": budget, "strategy": strategy, "always_train": list(always_train),
+            "fisher_groups": len(groups), **(config or {})}
+    return SparseMask(shapes=shapes, indices=indices, fingerprint=model_fingerprint(model), config=info)
