@@ -285,3 +285,18 @@ def test_an_outer_autocast_context_gives_the_same_fisher_as_the_argument():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outer = estimate_fisher(model, examples, num_samples=8, progress=False)
     assert all(torch.equal(given[n], outer[n]) for n in given)
+
+
+def test_per_sample_blocks_in_row_chunks_give_the_same_fisher_and_sample_mass(monkeypatch):
+    from sparsepeft.importance import fisher as fisher_module
+    from sparsepeft.importance.fisher import estimate_fisher_and_sample_mass
+
+    model = make_model("llama-lm")
+    examples = make_examples(8, lm=True)
+    whole, whole_mass = estimate_fisher_and_sample_mass(model, examples, range(8), batch_size=4, progress=False)
+    monkeypatch.setattr(fisher_module, "BLOCK_ENTRIES", 7)  # every weight in blocks of a row or a few
+    chunked, chunked_mass = estimate_fisher_and_sample_mass(model, examples, range(8), batch_size=4, progress=False)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=0)
+    torch.testing.assert_close(chunked_mass, whole_mass, rtol=1e-6, atol=0)
+    assert relative_error(chunked, loop_fisher(model, examples, "lm")) < 1e-4

@@ -35,6 +35,8 @@ from .rules import FactoredGrads, PerSampleGrads, RowGrads
 
 logger = logging.getLogger(__name__)
 
+BLOCK_ENTRIES = 1 << 22  # per-sample weight-gradient block computed at a time (16 MB in float32)
+
 ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
 
 
@@ -130,17 +132,21 @@ class _FisherAccumulator:
             if tracks:  # per sample: (u_b^2)^T R (v_b^2), or |u_b|^2 |v_b|^2 over the whole tensor
                 self._add_mass(name, u.sum(1) * v.sum(1) if rng is None else ((u @ rng) * v).sum(1))
             return
-        block = torch.empty_like(total)
+        rows = max(1, min(total.shape[0], BLOCK_ENTRIES // max(1, total.shape[1])))
+        block = torch.empty((rows, total.shape[1]), dtype=total.dtype, device=total.device)
         masses = torch.zeros(first.shape[0], dtype=total.dtype, device=total.device) if tracks else None
-        for b in range(first.shape[0]):  # one cache-sized block per sample, reduced in the same pass
-            torch.mm(first[b].t(), second[b], out=block)
-            if not tracks and self.mode is not FisherMode.ABSOLUTE:
-                total.addcmul_(block, block)  # fused square-and-add: the common case
-                continue
-            self.transform(block)  # in place: the block is ours
-            total.add_(block)
-            if tracks:
-                masses[b] = block.sum() if rng is None else torch.vdot(block.reshape(-1), rng.reshape(-1))
+        for b in range(first.shape[0]):  # per sample, in row blocks of at most BLOCK_ENTRIES (a vocabulary-sized
+            for start in range(0, total.shape[0], rows):  # head never needs a tensor-sized temporary)
+                stop = min(start + rows, total.shape[0])
+                part, target = block[: stop - start], total[start:stop]
+                torch.mm(first[b, :, start:stop].t(), second[b], out=part)
+                if not tracks and self.mode is not FisherMode.ABSOLUTE:
+                    target.addcmul_(part, part)  # fused square-and-add: the common case
+                    continue
+                self.transform(part)  # in place: the block is ours
+                target.add_(part)
+                if tracks:
+                    masses[b] += part.sum() if rng is None else torch.vdot(part.reshape(-1), rng[start:stop].reshape(-1))
         if tracks:
             self._add_mass(name, masses)
 

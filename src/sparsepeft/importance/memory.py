@@ -39,7 +39,7 @@ class FisherBatchPlan:
     train_activation_bytes_per_sample: int
     fisher_activation_bytes_per_sample: int
     accumulator_bytes: int
-    per_layer_work_bytes: int
+    per_layer_work_bytes: int  # the per-sample reduction's temporary (a block of rows of one weight)
     fits: bool  # False: even batch 1 exceeds the training step's activations by ``excess_bytes``
     excess_bytes: int = 0
     groups: list[list[str]] = field(default_factory=list)  # Fisher passes, one per group of scored tensors
@@ -117,7 +117,7 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
     sizes = {n: p.numel() for n, p in scored.items()}
     accumulator = sum(sizes.values()) * 4
     largest = 4 * max(sizes.values(), default=0)
-    per_layer = 2 * largest  # one per-sample block, and its square
+    per_layer = _per_layer_work_bytes(model, scored)
     room = train_batch_size * train_bytes - per_layer  # for the Fisher batch's activations and accumulator
     fisher_bytes = max(fisher_bytes, 1.0)
     groups = [list(sizes)]
@@ -146,6 +146,20 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
                        "training step. A larger --per-device-train-batch-size closes the gap.",
                        group_bytes / 2**20, train_batch_size * train_bytes / 2**20, plan.excess_bytes / 2**20)
     return plan
+
+
+def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) -> int:
+    """The largest temporary of the per-sample reduction: a block of rows of a weight (``BLOCK_ENTRIES``), or a
+    whole parameter-sized block for a parameter shared by several layers (tied embeddings)."""
+    from .fisher import BLOCK_ENTRIES
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    shared = [p.numel() for p in scored.values() if owners.get(id(p), 0) > 1]
+    blocks = [min(p.numel(), BLOCK_ENTRIES) for p in scored.values()]
+    return 4 * max(shared + blocks, default=0)
 
 
 def _group(sizes: dict[str, int], capacity_bytes: float) -> list[list[str]]:
