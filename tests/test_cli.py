@@ -212,3 +212,49 @@ def test_ird_bad_shrink_is_refused_before_any_work(tiny_bert_dir, tmp_path, caps
                  "--ird-sample-shrink", "1.5", "--output-dir", str(tmp_path), *FAST]) == 2
     assert "sample_shrink" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def _no_fisher(monkeypatch):
+    from sparsepeft.experiments import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Fisher pass ran before the input was checked")
+
+    monkeypatch.setattr(pipeline, "estimate_fisher", refuse)
+
+
+def test_an_output_folder_holding_another_run_is_refused_unless_overwritten(tiny_bert_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "16",
+                 "--max-eval-samples", "8", "--num-samples", "8", "--keep-ratio", "0.05", "--output-dir", str(out),
+                 *FAST]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    lora = ["train", "--model", str(tiny_bert_dir), "--task", "demo", "--method", "lora", "--max-train-samples", "16",
+            "--max-eval-samples", "8", "--output-dir", str(out), *FAST]
+    with monkeypatch.context() as patch:
+        _no_fisher(patch)
+        assert main(lora) == 2
+    err = capsys.readouterr().err
+    assert "holds another run's files" in err and "--overwrite-output-dir" in err and "sparse_delta" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing touched
+    assert main([*lora, "--overwrite-output-dir", "true"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "adapter_model.safetensors" in names and "notes.txt" in names  # the user's own file stays
+    assert not names & {"sparse_delta.safetensors", "sparse_mask.safetensors", "model.safetensors", "mask_density.png"}
+    assert _results(out)["method"] == "lora"
+
+
+@pytest.mark.parametrize("problem", ["parent is a file", "resume path"])
+def test_output_and_resume_problems_are_found_before_the_fisher_pass(tiny_bert_dir, tmp_path, capsys, monkeypatch,
+                                                                    problem):
+    _no_fisher(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out" if problem == "parent is a file" else tmp_path / "out"
+    extra = ["--resume-from-checkpoint", str(tmp_path / "checkpoint-9")] if problem == "resume path" else []
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--output-dir", str(out), *extra,
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert ("is a file" in err) if problem == "parent is a file" else ("checkpoint-9: no such folder" in err)
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

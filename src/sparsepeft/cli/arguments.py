@@ -40,6 +40,9 @@ class ModelArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     ignore_mismatched_sizes: bool = field(default=False, metadata={
         "help": "Re-initialise a checkpoint's task head whose size differs from this task's labels."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Remove another run's files from --output-dir first (results, masks, deltas, model, checkpoints; "
+                "other files are left). Without it a folder holding another run is refused."})
 
 
 @dataclass

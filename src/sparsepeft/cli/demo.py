@@ -26,7 +26,8 @@ def run_demo(output_dir: str = "sparsepeft-demo", extra: list[str] | None = None
     for method, flags in DEMO_RUNS.items():
         out = Path(output_dir) / method
         print(f"[demo] training with --method {method} ...", flush=True)
-        command = [sys.executable, "-m", "sparsepeft", "train", *COMMON, *flags, "--output-dir", str(out), *(extra or [])]
+        command = [sys.executable, "-m", "sparsepeft", "train", *COMMON, *flags, "--output-dir", str(out),
+                   "--overwrite-output-dir", "true", *(extra or [])]  # the demo's own folders: rerunning replaces them
         subprocess.run(command, check=True)
         results[method] = json.loads((out / "results.json").read_text())
     print(format_table(results))

@@ -27,6 +27,7 @@ from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
+from .output import prepare_output_dir
 from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
 logger = logging.getLogger("sparsepeft")
@@ -198,6 +199,7 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     if sparse_args.method == "full" or (sparse_args.is_peft and not peft_args.fish):
         raise ValueError("`sparsepeft mask` makes a mask: use --method fish or random, or a PEFT method with --fish.")
     _check_combination(sparse_args, peft_args)
+    prepare_output_dir(training_args.output_dir, model_args.overwrite_output_dir, None)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
@@ -233,6 +235,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
     _check_combination(sparse_args, peft_args, layer_args)
+    prepare_output_dir(training_args.output_dir, model_args.overwrite_output_dir,
+                       training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
