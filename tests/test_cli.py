@@ -258,3 +258,17 @@ def test_output_and_resume_problems_are_found_before_the_fisher_pass(tiny_bert_d
     err = capsys.readouterr().err
     assert ("is a file" in err) if problem == "parent is a file" else ("checkpoint-9: no such folder" in err)
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["fish", "full"])
+def test_a_diverging_run_stops_at_its_first_non_finite_gradient_and_saves_no_weights(tiny_bert_dir, tmp_path, capsys,
+                                                                                    method):
+    out = tmp_path / "nan"
+    code = main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--method", method, "--max-train-samples",
+                 "32", "--max-eval-samples", "8", "--num-samples", "8", "--optim", "sgd", "--learning-rate", "1e30",
+                 "--max-grad-norm", "0", "--output-dir", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Training stopped at step" in err and "NaN/inf" in err and "learning rate" in err and "Traceback" not in err
+    written = {p.name for p in out.iterdir()} if out.exists() else set()
+    assert not written & {"model.safetensors", "sparse_delta.safetensors", "results.json"}

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if layer_args.layers is not None:
                 raise ValueError("--layers chooses blocks while training: use it with `sparsepeft train`.")
             result = run_mask(model_args, data_args, sparse_args, training_args, peft_args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"sparsepeft {command}: error: {error}", file=sys.stderr)
         return 2
     if command == "train" and training_args.process_index == 0:

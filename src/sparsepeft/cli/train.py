@@ -27,6 +27,7 @@ from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
 from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
+from ..integrations.guard import NonFiniteGuard
 from .output import prepare_output_dir
 from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
@@ -275,7 +276,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
 
     peft_params = count_trainable(model) if sparse_args.is_peft else None  # before the mask freezes anything
     callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
-    callbacks = [callback] if callback is not None else []
+    callbacks = ([callback] if callback is not None else []) + [NonFiniteGuard()]
     if sparse_args.method == "adalora" and mask is None:
         callbacks.append(AdaLoraAllocationCallback(model))  # with --fish the mask is the allocation
     layer_config = layer_args.config(training_args.seed)
@@ -290,7 +291,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         processing_class=tokenizer,
         compute_metrics=metrics_fn,
         preprocess_logits_for_metrics=greedy_predictions if causal else None,
-        callbacks=callbacks or None,
+        callbacks=callbacks,
     )
     trainable = mask.num_selected if mask is not None else count_trainable(model)
     train_phase = PeakMemory()
