@@ -120,3 +120,38 @@ def test_a_glue_file_with_a_byte_order_mark_is_read(tmp_path):
         (folder / name).write_text("\ufeffsentence\tlabel\na fine film\t1\na dull one\t0\n", encoding="utf-8")
     data = load_glue("sst2", tmp_path)
     assert data.train.labels == [1, 0] and data.train.texts[0] == ("a fine film",)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("sentence,label\na good film,pos\na bad film,neg\ncut off here\n", r"line 4: no value for \['label'\]"),
+    ("sentence,label\na good film,pos\na bad film,\n", r"line 3: the label column 'label' is empty"),
+    ("sentence,label\na good film,pos\na bad film,neg,extra\n", r"line 3: 3 fields, the header has 2"),
+])
+def test_malformed_csv_rows_are_named_instead_of_becoming_classes(tmp_path, content, message):
+    from sparsepeft.data import DataError, load_files
+
+    (tmp_path / "train.csv").write_text(content)
+    (tmp_path / "dev.csv").write_text("sentence,label\nfine,pos\n")
+    with pytest.raises(DataError, match=message):
+        load_files(tmp_path / "train.csv", tmp_path / "dev.csv", ["sentence"])
+
+
+def test_labels_come_from_the_training_file_and_an_unknown_validation_label_is_named(tmp_path):
+    from sparsepeft.data import DataError, load_files
+
+    (tmp_path / "train.csv").write_text("sentence,label\ngood,pos\nbad,neg\n")
+    (tmp_path / "dev.csv").write_text("sentence,label\nfine,pos\nmeh,neutral\n")
+    with pytest.raises(DataError, match=r"dev.csv, line 3: label 'neutral' does not occur in the training file"):
+        load_files(tmp_path / "train.csv", tmp_path / "dev.csv", ["sentence"])
+
+
+def test_a_jsonl_row_without_the_label_and_a_non_utf8_file_name_the_file_and_row(tmp_path):
+    from sparsepeft.data import DataError, load_files
+
+    (tmp_path / "train.jsonl").write_text('{"sentence": "good", "label": "pos"}\n{"sentence": "bad"}\n')
+    (tmp_path / "dev.jsonl").write_text('{"sentence": "fine", "label": "pos"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl, line 2: no value for \['label'\]"):
+        load_files(tmp_path / "train.jsonl", tmp_path / "dev.jsonl", ["sentence"])
+    (tmp_path / "latin.csv").write_bytes("sentence,label\ncaf\xe9,pos\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv is not UTF-8 text \(byte 0xe9 .*iconv"):
+        load_files(tmp_path / "latin.csv", tmp_path / "dev.jsonl", ["sentence"])

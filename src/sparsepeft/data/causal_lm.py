@@ -41,11 +41,12 @@ def load_prompt_response(train_file: str, validation_file: str, prompt_column: s
                          response_column: str = "response") -> PromptResponseTask:
     def pairs(path: str) -> list[tuple[str, str]]:
         rows = _read_rows(Path(path))
-        missing = [c for c in (prompt_column, response_column) if c not in rows[0]]
-        if missing:
-            raise DataError(f"{path} has no column(s) {missing} (it has {sorted(rows[0])}); name them with "
-                            "--prompt-column / --response-column.")
-        return [(str(row[prompt_column]), str(row[response_column])) for row in rows]
+        for where, row in rows:  # every row, not only the first: a raw KeyError names nothing
+            missing = [c for c in (prompt_column, response_column) if row.get(c) is None]
+            if missing:
+                raise DataError(f"{path}, {where}: no {missing} (the row has {sorted(k for k in row if k)}); name the "
+                                "columns with --prompt-column / --response-column, or fix the row.")
+        return [(str(row[prompt_column]), str(row[response_column])) for _, row in rows]
 
     return PromptResponseTask(Path(train_file).stem, pairs(train_file), {"validation": pairs(validation_file)},
                               source=str(train_file))

@@ -81,8 +81,12 @@ def _read_glue_tsv(path: Path, spec: TaskSpec) -> Split:
     if not path.is_file():
         raise DataError(f"Missing GLUE file {path} (task {spec.name} needs train.tsv and "
                         f"{', '.join(spec.eval_files.values())}).")
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}). "
+                        "Save it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.") from None
     if spec.header:
         if not rows:
             raise DataError(f"{path} is empty.")
@@ -157,27 +161,28 @@ def load_files(
     """
     if not text_columns:
         raise DataError("Name the text column(s) with --text-columns (e.g. 'sentence' or 'sentence1,sentence2').")
-    train_rows = _read_rows(Path(train_file))
-    eval_rows = _read_rows(Path(validation_file))
-    for path, rows in ((train_file, train_rows), (validation_file, eval_rows)):
-        missing = [c for c in [*text_columns, label_column] if c not in rows[0]]
-        if missing:
-            raise DataError(f"{path} has no column {missing} (found {list(rows[0])}). Set --text-columns/--label-column.")
-    raw_labels = [str(r[label_column]) for r in train_rows + eval_rows]
+    columns = [*text_columns, label_column]
+    train_rows = _checked_rows(Path(train_file), columns, label_column)
+    eval_rows = _checked_rows(Path(validation_file), columns, label_column)
+    raw_labels = [str(row[label_column]).strip() for _, row in train_rows]  # the label set is the training file's
     regression = _is_regression(raw_labels) if task_type == "auto" else task_type == "regression"
-    if regression:
-        label_names, convert = None, float
-    else:
-        label_names = tuple(sorted(set(raw_labels), key=_natural_key))
-        convert = label_names.index
+    label_names = None if regression else tuple(sorted(set(raw_labels), key=_natural_key))
 
     def split(path, rows) -> Split:
         texts, labels = [], []
-        for line, row in enumerate(rows, start=1):
-            try:
-                labels.append(convert(str(row[label_column])))
-            except ValueError:
-                raise DataError(f"{path}, row {line}: label {row[label_column]!r} is not a number.") from None
+        for line, row in rows:
+            value = str(row[label_column]).strip()
+            if regression:
+                try:
+                    labels.append(float(value))
+                except ValueError:
+                    raise DataError(f"{path}, {line}: label {value!r} is not a number (a regression task).") from None
+            elif value in label_names:
+                labels.append(label_names.index(value))
+            else:
+                raise DataError(f"{path}, {line}: label {value!r} does not occur in the training file "
+                                f"{train_file} (its labels: {list(label_names)[:10]}). Fix the row, or add "
+                                "examples of that label to the training file.")
             texts.append(tuple(str(row[c]) for c in text_columns))
         return Split(texts, labels)
 
@@ -186,26 +191,63 @@ def load_files(
                     label_names, metrics, source=str(train_file))
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _checked_rows(path: Path, columns: list[str], label_column: str) -> list[tuple[str, dict]]:
+    """Every row, with where it is in the file; a row with missing or extra fields, or without a label, is an
+    error naming the file, the row and the fix (instead of a label such as "None" or "")."""
+    rows = _read_rows(path)
+    first = rows[0][1]
+    missing = [c for c in columns if c not in first]
+    if missing:
+        raise DataError(f"{path} has no column {missing} (found {[k for k in first if k is not None]}). Set "
+                        "--text-columns/--label-column.")
+    for where, row in rows:
+        if None in row:  # csv: more fields than the header
+            raise DataError(f"{path}, {where}: {len(row) - 1 + len(row[None])} fields, the header has {len(row) - 1}. "
+                            "Quote fields that contain the delimiter, or remove the extra fields.")
+        absent = [c for c in columns if c not in row or row[c] is None]
+        if absent:
+            raise DataError(f"{path}, {where}: no value for {absent} (a truncated or short row). Complete or remove "
+                            "the row.")
+        if str(row[label_column]).strip() == "":
+            raise DataError(f"{path}, {where}: the label column {label_column!r} is empty. Give every row a label, "
+                            "or remove the row.")
+    return rows
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs: ``line N`` for CSV/TSV/JSON lines, ``item N`` for a JSON list."""
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        if suffix in (".csv", ".tsv"):
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        elif suffix == ".jsonl":
-            rows = [_json_line(line, path, i) for i, line in enumerate(handle, start=1) if line.strip()]
-        elif suffix == ".json":
-            try:
-                rows = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} is not valid JSON: {error}.") from None
-            if isinstance(rows, dict) and "data" in rows:
-                rows = rows["data"]
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
-    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            if suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+                rows = []
+                for row in reader:
+                    rows.append((f"line {reader.line_num}", row))
+            elif suffix == ".jsonl":
+                rows = [(f"line {i}", _json_line(line, path, i)) for i, line in enumerate(handle, start=1)
+                        if line.strip()]
+            elif suffix == ".json":
+                try:
+                    items = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} is not valid JSON: {error}.") from None
+                if isinstance(items, dict) and "data" in items:
+                    items = items["data"]
+                rows = [(f"item {i}", item) for i, item in enumerate(items, start=1)] if isinstance(items, list) else None
+            else:
+                raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}). "
+                        "Save it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.") from None
+    if not rows:
         raise DataError(f"{path} holds no rows (expected a header and rows, or a list of JSON objects).")
+    not_objects = [where for where, row in rows if not isinstance(row, dict)]
+    if not_objects:
+        raise DataError(f"{path}, {not_objects[0]}: not an object with named fields (each row must be like "
+                        '{"sentence": "...", "label": "..."}).')
     return rows
 
 
