@@ -20,6 +20,8 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
 
 * ``precision``: the Fisher under bf16 autocast against the float32 Fisher, on MiniLM (SST-2) and SmolLM2-135M
   (social_iqa), same samples: overlap of the 0.5% masks they select, and the time of each pass.
+* ``cli``: ``sparsepeft train --method fish`` on SmolLM2-135M (social_iqa) and MiniLM (SST-2) for a few steps with
+  the default (planned) Fisher batch: the mask phase's peak against the training phase's, from results.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +47,7 @@ SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate (vocabu
     "3b": (3200, 26, 32, 32, 8640),
     "7b": (4096, 32, 32, 32, 11008),
 }
-SELECTION_SIZES = (25_000_000, 50_000_000, 100_000_000, 200_000_000)
+SELECTION_SIZES = (25_000_000, 50_000_000, 100_000_000, 200_000_000, 1_100_000_000)
 ARMS = ("mask", "fish", "fish-random", "lora", "full")
 
 
@@ -307,8 +310,17 @@ def summarize(out: Path, target: Path) -> None:
             lines.append(f"| {r['model']} ({r['task']}) | {r['samples']} | {r['selected']:,} | {100 * r['overlap']:.1f}% | "
                          f"{100 * r['overlap_ranked']:.1f}% | {r['fp32_fisher_seconds']:.1f} | "
                          f"{r['bf16_fisher_seconds']:.1f} |")
+    cli = [r for r in runs if r["part"] == "cli"]
+    if cli:
+        lines += ["", "| CLI run (train --method fish) | train batch x length | Fisher batch plan | mask phase peak RSS "
+                  "(MB) | training peak RSS (MB) | mask / train |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in cli:
+            plan = r["mask_phase"].get("fisher_batch_plan") or {}
+            lines.append(f"| {r['model']} ({r['task']}) | {r['train_batch']} x {r['max_seq_length']} | "
+                         f"{plan.get('batch_size')} x {plan.get('groups')} group(s) | {r['mask_peak_rss_mb']:,.0f} | "
+                         f"{r['train_peak_rss_mb']:,.0f} | {r['mask_peak_rss_mb'] / r['train_peak_rss_mb']:.2f} |")
     table = "\n".join(lines)
-    write_json(target, {"selection": selection, "models": models, "precision": precision, "table": table,
+    write_json(target, {"selection": selection, "models": models, "precision": precision, "cli": cli, "table": table,
                         **provenance()})
     print(table)
 
@@ -352,9 +364,41 @@ def run_precision(out: Path, models: str, samples: int, batch_size: int, data_ro
         print(json.dumps(result))
 
 
+CLI_RUNS = {  # model, task, data folder, training batch, sequence length
+    "smollm2": ("smollm2-135m", "social_iqa", "bigbench", 8, 256),
+    "minilm": ("minilm", "sst2", "glue", 32, 64),
+}
+
+
+def run_cli(out: Path, models: str, samples: int, data_root: Path) -> None:
+    for key in models.split(","):
+        path = out / f"cli_{key}.json"
+        if path.exists():
+            continue
+        name, task, folder, batch, length = CLI_RUNS[key]
+        run_dir = out / f"cli_{key}_run"
+        command = [sys.executable, "-m", "sparsepeft", "train", "--model", name, "--task", task, "--data-dir",
+                   str(data_root / folder), "--method", "fish", "--num-samples", str(samples), "--max-steps", "4",
+                   "--per-device-train-batch-size", str(batch), "--max-seq-length", str(length),
+                   "--max-train-samples", "512", "--max-eval-samples", "8", "--save-strategy", "no",
+                   "--report-to", "none", "--use-cpu", "true", "--output-dir", str(run_dir),
+                   "--overwrite-output-dir", "true", "--disable-tqdm", "true"]
+        subprocess.run(command, check=True)
+        results = json.loads((run_dir / "results.json").read_text())
+        phase = results["mask_phase"]
+        record = {"part": "cli", "model": name, "task": task, "train_batch": batch, "max_seq_length": length,
+                  "fisher_samples": samples, "mask_phase": phase, "mask_peak_rss_mb": results["mask_peak_rss_mb"],
+                  "train_peak_rss_mb": results["train_peak_rss_mb"], "fisher_seconds": results.get("fisher_seconds"),
+                  "mask_seconds": results.get("mask_seconds"), "step_seconds": results["train_seconds"] / 4,
+                  "cli_command": command[1:]}
+        shutil.rmtree(run_dir)
+        write_json(path, {**record, **provenance()})
+        print(json.dumps({k: record[k] for k in ("model", "mask_peak_rss_mb", "train_peak_rss_mb")}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "summary"], required=True)
+    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "cli", "summary"], required=True)
     parser.add_argument("--models", default="minilm,smollm2", help="precision: which real models")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--out", default="docs/results/scale_cpu")
@@ -371,7 +415,7 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=16)
     parser.add_argument("--keep-ratio", type=float, default=0.005)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline-up-to", type=int, default=50_000_000)
+    parser.add_argument("--baseline-up-to", type=int, default=200_000_000)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,6 +426,8 @@ def main() -> None:
         run_models(out, args)
     elif args.part == "precision":
         run_precision(out, args.models, args.fisher_samples, args.batch_size, Path(args.data_root))
+    elif args.part == "cli":
+        run_cli(out, args.models, args.fisher_samples, Path(args.data_root))
     elif args.part == "one":
         path = out / f"model_{args.size}_{args.arm}.json"
         write_json(path, {**run_arm(args.size, args.arm, out, args), **provenance()})
