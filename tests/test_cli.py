@@ -272,3 +272,20 @@ def test_a_diverging_run_stops_at_its_first_non_finite_gradient_and_saves_no_wei
     assert "Training stopped at step" in err and "NaN/inf" in err and "learning rate" in err and "Traceback" not in err
     written = {p.name for p in out.iterdir()} if out.exists() else set()
     assert not written & {"model.safetensors", "sparse_delta.safetensors", "results.json"}
+
+
+def test_evaluate_only_writes_no_model_copy_and_reports_nothing_trained(tiny_bert_dir, tmp_path):
+    out = tmp_path / "zero"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--method", "full", "--max-steps", "0",
+                 "--max-eval-samples", "8", "--output-dir", str(out), *FAST]) == 0
+    results = _results(out)
+    assert not (out / "model.safetensors").exists()
+    assert results["trainable_params"] == 0 and results["learning_rate"] is None and results["train_steps"] == 0
+
+
+def test_lora_results_record_the_resolved_config_with_peft_defaults(tiny_bert_dir, tmp_path):
+    out = tmp_path / "lora"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--method", "lora", "--max-steps", "1",
+                 "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(out), *FAST]) == 0
+    options = _results(out)["method_options"]
+    assert options["r"] == 8 and options["lora_alpha"] == 16 and sorted(options["target_modules"]) == ["query", "value"]

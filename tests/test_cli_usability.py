@@ -152,3 +152,31 @@ def test_the_cli_mask_phase_runs_on_the_training_device(tiny_bert_dir, tmp_path,
               "--num-samples", "8", "--fisher-batch-size", "4", "--output-dir", str(tmp_path / "m"),
               "--report-to", "none"])
     assert seen == [torch.device("meta")]
+
+
+def test_each_command_has_its_own_usage_and_an_argument_error_is_one_short_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["mask", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sparsepeft mask")
+    assert "not Trainer's 5e-05" in out and "(default: 5e-05)" not in out  # the rate a run really gets is explained
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--keep-ratio", "abc", "--output-dir", "x"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "sparsepeft train: error:" in err and "--keep-ratio" in err and len(err.strip().splitlines()) <= 3
+
+
+def test_saves_get_the_usual_file_mode_and_clean_up_a_killed_saves_leftovers(tmp_path):
+    import os
+
+    from sparsepeft.utils.io import write_json
+
+    (tmp_path / ".results.json.abc123.tmp").write_bytes(b"x" * 1000)  # what kill -9 mid-save leaves
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "results.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "results.json").st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

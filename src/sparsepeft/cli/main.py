@@ -20,19 +20,38 @@ Run `sparsepeft train --help` for every flag (all of transformers' TrainingArgum
 --verbose (any command) also shows other libraries' INFO logs and load reports."""
 
 
-def _parse(argv: list[str]):
+def _parser(command: str):
     from transformers import HfArgumentParser, TrainingArguments
 
     from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, PeftArguments, LayerwiseArguments,
-                               TrainingArguments))
+    class Parser(HfArgumentParser):
+        def error(self, message):  # one line, not ~150 lines of usage before it
+            print(f"sparsepeft {command}: error: {message}\n(`sparsepeft {command} --help` lists every flag)",
+                  file=sys.stderr)
+            raise SystemExit(2)
+
+    parser = Parser((ModelArguments, DataArguments, SparseArguments, PeftArguments, LayerwiseArguments,
+                     TrainingArguments), prog=f"sparsepeft {command}")
+    for action in parser._actions:
+        if action.dest == "learning_rate":  # Trainer's 5e-5 is not what a run without the flag uses
+            action.help = ("Peak learning rate. Default: the method family's rate (see --method), not "
+                           "Trainer's %(default)s.")  # naming %(default)s keeps argparse from adding "(default: ...)"
+    return parser
+
+
+def _parse(argv: list[str], command: str = "train"):
+    parser = _parser(command)
     if not any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         parser.error("--output-dir is required: where the model, mask and results.json are written.")
     parsed = parser.parse_args_into_dataclasses(args=argv)
     sparse_args, training_args = parsed[2], parsed[-1]
     given = any(a.startswith(("--learning-rate", "--learning_rate")) for a in argv)
+    if not any(a.startswith(("--disable-tqdm", "--disable_tqdm")) for a in argv):
+        training_args.disable_tqdm = False  # a progress bar with an ETA, though transformers' logs are quiet
+    if not any(a.startswith(("--logging-steps", "--logging_steps")) for a in argv):
+        training_args.logging_steps = 0.05  # 20 loss lines per run, whatever its length (not one per 500 steps)
     if not given:  # Trainer's 5e-5 is far too low for a 0.5% mask or an adapter: use the method family's rate
         training_args.learning_rate = sparse_args.default_learning_rate
     training_args.learning_rate_source = "given" if given else "method default"
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import run_mask, run_train
 
     try:
-        model_args, data_args, sparse_args, peft_args, layer_args, training_args = _parse(rest)
+        model_args, data_args, sparse_args, peft_args, layer_args, training_args = _parse(rest, command)
         if command == "train":
             result = run_train(model_args, data_args, sparse_args, training_args, peft_args, layer_args)
         else:

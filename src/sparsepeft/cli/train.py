@@ -263,6 +263,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     else:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
+        saved_ratio = mask.config.get("keep_ratio")
+        if saved_ratio is not None and not sparse_args.is_peft and abs(saved_ratio - sparse_args.keep_ratio) > 1e-12:
+            logger.warning("The checkpoint's mask keeps %.4g of the weights; --keep-ratio %.4g does not apply to a "
+                           "resumed run (start a new run for another ratio).", saved_ratio, sparse_args.keep_ratio)
     mask_peak = mask_phase.read_mb()
     if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
@@ -293,10 +297,11 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         preprocess_logits_for_metrics=greedy_predictions if causal else None,
         callbacks=callbacks,
     )
-    trainable = mask.num_selected if mask is not None else count_trainable(model)
+    evaluate_only = training_args.max_steps == 0  # --max-steps 0: the model as it is (a zero-shot floor)
+    trainable = 0 if evaluate_only else mask.num_selected if mask is not None else count_trainable(model)
     train_phase = PeakMemory()
     start = time.perf_counter()
-    if training_args.max_steps == 0:  # --max-steps 0: evaluate the model as it is (a zero-shot floor)
+    if evaluate_only:
         train_output = None
     else:
         train_output = trainer.train(resume_from_checkpoint=resume)
@@ -315,7 +320,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()
                           if k.startswith(f"{split}_") and not k.endswith(("runtime", "per_second"))}
     eval_seconds = time.perf_counter() - eval_start
-    if has_bottleneck_adapters(model):
+    if evaluate_only:
+        pass  # nothing trained: no copy of the input model is written
+    elif has_bottleneck_adapters(model):
         if trainer.is_world_process_zero():
             save_bottleneck_adapters(model, output_dir)  # adapters + head only; the base checkpoint holds the rest
             tokenizer.save_pretrained(output_dir)
@@ -341,7 +348,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "selection": mask.config.get("selection") if mask is not None else (
             sparse_args.selection if sparse_args.method == "shira" else None),
         "budget": mask.config.get("budget_spec") if mask is not None and sparse_args.is_peft else None,
-        "method_options": {k: v for k, v in options.items() if k != "mask_fn"} or None,
+        "method_options": _resolved_options(model, options),
         "peft_params": peft_params,
         "engine": sparse_args.engine if mask is not None else None,
         "fisher_batch_size": sparse_args.fisher_batch_size if mask is not None or "mask_fn" in options else None,
@@ -356,8 +363,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_steps": trainer.state.global_step,
         "train_log": _loss_curve(trainer.state.log_history),
         "eval_seconds": eval_seconds,
-        "learning_rate": training_args.learning_rate,
-        "learning_rate_source": getattr(training_args, "learning_rate_source", "given"),
+        "learning_rate": None if evaluate_only else training_args.learning_rate,
+        "learning_rate_source": None if evaluate_only else getattr(training_args, "learning_rate_source", "given"),
         "batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
         **recipe.timings,
         **state,
@@ -379,6 +386,20 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     if trainer.is_world_process_zero():
         write_json(output_dir / "results.json", results)
     return results
+
+
+def _resolved_options(model, options: dict) -> dict | None:
+    """The PEFT config the run used, PEFT's defaults included (target modules, alpha ...), not only the flags."""
+    config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
+    given = {k: v for k, v in options.items() if k != "mask_fn"}
+    if config is None:
+        return given or None
+    resolved = {key: getattr(config, key) for key in ("r", "lora_alpha", "alpha", "lora_dropout", "target_modules",
+                                                      "use_rslora", "use_dora", "init_lora_weights", "modules_to_save")
+                if hasattr(config, key)}
+    resolved = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in resolved.items()}
+    return {**resolved, **given, **({"target_modules": resolved["target_modules"]} if "target_modules" in resolved
+                                    else {})}
 
 
 def _loss_curve(log_history: list[dict]) -> list[dict]:

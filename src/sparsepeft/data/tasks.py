@@ -76,6 +76,7 @@ _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": 
 def glue_task(name: str) -> TaskSpec:
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in GLUE_TASKS:
-        raise ValueError(f"Unknown task {name!r}. GLUE tasks: {', '.join(sorted(GLUE_TASKS))}; "
-                         "for your own data pass --train-file/--validation-file instead of --task.")
+        raise ValueError(f"Unknown task {name!r}. GLUE tasks: {', '.join(sorted(GLUE_TASKS))}; a BIG-bench task "
+                         "needs --data-dir DIR with DIR/NAME/task.json; for your own data pass "
+                         "--train-file/--validation-file instead of --task.")
     return GLUE_TASKS[key]
