@@ -11,7 +11,8 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
   phase's peak), ``fish`` (the sparse engine on that Fisher mask), ``fish-random`` (the sparse engine on a
   random 0.5% mask, spread over every tensor: a random-init model's Fisher mask sits in a few tensors and
   flatters FISH's step time), ``lora`` (r=16 on every linear layer of the blocks) and ``full`` (where it fits).
-  Peak: RSS on the CPU, allocated memory on a GPU; step time: median of the timed steps.
+  Peak: RSS on the CPU (workers run with glibc's mmap threshold fixed at 1 MiB, so a peak is what the arm
+  needs), allocated memory on a GPU; step time: median of the timed steps.
 
     python benchmarks/scale.py --part selection
     python benchmarks/scale.py --part model --sizes 134m,374m,1.1b
@@ -262,6 +263,12 @@ def run_arm(size: str, arm: str, out: Path, args) -> dict:
     return result
 
 
+def _worker_env() -> dict:
+    """glibc's mmap threshold fixed at 1 MiB (as benchmarks/memory.py does): with its dynamic threshold, freed
+    tensors stay in the heap and an RSS peak depends on allocation order (docs/benchmarks.md), not on need."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def run_models(out: Path, args) -> None:
     """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers."""
     for size in args.sizes.split(","):
@@ -274,7 +281,7 @@ def run_models(out: Path, args) -> None:
                        "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
                        "--keep-ratio", str(args.keep_ratio)] + (["--bf16"] if args.bf16 else [])
             print("running", size, arm, flush=True)
-            finished = subprocess.run(command)
+            finished = subprocess.run(command, env=_worker_env())
             if finished.returncode != 0:
                 print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
 
@@ -383,7 +390,7 @@ def run_cli(out: Path, models: str, samples: int, data_root: Path) -> None:
                    "--max-train-samples", "512", "--max-eval-samples", "8", "--save-strategy", "no",
                    "--report-to", "none", "--use-cpu", "true", "--output-dir", str(run_dir),
                    "--overwrite-output-dir", "true", "--disable-tqdm", "true"]
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, env=_worker_env())
         results = json.loads((run_dir / "results.json").read_text())
         phase = results["mask_phase"]
         record = {"part": "cli", "model": name, "task": task, "train_batch": batch, "max_seq_length": length,
