@@ -107,9 +107,10 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
     """The largest Fisher batch (at most the training batch) whose pass fits in a training step's memory.
 
     ``scored`` are the parameters the Fisher will score; ``model``'s current ``requires_grad`` flags are the
-    training step's. One forward pass each is measured on the ``train_batch_size`` longest examples."""
-    sample = collate_fn(_longest(examples, max(1, min(train_batch_size, len(examples)))))
-    count = len(sample["input_ids"])
+    training step's. One forward pass each is measured on the longest example; activations scale with the
+    batch (per sample, at the longest length: an upper bound for shorter, padded batches)."""
+    sample = collate_fn(_longest(examples, 1))  # one sample: the measurement costs 1/batch of a step
+    count = 1
     with torch.enable_grad():
         train_bytes = saved_activation_bytes(model, sample, train_autocast) / count
         with _requires_grad(scored):  # the Fisher keeps each scored layer's input, as a weight gradient does
