@@ -74,6 +74,8 @@ def test_train_fish_on_glue_writes_model_mask_results_and_keeps_frozen_weights(t
     assert validation["accuracy"] == pytest.approx(float((logits.argmax(-1) == gold).double().mean()), abs=1 / 40)
     mask = SparseMask.load(out / "sparse_mask.safetensors")
     assert results["trainable_params"] == mask.num_selected
+    assert sum(v["kept"] for v in results["mask_allocation"]["per_block"].values()) == mask.num_selected
+    assert results["mask_allocation"] == json.loads(json.dumps(mask.allocation()))
     assert (out / "mask_density.png").is_file()
     before = load_file(str(tiny_bert_dir / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))

@@ -263,3 +263,24 @@ def test_a_mask_measured_group_by_group_is_the_one_pass_mask(strategy, lowest):
     assert grouped.indices.keys() == reference.indices.keys()
     assert all(torch.equal(grouped.indices[n], reference.indices[n]) for n in reference.indices)
     assert grouped.config["fisher_groups"] == len(groups)
+
+
+def test_the_allocation_adds_up_to_the_mask_and_is_saved_with_it(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    model = make_model("bert")
+    mask = select_mask(_scores(model), 0.05, model=model)
+    report = mask.allocation(top=3)
+    for key in ("per_module_type", "per_block"):
+        assert sum(v["kept"] for v in report[key].values()) == mask.num_selected
+        assert abs(sum(v["share"] for v in report[key].values()) - 1) < 1e-9
+    kept = sorted((mask.kept(n) for n in mask.shapes), reverse=True)
+    assert [t["kept"] for t in report["top_tensors"]] == kept[:3]
+    assert report["tensors_with_entries"] == sum(1 for n in mask.shapes if mask.kept(n))
+    assert "entries in" in mask.allocation_line() and report["top_tensors"][0]["name"] in mask.allocation_line()
+    mask.save(tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as handle:
+        header = json.loads(handle.metadata()["sparsepeft_mask"])
+    assert header["allocation"] == json.loads(json.dumps(mask.allocation()))

@@ -268,6 +268,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
             logger.warning("The checkpoint's mask keeps %.4g of the weights; --keep-ratio %.4g does not apply to a "
                            "resumed run (start a new run for another ratio).", saved_ratio, sparse_args.keep_ratio)
     mask_peak = mask_phase.read_mb()
+    if mask is not None:
+        logger.info("Mask: %s", mask.allocation_line())
     if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
 
@@ -355,6 +357,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "seed": training_args.seed,
         "keep_ratio": mask.density if mask is not None else 1.0,
         "trainable_params": trainable,
+        "mask_allocation": mask.allocation() if mask is not None else None,
         "total_params": total_params,
         "train_samples": len(train),
         "metrics": metrics,

@@ -132,6 +132,30 @@ class SparseMask:
         """(kept, total) per (block, module type): where the budget went, as the density plot shows it."""
         return self._grouped(lambda name: (layer_of(name), module_type_of(name)))
 
+    def allocation(self, top: int = 5) -> dict[str, Any]:
+        """Where the budget went: each module type's and each block's share of the kept entries, and the
+        tensors holding the most (a global ranking can put most of it into one tensor next to the head)."""
+        total = max(1, self.num_selected)
+
+        def shares(counts: dict[str, tuple[int, int]]) -> dict[str, dict[str, float | int]]:
+            ordered = sorted(counts.items(), key=lambda item: -item[1][0])
+            return {k: {"kept": a, "share": a / total, "density": a / max(1, b)} for k, (a, b) in ordered if a}
+
+        tensors = sorted(((n, k) for n, (k, _) in self.tensor_counts().items() if k), key=lambda item: -item[1])
+        return {"num_selected": self.num_selected,
+                "tensors_with_entries": len(tensors), "candidate_tensors": len(self.shapes),
+                "per_module_type": shares(self.module_type_counts()), "per_block": shares(self.layer_counts()),
+                "top_tensors": [{"name": n, "kept": k, "share": k / total, "density": k / max(1, _numel(self.shapes[n]))}
+                                for n, k in tensors[:top]]}
+
+    def allocation_line(self) -> str:
+        """One line for a log: the top tensor's share and the largest module types'."""
+        report = self.allocation(top=1)
+        head = report["top_tensors"][0] if report["top_tensors"] else None
+        kinds = ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in list(report["per_module_type"].items())[:3])
+        return (f"{self.num_selected:,} entries in {report['tensors_with_entries']} of {report['candidate_tensors']} "
+                f"tensors" + (f"; {100 * head['share']:.0f}% in {head['name']}" if head else "") + f"; by type: {kinds}")
+
     def summary(self) -> dict[str, Any]:
         return {
             "num_selected": self.num_selected,
@@ -139,6 +163,7 @@ class SparseMask:
             "density": self.density,
             "per_layer": {k: {"kept": a, "total": b} for k, (a, b) in self.layer_counts().items()},
             "per_module_type": {k: {"kept": a, "total": b} for k, (a, b) in self.module_type_counts().items()},
+            "allocation": self.allocation(),
             "config": self.config,
         }
 
@@ -195,6 +220,7 @@ class SparseMask:
             "fingerprint": self.fingerprint,
             "config": self.config,
             "num_selected": self.num_selected,
+            "allocation": self.allocation(),
         }
         save_tensors_with_header(path, tensors, HEADER_KEY, header)
 
@@ -212,7 +238,9 @@ class SparseMask:
         from .plot import plot_mask_density
 
         title = title or f"{self.num_selected:,} of {self.num_candidates:,} entries ({100 * self.density:.3f}%)"
-        plot_mask_density(self.cell_counts(), path, title)
+        top = self.allocation(top=3)["top_tensors"]
+        note = "top tensors: " + "; ".join(f"{t['name']} {100 * t['share']:.1f}%" for t in top)
+        plot_mask_density(self.cell_counts(), path, title, note=note)
 
 
 def _numel(shape) -> int:

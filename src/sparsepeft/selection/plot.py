@@ -28,7 +28,8 @@ def _layer_sort_key(layer: str):
     return (int(match.group(1)) if match else order.get(layer, 10**6), layer)
 
 
-def plot_mask_density(cells: dict[tuple[str, str], tuple[int, int]], path: str | os.PathLike, title: str) -> None:
+def plot_mask_density(cells: dict[tuple[str, str], tuple[int, int]], path: str | os.PathLike, title: str,
+                      note: str | None = None) -> None:
     """Heat map of kept fraction (layer x module type) beside the kept count per layer.
 
     ``cells`` maps (layer, module type) to (kept, total) entries, e.g. :meth:`SparseMask.cell_counts`."""
@@ -56,6 +57,8 @@ def plot_mask_density(cells: dict[tuple[str, str], tuple[int, int]], path: str |
     ax_bar.invert_yaxis()
     ax_bar.set_title("kept per layer")
     fig.suptitle(title)
+    if note:  # where the budget went, in words: the tensors holding the largest shares
+        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom")
     _save(fig, path)
 
 
