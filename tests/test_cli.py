@@ -212,7 +212,7 @@ def test_ird_selection_from_the_cli_writes_its_report_and_plot(tiny_bert_dir, tm
 def test_ird_bad_shrink_is_refused_before_any_work(tiny_bert_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--selection", "ird",
                  "--ird-sample-shrink", "1.5", "--output-dir", str(tmp_path), *FAST]) == 2
-    assert "sample_shrink" in capsys.readouterr().err
+    assert "--ird-sample-shrink" in capsys.readouterr().err  # the flag, not the config field
     assert not any(tmp_path.iterdir())
 
 

@@ -6,6 +6,7 @@ Every ``TrainingArguments`` flag is accepted as well (``--learning-rate``, ``--n
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,6 +28,25 @@ from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseCo
 # 77.71 at 1e-3) and social_iqa on SmolLM2 (seed 0, validation 43.1 vs 39.5 at 1e-3; docs/llm.md). The other
 # PEFT methods keep 1e-3 until a grid says otherwise.
 DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 2e-3, "lora": 3e-3, "peft": 1e-3, "shira": 3e-3}
+
+
+# Config fields and the flags that set them: a config's error names its field, the CLI's names the flag
+FLAG_NAMES = {
+    "sample_shrink": "--ird-sample-shrink", "param_shrink": "--ird-param-shrink", "rounds": "--ird-rounds",
+    "criterion_samples": "--ird-criterion-samples", "probe_steps": "--ird-probe-steps",
+    "suppress_fraction": "--ist-suppress-fraction", "suppression_factor": "--ist-suppression-factor",
+    "probe_interval": "--ist-probe-interval", "num_probes": "--ist-num-probes", "probe_batch_size": "--ist-probe-batch-size",
+    "probe_chunk_size": "--ist-probe-chunk-size", "num_layers": "--layers-count", "fraction": "--layers-fraction",
+    "interval": "--layers-interval",
+}
+
+
+def in_flag_names(error: ValueError) -> ValueError:
+    """The same error with config field names replaced by the flags a CLI user typed."""
+    text = str(error)
+    for field_name, flag in FLAG_NAMES.items():
+        text = re.sub(rf"(?<![\w-]){field_name}(?![\w-])", flag, text)
+    return type(error)(text)
 
 
 FISHER_PRECISIONS = {"auto": None, "fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -141,7 +161,10 @@ class SparseArguments:
         if self.num_samples < 1:
             raise ValueError("--num-samples must be at least 1.")
         if self.selection == "ird":
-            self.ird_config(0)  # shrink factors and criterion are checked here, before any model is loaded
+            try:
+                self.ird_config(0)  # shrink factors and criterion are checked here, before any model is loaded
+            except ValueError as error:
+                raise in_flag_names(error) from None
 
     def ird_config(self, seed: int) -> IRDConfig:
         return IRDConfig(
@@ -255,7 +278,10 @@ class LayerwiseArguments:
 
     def __post_init__(self):
         if self.layers is not None:
-            self.config(0)  # fractions, counts and policies are checked before any model is loaded
+            try:
+                self.config(0)  # fractions, counts and policies are checked before any model is loaded
+            except ValueError as error:
+                raise in_flag_names(error) from None
 
     def config(self, seed: int) -> LayerwiseConfig | None:
         if self.layers is None:

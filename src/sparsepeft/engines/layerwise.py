@@ -194,7 +194,9 @@ class LayerwiseEngine:
     def log_entries(self) -> dict:
         entries = {"layers_selected": " ".join(map(str, self.selections[-1])) if self.selections else ""}
         if self.config.strategy == "ist":
-            entries.update({f"layer_score_{i}": round(s, 6) for i, s in self.scores.items()})
+            ranked = sorted(self.scores.items(), key=lambda item: -item[1])  # all of them: the history file
+            entries["layer_scores_top"] = " ".join(f"{i}:{s:.3g}" for i, s in ranked[:3])
+            entries["layer_score_spread"] = round(ranked[0][1] - ranked[-1][1], 6) if ranked else 0.0
         return entries
 
     def history(self) -> dict:

