@@ -29,6 +29,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..utils.io import release_free_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -115,6 +117,7 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
         train_bytes = saved_activation_bytes(model, sample, train_autocast) / count
         with _requires_grad(scored):  # the Fisher keeps each scored layer's input, as a weight gradient does
             fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast) / count
+    release_free_memory()  # the measuring forwards' freed pages: not the Fisher pass's to carry
     sizes = {n: p.numel() for n, p in scored.items()}
     accumulator = sum(sizes.values()) * 4
     largest = 4 * max(sizes.values(), default=0)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..importance.fisher import estimate_fisher
+from ..utils.io import release_free_memory
 from .mask import SparseMask, model_fingerprint
 from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk, proportional_quotas
 
@@ -39,6 +40,13 @@ def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[st
     if current:
         groups.append(current)
     return groups
+
+
+def _prune(values: dict, positions: dict, order: list[str], k: int) -> None:
+    candidates = {n: values[n] for n in order if n in values}
+    kept = global_topk(candidates, k)
+    for name in candidates:
+        values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
 
 
 def grouped_fisher_mask(
@@ -90,6 +98,9 @@ def grouped_fisher_mask(
             positions[name] = index
             values[name] = fisher[name].reshape(-1)[index.to(fisher[name].device)].float().cpu()
         del fisher
+        if strategy == "global":  # keep at most k candidates: one not among the k best so far cannot be among
+            _prune(values, positions, ranked, ranked_budget)  # the k best of all (ties: same order)
+        release_free_memory()
     if strategy == "global":  # the final ranking over every group's candidates, tensors in model order
         candidates = {n: values[n] for n in ranked if n in values}
         kept = global_topk(candidates, ranked_budget)
