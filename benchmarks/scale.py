@@ -307,7 +307,7 @@ def summarize(out: Path, target: Path) -> None:
         lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['arm']} | {peak:,.0f} | {cell('step_seconds')} | "
                      f"{plan.get('batch_size', '–')}{' x ' + str(plan['groups']) if plan.get('groups', 1) > 1 else ''} | "
                      f"{cell('fisher_seconds') if 'fisher_seconds' in r else cell('fisher_and_selection_seconds')} | "
-                     f"{cell('selection_seconds') if 'fisher_seconds' in r else 'incl.'} | "
+                     f"{'incl.' if 'fisher_and_selection_seconds' in r else cell('selection_seconds')} | "
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
     precision = [r for r in runs if r["part"] == "precision"]
     if precision:
