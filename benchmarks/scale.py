@@ -293,8 +293,9 @@ def summarize(out: Path, target: Path) -> None:
     lines = ["| scores | k | selection (s) | per 1e8 scores (s) | replaced pool select (s) | same entries |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in selection:
+        pool = f"{r['pool_select_seconds']:.1f}" if "pool_select_seconds" in r else "–"
         lines.append(f"| {r['scores']:.1e} | {r['k']:,} | {r['seconds']:.2f} | {r['seconds'] / r['scores'] * 1e8:.2f} | "
-                     f"{r.get('pool_select_seconds', float('nan')):.1f} | {r.get('same_entries_as_pool_select', '–')} |")
+                     f"{pool} | {r.get('same_entries_as_pool_select', '–')} |")
     lines += ["", "| model | arm | peak (MB) | step (s) | Fisher batch | Fisher (s) | selection (s) | attach (s) | "
               "read all weights (s) | tensors in mask |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     # Fisher batch "b x G": G passes over groups of tensors (the accumulator did not fit beside b samples at once)
