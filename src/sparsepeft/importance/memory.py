@@ -166,7 +166,22 @@ def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) 
     return 4 * max(shared + blocks, default=0)
 
 
-def _group(sizes: dict[str, int], capacity_bytes: float) -> list[list[str]]:
-    from ..selection.grouped import group_parameters
+def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:
+    """Consecutive tensors (in ``sizes``' order) packed into groups whose float32 accumulators stay within
+    ``capacity_bytes``; a tensor larger than that is a group of its own."""
+    groups: list[list[str]] = []
+    current, used = [], 0
+    for name, numel in sizes.items():
+        need = 4 * numel
+        if current and used + need > capacity_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
 
+
+def _group(sizes: dict[str, int], capacity_bytes: float) -> list[list[str]]:
     return group_parameters(sizes, int(capacity_bytes))

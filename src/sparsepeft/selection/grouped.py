@@ -20,26 +20,10 @@ import torch
 from torch import nn
 
 from ..importance.fisher import estimate_fisher
+from ..importance.memory import group_parameters  # noqa: F401  (re-exported with the mask it serves)
 from ..utils.io import release_free_memory
 from .mask import SparseMask, model_fingerprint
 from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk, proportional_quotas
-
-
-def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:
-    """Consecutive tensors (in ``sizes``' order) packed into groups whose float32 accumulators stay within
-    ``capacity_bytes``; a tensor larger than that is a group of its own."""
-    groups: list[list[str]] = []
-    current, used = [], 0
-    for name, numel in sizes.items():
-        need = 4 * numel
-        if current and used + need > capacity_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += need
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _prune(values: dict, positions: dict, order: list[str], k: int) -> None:
