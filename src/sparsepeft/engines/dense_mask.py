@@ -50,6 +50,22 @@ def refuse_second_engine(model: nn.Module) -> None:
                            "callback finish training) before attaching another engine.")
 
 
+def follow_replaced_parameters(model: nn.Module, params: dict, weight_hooks: dict, hook) -> None:
+    """Re-hook weights that ``model.to()`` replaced by new Parameter objects (a move to or from the meta device
+    does; a device or dtype move keeps them): hooks and ``requires_grad`` live on the object. ``params`` (name ->
+    parameter) is updated in place; ``hook(name, parameter)`` registers a weight's hook again and returns it."""
+    current = dict(model.named_parameters())
+    for name, param in list(params.items()):
+        fresh = current.get(name)
+        if fresh is None or fresh is param:
+            continue
+        params[name] = fresh
+        fresh.requires_grad_(param.requires_grad)
+        if name in weight_hooks:
+            weight_hooks.pop(name).remove()
+            weight_hooks[name] = hook(name, fresh)
+
+
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """accelerate's ``AcceleratedOptimizer`` (and similar wrappers) hold the real one in ``.optimizer``."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -143,18 +159,8 @@ class DenseMaskEngine:
         return self
 
     def _follow_model(self) -> None:
-        """Re-hook weights that ``model.to()`` replaced by new Parameter objects (a move to or from the meta
-        device does; a device or dtype move keeps them): hooks and ``requires_grad`` live on the object."""
-        current = dict(self.model.named_parameters())
-        for name, param in list(self._params.items()):
-            fresh = current.get(name)
-            if fresh is None or fresh is param:
-                continue
-            self._params[name] = fresh
-            fresh.requires_grad_(param.requires_grad)
-            if name in self.partial:
-                self._weight_hooks.pop(name).remove()
-                self._weight_hooks[name] = fresh.register_hook(_keep_entries(self.partial[name]))
+        follow_replaced_parameters(self.model, self._params, self._weight_hooks,
+                                   lambda name, fresh: fresh.register_hook(_keep_entries(self.partial[name])))
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         self._follow_model()

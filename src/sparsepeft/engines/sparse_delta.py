@@ -37,7 +37,7 @@ from ..utils.distributed import (
     world_size,
 )
 from .delta import mask_frozen_hash, save_delta
-from .dense_mask import ATTACHED_FLAG, refuse_second_engine, unwrap_optimizer
+from .dense_mask import ATTACHED_FLAG, follow_replaced_parameters, refuse_second_engine, unwrap_optimizer
 
 VALUES_SUFFIX = "_sparse_values"
 INDEX_SUFFIX = "_sparse_index"
@@ -144,20 +144,11 @@ class SparseDeltaEngine:
         self.partial[name] = _PartlyTrained(module, attr)
 
     def _follow_model(self) -> None:
-        """Re-hook weights that ``model.to()`` replaced by new Parameter objects (a move to or from the meta
-        device does; a device or dtype move keeps them): hooks and ``requires_grad`` live on the object."""
-        current = dict(self.model.named_parameters())
-        for name, param in list(self._params.items()):
-            fresh = current.get(name)
-            if fresh is None or fresh is param:
-                continue
-            self._params[name] = fresh
-            fresh.requires_grad_(param.requires_grad)
-            if name in self.partial:
-                self._weight_hooks.pop(name).remove()
-                part = self.partial[name]
-                self._weight_hooks[name] = fresh.register_post_accumulate_grad_hook(
-                    self._gather_into(part.module, part.attr))
+        def rehook(name: str, fresh: nn.Parameter):
+            part = self.partial[name]
+            return fresh.register_post_accumulate_grad_hook(self._gather_into(part.module, part.attr))
+
+        follow_replaced_parameters(self.model, self._params, self._weight_hooks, rehook)
 
     def _gather_into(self, module: nn.Module, attr: str):
         """The hook reads the value vector and its index from the module at every call, so the engine
