@@ -312,8 +312,8 @@ def summarize(out: Path, target: Path) -> None:
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
     precision = [r for r in runs if r["part"] == "precision"]
     if precision:
-        lines += ["", "| model (task) | Fisher samples | mask entries | same entries, bf16 vs fp32 | of the ranked "
-                  "(head excluded) | fp32 Fisher (s) | bf16 Fisher (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| model (task) | Fisher samples | mask entries | same entries, bf16 vs fp32 | excluding "
+                  "tensors kept whole | fp32 Fisher (s) | bf16 Fisher (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in precision:
             lines.append(f"| {r['model']} ({r['task']}) | {r['samples']} | {r['selected']:,} | {100 * r['overlap']:.1f}% | "
                          f"{100 * r['overlap_ranked']:.1f}% | {r['fp32_fisher_seconds']:.1f} | "
@@ -365,7 +365,7 @@ def run_precision(out: Path, models: str, samples: int, batch_size: int, data_ro
         a, b = masks["fp32"], masks["bf16"]
         common = sum(int(torch.isin(a.indices[n], b.indices[n]).sum()) for n in a.indices if n in b.indices)
         ranked = a.num_selected - sum(a.kept(n) for n in a.shapes if a.kept(n) and a.is_full(n))
-        heads = a.num_selected - ranked
+        heads = a.num_selected - ranked  # entries of tensors kept whole: the head, or small norm vectors
         result.update(selected=a.num_selected, always_trained=heads, common=common,
                       overlap=common / a.num_selected, overlap_ranked=(common - heads) / max(1, ranked))
         write_json(path, {**result, **provenance()})
