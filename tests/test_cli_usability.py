@@ -113,20 +113,29 @@ def test_the_fisher_batch_plan_fits_the_training_step_or_says_by_how_much_it_doe
     for train_batch in (1, 2, 4, 8, 64):
         plan = plan_fisher_batch(model, examples, collate, train_batch, scored)
         plans[train_batch] = plan
-        budget = plan.train_batch_size * plan.train_activation_bytes_per_sample
-        need = (plan.batch_size * plan.fisher_activation_bytes_per_sample + plan.largest_group_bytes
-                + plan.per_layer_work_bytes)
+        # the budget is the input-gradient path alone: no more than a step in which every weight trains
+        assert 0 < plan.budget_bytes <= train_batch * plan.train_activation_bytes_per_sample
+        need = plan.batch_size * plan.fisher_activation_bytes_per_sample + plan.largest_group_bytes + plan.per_layer_work_bytes
         assert 1 <= plan.batch_size <= train_batch
-        assert (need <= budget) == plan.fits
-        assert [n for group in plan.groups for n in group] == list(scored)  # every scored tensor, once, in order
+        assert (need <= plan.budget_bytes) == plan.fits
+        covered = {}
+        for group in plan.groups:  # every scored tensor once, whole or in consecutive row ranges
+            for name, rows in group:
+                whole = scored[name].shape[0] if scored[name].dim() else 1
+                first, stop = rows if rows is not None else (0, whole)
+                assert covered.get(name, 0) == first
+                covered[name] = stop
+        assert list(covered) == list(scored)
+        assert all(covered[n] == (p.shape[0] if p.dim() else 1) for n, p in scored.items())
         if not plan.fits:
-            assert plan.batch_size == 1 and plan.excess_bytes == need - budget
+            assert plan.batch_size == 1 and plan.excess_bytes == need - plan.budget_bytes
     assert len(plans[64].groups) == 1 and plans[64].batch_size > 1  # a large training step: one pass
-    assert not plans[1].fits  # at training batch 1 one sample's activations are all a step holds
     counts = [len(plans[b].groups) for b in sorted(plans)]
     assert counts == sorted(counts, reverse=True)  # the smaller the training step, the more Fisher passes
     # where the accumulator does not fit beside the activations, it is measured in groups within the step
     assert any(len(plan.groups) > 1 and plan.fits for plan in plans.values())
+    assert any(plan.fits and any(rows is not None for group in plan.groups for _, rows in group)
+               for plan in plans.values())  # a tensor too large for one pass is measured in row ranges
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 

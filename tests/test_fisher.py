@@ -300,3 +300,15 @@ def test_per_sample_blocks_in_row_chunks_give_the_same_fisher_and_sample_mass(mo
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked_mass, whole_mass, rtol=1e-6, atol=0)
     assert relative_error(chunked, loop_fisher(model, examples, "lm")) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-lm", "gpt2-lm"])
+def test_scoring_row_ranges_gives_the_rows_of_the_whole_fisher(family):
+    model = make_model(family)
+    examples = make_examples(8, lm=family.endswith("-lm"))
+    whole = estimate_fisher(model, examples, num_samples=8, batch_size=4, progress=False)
+    rows = {n: (1, max(2, f.shape[0] - 1)) for n, f in whole.items() if f.dim() >= 1 and f.shape[0] > 2}
+    parts = estimate_fisher(model, examples, num_samples=8, batch_size=4, progress=False, rows=rows)
+    for name, value in whole.items():
+        expected = value[rows[name][0] : rows[name][1]] if name in rows else value
+        torch.testing.assert_close(parts[name], expected, rtol=1e-5, atol=1e-12)

@@ -284,3 +284,24 @@ def test_the_allocation_adds_up_to_the_mask_and_is_saved_with_it(tmp_path):
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as handle:
         header = json.loads(handle.metadata()["sparsepeft_mask"])
     assert header["allocation"] == json.loads(json.dumps(mask.allocation()))
+
+
+@pytest.mark.parametrize("strategy", ["global", "per_tensor"])
+def test_a_mask_measured_in_row_ranges_is_the_one_pass_mask(strategy):
+    from sparsepeft.selection.grouped import grouped_fisher_mask
+
+    model = make_model("llama-lm")
+    examples = make_examples(10, lm=True)
+    fisher = estimate_fisher(model, examples, num_samples=10, batch_size=5, progress=False)
+    reference = select_mask(fisher, 0.03, strategy=strategy, model=model)
+    groups = []
+    for name, param in model.named_parameters():  # every matrix in three row ranges, each its own pass
+        if param.dim() == 2 and param.shape[0] >= 3:
+            cut = [0, param.shape[0] // 3, 2 * param.shape[0] // 3, param.shape[0]]
+            groups += [[(name, (a, b))] for a, b in zip(cut, cut[1:])]
+        else:
+            groups.append([name])
+    grouped = grouped_fisher_mask(model, examples, groups, 0.03, strategy=strategy, num_samples=10, batch_size=5,
+                                  progress=False)
+    assert grouped.indices.keys() == reference.indices.keys()
+    assert all(torch.equal(grouped.indices[n], reference.indices[n]) for n in reference.indices)

@@ -33,7 +33,7 @@ from ..utils.distributed import (
 )
 from .hooks import PerSampleGradCapture
 from .losses import PerSampleLoss, TaskType, empirical_nll, expected_terms, infer_task_type
-from .rules import FactoredGrads, PerSampleGrads, RowGrads
+from .rules import DenseGrads, FactoredGrads, PerSampleGrads, RowGrads
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,13 @@ class _FisherAccumulator:
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], mode: FisherMode,
-                 mass_range: Mapping[str, torch.Tensor | None] | None = None, num_samples: int = 0):
+                 mass_range: Mapping[str, torch.Tensor | None] | None = None, num_samples: int = 0,
+                 rows: Mapping[str, tuple[int, int]] | None = None):
+        self.rows = dict(rows or {})  # name -> (first, stop): only those rows of the parameter are scored
+        self.full_shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.totals = {
-            n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            n: torch.zeros(_scored_shape(p.shape, self.rows.get(n)), dtype=torch.promote_types(p.dtype, torch.float32),
+                           device=p.device)
             for n, p in params.items()
         }
         self.mode = mode
@@ -103,7 +107,21 @@ class _FisherAccumulator:
         flat = transformed.reshape(transformed.shape[0], -1)
         return flat.sum(dim=1) if rng is None else flat @ rng.reshape(-1)
 
+    def _in_rows(self, name: str, grads: PerSampleGrads) -> PerSampleGrads:
+        """The part of a per-sample gradient that falls in the scored rows (rows index a weight's first axis)."""
+        first, stop = self.rows[name]
+        if isinstance(grads, RowGrads):
+            keep = (grads.row >= first) & (grads.row < stop)
+            return RowGrads(sample=grads.sample[keep], row=grads.row[keep] - first, values=grads.values[keep],
+                            batch_size=grads.batch_size)
+        if isinstance(grads, FactoredGrads):  # gradient = first^T second: its rows are ``first``'s last axis
+            return FactoredGrads(first=grads.first[..., first:stop], second=grads.second)
+        values = grads.values.reshape(-1, *self.full_shapes[name])
+        return DenseGrads(values[:, first:stop])
+
     def __call__(self, name: str, grads: PerSampleGrads) -> None:
+        if name in self.rows:
+            grads = self._in_rows(name, grads)
         total = self.totals[name]
         if name in self._multi_use:
             self._add_to_buffer(name, grads)
@@ -189,6 +207,10 @@ class _FisherAccumulator:
                 masses[b] = block.sum() if rng is None else torch.vdot(block.reshape(-1), rng.reshape(-1))
         if tracks:
             self._add_mass(name, masses)
+
+
+def _scored_shape(shape, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return tuple(shape) if rows is None else (rows[1] - rows[0], *tuple(shape)[1:])
 
 
 def _split_rows_by_sample(grads: RowGrads, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -322,6 +344,7 @@ def estimate_fisher(
     progress: bool = True,
     distributed: bool | None = None,
     autocast_dtype: torch.dtype | None = None,
+    rows: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of ``model`` on ``num_samples`` samples of ``data``.
 
@@ -344,6 +367,9 @@ def estimate_fisher(
             activation memory); the per-sample gradients are upcast to float32 before they are squared
             and summed. ``None`` (default): the caller's autocast context if there is one (the same
             float32 accumulation), else the model's own dtype.
+        rows: ``{name: (first, stop)}`` scores only those rows (first axis) of a parameter and returns a tensor of
+            that many rows — how a tensor too large for the memory at hand is measured in parts (the same
+            values as the whole tensor's rows). Not for a parameter shared by several layers.
 
     Returns:
         ``{name: tensor}`` with each parameter's shape, float32, averaged over the samples. The model's
@@ -352,7 +378,7 @@ def estimate_fisher(
     if distributed is None:
         distributed = is_distributed()
     fisher, _ = _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed,
-                          progress, distributed=distributed, autocast_dtype=autocast_dtype)
+                          progress, distributed=distributed, autocast_dtype=autocast_dtype, rows=rows)
     return fisher
 
 
@@ -389,7 +415,7 @@ def estimate_fisher_and_sample_mass(
 
 
 def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, task_type, loss_fn, seed, progress,
-              mass_range=None, in_order: bool = False, distributed: bool = False, autocast_dtype=None):
+              mass_range=None, in_order: bool = False, distributed: bool = False, autocast_dtype=None, rows=None):
     mode = FisherMode(mode)
     scored = scored_parameters(model, params)
     task = TaskType(task_type) if task_type is not None else (None if loss_fn else infer_task_type(model))
@@ -403,7 +429,10 @@ def _estimate(model, data, num_samples, mode, batch_size, params, collate_fn, ta
     if distributed:  # sharding is only meaningful if every rank scores the same model
         assert_same_on_all_ranks(digest(scored.values()), "the weights of the parameters being scored")
     device = next(iter(scored.values())).device
-    accumulator = _FisherAccumulator(scored, mode, mass_range, num_samples=target if mass_range is not None else 0)
+    if rows and mass_range is not None:
+        raise ValueError("Row ranges and sample mass cannot be combined: measure whole tensors for IRD.")
+    accumulator = _FisherAccumulator(scored, mode, mass_range, num_samples=target if mass_range is not None else 0,
+                                     rows=rows)
     capture = PerSampleGradCapture(model, scored)  # its rules upcast bf16/fp16 activations to float32
     seen = 0
     first_batch = None
@@ -527,6 +556,8 @@ def _exact_fallback(model, loader, target, scored, names, accumulator, mode, tas
                     grads = torch.autograd.grad(term.sum(), params, allow_unused=True, retain_graph=j < len(terms) - 1)
                     for name, grad in zip(names, grads):
                         if grad is not None:
+                            if name in accumulator.rows:
+                                grad = grad[accumulator.rows[name][0] : accumulator.rows[name][1]]
                             value = transform(grad.to(accumulator.totals[name].dtype, copy=True))
                             accumulator.totals[name] += value
                             if accumulator._tracks(name):

@@ -1,22 +1,18 @@
 """Sizing the Fisher pass so that the mask phase needs no more memory than a training step.
 
-Both phases hold the weights. Beyond them a training step holds its batch's activations (what autograd
-saves for backward), and the Fisher pass holds its own batch's activations (the per-sample rules need each
-layer's input, as a weight gradient does), a float32 accumulator the size of the scored parameters, and
-one layer's per-sample work at a time. So the Fisher batch that keeps the mask phase within the training
-step is::
+Both phases hold the weights. Beyond them, every training step of a batch holds at least what autograd saves
+along the input-gradient path (the activations the backward pass through the blocks needs, before any weight
+gradient): that, times the training batch, is the budget. A Fisher pass over a group of tensors holds the same
+path at the Fisher batch, the inputs of the group's layers (the per-sample rules need them, as weight gradients
+do), the group's float32 accumulator, and one block of per-sample work. So the plan chooses the Fisher batch
+and packs the scored tensors into groups, measured one Fisher pass each
+(:func:`sparsepeft.selection.grouped.grouped_fisher_mask`: exactly the same mask), splitting a tensor too large
+for one group into row ranges; among the batches that fit it takes the fewest passes, then the largest batch.
 
-    fisher_batch = (train_batch * a_train - accumulator - per_layer_work) / a_fisher
-
-where ``a`` is the activation memory of one sample of the longest training examples, *measured* by counting
-what autograd saves in one forward pass (exact on any device, no allocator statistics needed). Gradients and
-optimizer state, which only training holds, are left out: the bound is conservative for every method.
-
-When the accumulator alone is larger than a training batch's activations (a large model trained at a small
-batch), the plan splits the scored parameters into groups measured one Fisher pass each
-(:func:`sparsepeft.selection.grouped.grouped_fisher_mask`: the same mask, G passes): the groups are as large
-as the room leaves at half the training batch, else at batch 1. Only when a single tensor's accumulator does
-not fit (one group per tensor is the floor) does the plan say by how much the mask phase will exceed.
+Each quantity is *measured* on one forward of the longest training example by counting the bytes autograd
+saves (exact on any device, no allocator statistics): per sample, at the longest length, so an upper bound
+for shorter, padded batches. Gradients and optimizer state, which only training holds, are not counted: the
+bound is conservative for every method.
 """
 
 from __future__ import annotations
@@ -39,13 +35,15 @@ class FisherBatchPlan:
     batch_size: int
     train_batch_size: int
     train_activation_bytes_per_sample: int
-    fisher_activation_bytes_per_sample: int
+    fisher_activation_bytes_per_sample: int  # the input-gradient path at the Fisher's precision
     accumulator_bytes: int
     per_layer_work_bytes: int  # the per-sample reduction's temporary (a block of rows of one weight)
-    fits: bool  # False: even batch 1 exceeds the training step's activations by ``excess_bytes``
+    fits: bool  # False: even one row at batch 1 exceeds the budget; whole tensors one per pass, ``excess_bytes`` over
     excess_bytes: int = 0
-    groups: list[list[str]] = field(default_factory=list)  # Fisher passes, one per group of scored tensors
-    largest_group_bytes: int = 0
+    groups: list = field(default_factory=list)  # Fisher passes: lists of (name, None or (first, stop) rows)
+    largest_group_bytes: int = 0  # a group's accumulator plus its layers' inputs at the Fisher batch
+    budget_bytes: int = 0  # the lower bound on a training step's activations the plan stays within
+    one_pass_activation_bytes_per_sample: int = 0  # every scored layer's input kept: one pass over all
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -106,50 +104,146 @@ def _requires_grad(params: Mapping[str, nn.Parameter] | None):
 def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn: Callable, train_batch_size: int,
                       scored: Mapping[str, nn.Parameter], *, train_autocast: torch.dtype | None = None,
                       fisher_autocast: torch.dtype | None = None) -> FisherBatchPlan:
-    """The largest Fisher batch (at most the training batch) whose pass fits in a training step's memory.
+    """The Fisher batch and the groups of (rows of) tensors, one Fisher pass each, that keep the mask phase
+    within what any training step of this batch holds.
 
-    ``scored`` are the parameters the Fisher will score; ``model``'s current ``requires_grad`` flags are the
-    training step's. One forward pass each is measured on the longest example; activations scale with the
-    batch (per sample, at the longest length: an upper bound for shorter, padded batches)."""
+    The budget is a lower bound on every training step's activations: the training batch times what autograd
+    saves per sample along the input-gradient path alone (no weight trains), which any method that trains
+    something below the head needs. A group's Fisher pass holds the same path at the Fisher batch, the inputs
+    of the group's layers (the per-sample rules need them) and the group's float32 accumulator; a tensor too
+    large for one group is measured in row ranges. Among the Fisher batches that fit, the one with the fewest
+    passes is chosen (then the largest). One forward of the longest example measures each quantity."""
     sample = collate_fn(_longest(examples, 1))  # one sample: the measurement costs 1/batch of a step
-    count = 1
+    owners = _owning_modules(model, scored)
     with torch.enable_grad():
-        train_bytes = saved_activation_bytes(model, sample, train_autocast) / count
-        with _requires_grad(scored):  # the Fisher keeps each scored layer's input, as a weight gradient does
-            fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast) / count
+        train_bytes = saved_activation_bytes(model, sample, train_autocast)
+        with _requires_grad(scored):  # one pass over everything: each scored layer's input is kept
+            fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast)
+        path_train, _ = _path_bytes(model, sample, train_autocast, owners)
+        path_fisher, inputs = _path_bytes(model, sample, fisher_autocast, owners)
     release_free_memory()  # the measuring forwards' freed pages: not the Fisher pass's to carry
+    if path_train is None:  # no input embeddings to start the path from: the whole-step measure
+        path_train, path_fisher, inputs = train_bytes, fisher_bytes, {n: 0 for n in scored}
     sizes = {n: p.numel() for n, p in scored.items()}
-    accumulator = sum(sizes.values()) * 4
-    largest = 4 * max(sizes.values(), default=0)
+    shared = _shared(model, scored)
     per_layer = _per_layer_work_bytes(model, scored)
-    room = train_batch_size * train_bytes - per_layer  # for the Fisher batch's activations and accumulator
-    fisher_bytes = max(fisher_bytes, 1.0)
-    groups = [list(sizes)]
-    if accumulator + fisher_bytes > room:  # one pass does not fit even at batch 1: measure in groups
-        for target_batch in (max(1, train_batch_size // 2), 1):
-            capacity = room - target_batch * fisher_bytes
-            if capacity >= largest:
-                break
-        groups = _group(sizes, max(capacity, largest))
-    group_bytes = max(4 * sum(sizes[n] for n in group) for group in groups) if sizes else 0
-    size = int((room - group_bytes) // fisher_bytes)
-    fits = size >= 1
-    plan = FisherBatchPlan(batch_size=max(1, min(train_batch_size, size)), train_batch_size=train_batch_size,
+    budget = train_batch_size * path_train
+    best = None
+    for batch in range(train_batch_size, 0, -1):
+        groups = _pack(scored, sizes, inputs, shared, batch, budget - per_layer - batch * path_fisher)
+        if groups is not None and (best is None or len(groups[0]) < len(best[1][0])):
+            best = (batch, groups)
+    fits = best is not None
+    if not fits:  # even single rows at batch 1 do not fit: the smallest parts there are, and say by how much
+        best = (1, _pack(scored, sizes, inputs, shared, 1, None))
+    batch, (groups, costs) = best
+    excess = 0 if fits else round(batch * path_fisher + max(costs) + per_layer - budget)
+    accumulator = sum(sizes.values()) * 4
+    plan = FisherBatchPlan(batch_size=batch, train_batch_size=train_batch_size,
                            train_activation_bytes_per_sample=round(train_bytes),
-                           fisher_activation_bytes_per_sample=round(fisher_bytes), accumulator_bytes=accumulator,
-                           per_layer_work_bytes=per_layer, fits=fits,
-                           excess_bytes=0 if fits else round(fisher_bytes + group_bytes - room), groups=groups,
-                           largest_group_bytes=group_bytes)
+                           fisher_activation_bytes_per_sample=round(path_fisher), accumulator_bytes=accumulator,
+                           per_layer_work_bytes=per_layer, fits=fits, excess_bytes=excess, groups=groups,
+                           largest_group_bytes=round(max(costs)), budget_bytes=round(budget),
+                           one_pass_activation_bytes_per_sample=round(fisher_bytes))
     if len(groups) > 1:
-        logger.info("The Fisher accumulator (%.0f MB) does not fit beside a training batch's activations "
-                    "(%.0f MB): the Fisher is measured in %d passes over groups of tensors (the same mask).",
-                    accumulator / 2**20, train_batch_size * train_bytes / 2**20, len(groups))
+        logger.info("The Fisher is measured in %d passes over groups of tensors at batch %d (the same mask): its "
+                    "%.0f MB accumulator does not fit beside the %.0f MB any training step of batch %d holds.",
+                    len(groups), batch, accumulator / 2**20, budget / 2**20, train_batch_size)
     if not fits:
-        logger.warning("Even one tensor's Fisher accumulator (%.0f MB) does not fit beside one sample within a "
-                       "training batch's activations (%.0f MB): the mask phase will need about %.0f MB more than a "
-                       "training step. A larger --per-device-train-batch-size closes the gap.",
-                       group_bytes / 2**20, train_batch_size * train_bytes / 2**20, plan.excess_bytes / 2**20)
+        logger.warning("Even a single row of a tensor does not fit beside one sample within the %.0f MB a training "
+                       "step of batch %d holds: the mask phase will need about %.0f MB more. A larger "
+                       "--per-device-train-batch-size closes the gap.", budget / 2**20, train_batch_size,
+                       excess / 2**20)
     return plan
+
+
+def _owning_modules(model: nn.Module, scored: Mapping[str, nn.Parameter]) -> dict[str, nn.Module]:
+    by_id = {id(p): n for n, p in scored.items()}
+    owners = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in by_id:
+                owners.setdefault(by_id[id(param)], module)
+    return owners
+
+
+def _path_bytes(model, sample, autocast_dtype, owners: Mapping[str, nn.Module]):
+    """Bytes saved per sample along the input-gradient path (every weight frozen, the gradient starting at the
+    input embeddings), and each scored parameter's layer-input bytes; (None, {}) without input embeddings."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return None, {}
+    seen_inputs: dict[int, int] = {}
+
+    def record(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            seen_inputs[id(module)] = seen_inputs.get(id(module), 0) + inputs[0].numel() * inputs[0].element_size()
+
+    def start_path(module, inputs, output):
+        return output.requires_grad_(True) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    modules = {id(m): m for m in owners.values()}
+    handles = [m.register_forward_hook(record) for m in modules.values()]
+    handles.append(embeddings.register_forward_hook(start_path))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        path = saved_activation_bytes(model, sample, autocast_dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return path, {name: seen_inputs.get(id(module), 0) for name, module in owners.items()}
+
+
+def _shared(model: nn.Module, scored: Mapping[str, nn.Parameter]) -> set[str]:
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {n for n, p in scored.items() if owners.get(id(p), 0) > 1}
+
+
+def _pack(scored, sizes, inputs, shared, batch: int, capacity: float | None):
+    """Consecutive (rows of) tensors packed into groups costing at most ``capacity`` bytes each (accumulator plus
+    the layer inputs at ``batch``); a tensor too large alone is split into row ranges. ``None`` if some row does not
+    fit; ``capacity=None`` packs the smallest parts there are (one row each) one per group."""
+    items = []
+    for name, param in scored.items():
+        need_input = batch * inputs.get(name, 0)
+        whole = 4 * sizes[name] + need_input
+        if capacity is not None and whole <= capacity:
+            items.append(((name, None), whole))
+            continue
+        rows = param.shape[0] if param.dim() >= 1 else 1
+        if capacity is None:  # nothing fits: whole tensors, one per pass, and the plan says by how much
+            items.append(((name, None), whole))
+            continue
+        if rows < 2 or name in shared:  # a vector, or a parameter several layers share: whole or nothing
+            return None
+        row_bytes = 4 * sizes[name] / rows
+        step = int((capacity - need_input) // row_bytes)
+        if step < 1:
+            return None
+        for first in range(0, rows, step):
+            stop = min(first + step, rows)
+            items.append(((name, (first, stop)), (stop - first) * row_bytes + need_input))
+    if capacity is None:
+        return [[item] for item, _ in items], [cost for _, cost in items]
+    groups, costs, current, used = [], [], [], 0.0
+    for item, cost in items:
+        if current and used + cost > capacity:
+            groups.append(current)
+            costs.append(used)
+            current, used = [], 0.0
+        current.append(item)
+        used += cost
+    if current:
+        groups.append(current)
+        costs.append(used)
+    return groups, costs
 
 
 def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) -> int:
@@ -183,5 +277,3 @@ def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[st
     return groups
 
 
-def _group(sizes: dict[str, int], capacity_bytes: float) -> list[list[str]]:
-    return group_parameters(sizes, int(capacity_bytes))

@@ -23,7 +23,7 @@ from ..importance.fisher import estimate_fisher
 from ..importance.memory import group_parameters  # noqa: F401  (re-exported with the mask it serves)
 from ..utils.io import release_free_memory
 from .mask import SparseMask, model_fingerprint
-from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk, proportional_quotas
+from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, proportional_quotas
 
 
 def _prune(values: dict, positions: dict, order: list[str], k: int) -> None:
@@ -33,10 +33,20 @@ def _prune(values: dict, positions: dict, order: list[str], k: int) -> None:
         values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
 
 
+def _rows(param: torch.Tensor) -> int:
+    return param.shape[0] if param.dim() else 1
+
+
+def _items(group) -> list[tuple[str, tuple[int, int] | None]]:
+    """A group's members as (name, rows): a plain name is the whole tensor."""
+    return [(item, None) if isinstance(item, str) else (item[0], tuple(item[1]) if item[1] is not None else None)
+            for item in group]
+
+
 def grouped_fisher_mask(
     model: nn.Module,
     data,
-    groups: Sequence[Sequence[str]],
+    groups: Sequence[Sequence],
     keep_ratio: float = 0.005,
     *,
     strategy: str = "global",
@@ -45,17 +55,24 @@ def grouped_fisher_mask(
     config: dict[str, Any] | None = None,
     **fisher_kwargs,
 ) -> SparseMask:
-    """:func:`select_mask` of :func:`estimate_fisher` over ``groups`` (lists of parameter names that together
-    are the candidates), one Fisher pass per group on the same samples. ``lowest`` keeps the lowest-Fisher
-    entries instead (the baseline). ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``,
-    ``batch_size``, ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
+    """:func:`select_mask` of :func:`estimate_fisher` over ``groups``, one Fisher pass per group on the same
+    samples. A group lists parameter names, or ``(name, (first, stop))`` for rows of a tensor too large for one
+    pass (a tensor's row ranges in order, covering it once). ``lowest`` keeps the lowest-Fisher entries instead
+    (the baseline). ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``, ``batch_size``,
+    ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
     if strategy not in ("global", "per_tensor"):
         raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
     params = dict(model.named_parameters())
-    names = [n for group in groups for n in group]
-    if len(set(names)) != len(names) or any(n not in params for n in names):
-        raise ValueError("Fisher groups must name each candidate parameter of the model once.")
-    order = [n for n in params if n in set(names)]
+    members = [_items(group) for group in groups]
+    covered: dict[str, int] = {}
+    for name, rows in (item for group in members for item in group):
+        if name not in params:
+            raise ValueError(f"Fisher groups name {name!r}, which is not a parameter of the model.")
+        covered[name] = covered.get(name, 0) + (_rows(params[name]) if rows is None else rows[1] - rows[0])
+    wrong = [n for n, count in covered.items() if count != _rows(params[n])]
+    if wrong:
+        raise ValueError(f"Fisher groups must cover each candidate once, whole or by row ranges: {wrong[:3]}.")
+    order = [n for n in params if n in covered]
     shapes = {n: tuple(params[n].shape) for n in order}
     num_candidates = sum(params[n].numel() for n in order)
     budget = budget_for(keep_ratio, num_candidates)
@@ -69,18 +86,20 @@ def grouped_fisher_mask(
     quotas = proportional_quotas({n: params[n].numel() for n in ranked}, ranked_budget)
     values: dict[str, torch.Tensor] = {}
     positions: dict[str, torch.Tensor] = {}
-    for group in groups:
-        scored = [n for n in group if n in quotas]
+    for group in members:
+        scored = [(n, rows) for n, rows in group if n in quotas]
         if not scored:
             continue
-        fisher = estimate_fisher(model, data, params=scored, **fisher_kwargs)
-        if lowest:
-            fisher = {n: f.neg_() for n, f in fisher.items()}
-        chosen = (global_topk(fisher, ranked_budget) if strategy == "global"
-                  else per_tensor_topk(fisher, sum(quotas[n] for n in scored), quotas={n: quotas[n] for n in scored}))
-        for name, index in chosen.items():
-            positions[name] = index
-            values[name] = fisher[name].reshape(-1)[index.to(fisher[name].device)].float().cpu()
+        rows = {n: r for n, r in scored if r is not None}
+        fisher = estimate_fisher(model, data, params=[n for n, _ in scored], rows=rows or None, **fisher_kwargs)
+        for name, part in fisher.items():
+            if lowest:
+                part.neg_()
+            kept = global_topk({name: part}, ranked_budget if strategy == "global" else quotas[name])[name]
+            offset = rows[name][0] * (params[name].numel() // params[name].shape[0]) if name in rows else 0
+            found = part.reshape(-1)[kept.to(part.device)].float().cpu()
+            values[name] = torch.cat([values[name], found]) if name in values else found
+            positions[name] = torch.cat([positions[name], kept + offset]) if name in positions else kept + offset
         del fisher
         if strategy == "global":  # keep at most k candidates: one not among the k best so far cannot be among
             _prune(values, positions, ranked, ranked_budget)  # the k best of all (ties: same order)
@@ -88,9 +107,9 @@ def grouped_fisher_mask(
     if strategy == "global":  # the final ranking over every group's candidates, tensors in model order
         candidates = {n: values[n] for n in ranked if n in values}
         kept = global_topk(candidates, ranked_budget)
-        indices = {n: positions[n][kept[n]] for n in candidates}
-    else:
-        indices = positions
+    else:  # each tensor's quota over its parts' candidates
+        kept = {n: global_topk({n: values[n]}, quotas[n])[n] for n in values}
+    indices = {n: positions[n][kept[n]] for n in kept}
     for name in forced:
         indices[name] = torch.arange(params[name].numel())
     indices = {n: indices[n] for n in order if n in indices and indices[n].numel()}
