@@ -54,18 +54,10 @@ class FisherBatchPlan:
 def saved_activation_bytes(model: nn.Module, batch: Mapping, autocast_dtype: torch.dtype | None = None) -> int:
     """Bytes autograd saves for backward in one forward pass of ``batch`` (parameters not counted).
 
-    Storages are counted once however many saved tensors view them; parameters are excluded because both
-    phases hold the weights anyway."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in parameter_storages and tensor.device.type != "meta":
-            seen[pointer] = storage.nbytes()
-        return tensor
-
+    Read off the graph the forward builds (each node's saved tensors), storages counted once however many saved
+    tensors view them; parameters are excluded because both phases hold the weights anyway. (A
+    ``saved_tensors_hooks`` context would be the obvious tool, but in torch 2.13 each use of it kept about half
+    the saved bytes alive afterwards.)"""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -73,12 +65,44 @@ def saved_activation_bytes(model: nn.Module, batch: Mapping, autocast_dtype: tor
     was_training = model.training
     model.eval()  # dropout off, as in the Fisher pass; its masks would add a little in training
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        with autocast:
             output = model(**inputs)
-        del output
+        roots = [value.grad_fn for value in _tensors_of(output) if value.grad_fn is not None]
+        total = _graph_saved_bytes(roots, {p.untyped_storage().data_ptr() for p in model.parameters()})
+        del output, roots
     finally:
         model.train(was_training)
-    return sum(seen.values())
+    return total
+
+
+def _tensors_of(output) -> list[torch.Tensor]:
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else [output]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _graph_saved_bytes(roots: list, parameter_storages: set[int]) -> int:
+    seen_nodes: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        for name in dir(node):
+            if not (name.startswith("_saved_") or name == "saved_tensors"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed, or not a tensor slot
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() not in parameter_storages:
+                        storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
 
 
 def _longest(examples: Sequence[Mapping], count: int) -> list[Mapping]:
