@@ -189,3 +189,25 @@ def test_saves_get_the_usual_file_mode_and_clean_up_a_killed_saves_leftovers(tmp
         os.umask(old)
     assert (os.stat(tmp_path / "results.json").st_mode & 0o777) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once_and_no_weight():
+    from torch import nn
+
+    from sparsepeft.importance.memory import saved_activation_bytes
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+
+    model = Tiny()
+    x = torch.randn(2, 8)
+    # first saves its input x (2x8), relu saves its output (2x16), which second saves again: counted once
+    assert saved_activation_bytes(model, {"x": x}) == 4 * (2 * 8 + 2 * 16)
+    model.first.weight.requires_grad_(False)
+    model.first.bias.requires_grad_(False)  # nothing below relu trains: x need not be kept
+    assert saved_activation_bytes(model, {"x": x}) == 4 * (2 * 16)
