@@ -211,3 +211,10 @@ def test_saved_activation_bytes_counts_each_saved_storage_once_and_no_weight():
     model.first.weight.requires_grad_(False)
     model.first.bias.requires_grad_(False)  # nothing below relu trains: x need not be kept
     assert saved_activation_bytes(model, {"x": x}) == 4 * (2 * 16)
+
+
+def test_the_plan_counts_the_selection_chunk_it_is_given():
+    from sparsepeft.importance.memory import SELECTION_TEMPORARY_BYTES
+    from sparsepeft.selection.topk import CHUNK
+
+    assert SELECTION_TEMPORARY_BYTES == 24 * CHUNK

@@ -30,6 +30,11 @@ from ..utils.io import release_free_memory
 logger = logging.getLogger(__name__)
 
 
+# The top-k pass over a group's Fisher holds about 24 bytes per entry of one of selection.topk's CHUNKs
+# (2**20 entries); the selection stage sits above this one, so the figure is kept here (a test ties them).
+SELECTION_TEMPORARY_BYTES = 24 << 20
+
+
 @dataclass
 class FisherBatchPlan:
     batch_size: int
@@ -281,7 +286,7 @@ def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) 
             owners[id(param)] = owners.get(id(param), 0) + 1
     shared = [p.numel() for p in scored.values() if owners.get(id(p), 0) > 1]
     blocks = [min(p.numel(), BLOCK_ENTRIES) for p in scored.values()]
-    return 4 * max(shared + blocks, default=0)
+    return max(4 * max(shared + blocks, default=0), SELECTION_TEMPORARY_BYTES)
 
 
 def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:

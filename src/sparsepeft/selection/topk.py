@@ -39,7 +39,7 @@ def _comparable(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.nan_to_num(chunk.to(dtype), nan=float("-inf")).add_(0.0)
 
 
-CHUNK = 1 << 22  # entries processed at a time: bounds every temporary to a few chunk-sized tensors
+CHUNK = 1 << 20  # entries processed at a time: every temporary is a few chunk-sized tensors (~24 MB in all)
 
 
 def _chunks(scores: torch.Tensor, dtype: torch.dtype):
@@ -54,13 +54,15 @@ _KEY_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def _order_keys(values: torch.Tensor) -> torch.Tensor:
-    """Signed integers in the same order as the floats ``values`` (an involution on the bit patterns).
+    """Signed integers in the same order as the floats ``values`` (an involution on the bit patterns), computed
+    in place over ``values``' storage.
 
     Non-negative floats already order like their bits; negative ones order in reverse, so their magnitude
     bits are flipped. No NaN may be present (see :func:`_comparable`)."""
-    bits = values.view(_KEY_DTYPE[values.dtype])
+    bits = values.view(_KEY_DTYPE[values.dtype])  # in place: ``values`` is a private copy (_comparable's)
     width = bits.element_size() * 8
-    return bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+    flip = (bits >> (width - 1)).bitwise_and_((1 << (width - 1)) - 1)
+    return bits.bitwise_xor_(flip)
 
 
 def _kth_largest(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
