@@ -286,7 +286,8 @@ def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) 
             owners[id(param)] = owners.get(id(param), 0) + 1
     shared = [p.numel() for p in scored.values() if owners.get(id(p), 0) > 1]
     blocks = [min(p.numel(), BLOCK_ENTRIES) for p in scored.values()]
-    return max(4 * max(shared + blocks, default=0), SELECTION_TEMPORARY_BYTES)
+    largest = max((p.numel() for p in scored.values()), default=0)
+    return max(4 * max(shared + blocks, default=0), min(SELECTION_TEMPORARY_BYTES, 24 * largest))
 
 
 def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:
