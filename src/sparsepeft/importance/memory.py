@@ -261,6 +261,11 @@ def _pack(scored, sizes, inputs, shared, batch: int, capacity: float | None):
             items.append(((name, (first, stop)), (stop - first) * row_bytes + need_input))
     if capacity is None:
         return [[item] for item, _ in items], [cost for _, cost in items]
+    return _consecutive_bins(items, capacity)
+
+
+def _consecutive_bins(items: list[tuple], capacity: float) -> tuple[list[list], list[float]]:
+    """(item, cost) pairs packed in order into bins of at most ``capacity`` (an item larger than that alone)."""
     groups, costs, current, used = [], [], [], 0.0
     for item, cost in items:
         if current and used + cost > capacity:
@@ -280,11 +285,8 @@ def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) 
     whole parameter-sized block for a parameter shared by several layers (tied embeddings)."""
     from .fisher import BLOCK_ENTRIES
 
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
-    shared = [p.numel() for p in scored.values() if owners.get(id(p), 0) > 1]
+    shared_names = _shared(model, scored)
+    shared = [p.numel() for n, p in scored.items() if n in shared_names]
     blocks = [min(p.numel(), BLOCK_ENTRIES) for p in scored.values()]
     largest = max((p.numel() for p in scored.values()), default=0)
     return max(4 * max(shared + blocks, default=0), min(SELECTION_TEMPORARY_BYTES, 24 * largest))
@@ -293,17 +295,4 @@ def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) 
 def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:
     """Consecutive tensors (in ``sizes``' order) packed into groups whose float32 accumulators stay within
     ``capacity_bytes``; a tensor larger than that is a group of its own."""
-    groups: list[list[str]] = []
-    current, used = [], 0
-    for name, numel in sizes.items():
-        need = 4 * numel
-        if current and used + need > capacity_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += need
-    if current:
-        groups.append(current)
-    return groups
-
-
+    return _consecutive_bins([(name, 4 * numel) for name, numel in sizes.items()], capacity_bytes)[0]
