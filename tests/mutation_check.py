@@ -203,7 +203,7 @@ MUTATIONS = [
      '        pass',
      'tests/test_ird.py'),
     ('src/sparsepeft/engines/delta.py',
-     'if verify_base and header.get("base_hash") and _base_hash(model, header, tensors, whole) != header["base_hash"]:',
+     'if verify_base and header.get("base_hash") and _base_hash(model, header, whole, entries) != header["base_hash"]:',
      'if False:',
      'tests/test_sparse_delta_engine.py'),
     ('src/sparsepeft/engines/delta.py',

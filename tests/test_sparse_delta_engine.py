@@ -20,7 +20,11 @@ def _batches(n=10, size=4, seed=3):
 
 
 def _loop(model, engine_cls, mask, steps=50, accumulate=1):
-    engine = engine_cls(model, mask).attach()
+    return _train(model, engine_cls(model, mask).attach(), steps, accumulate)
+
+
+def _train(model, engine, steps=50, accumulate=1):
+    """AdamW steps through an attached engine (clipped, optionally accumulated); returns (engine, optimizer)."""
     optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=5e-3, weight_decay=0.1)
     engine.attach_optimizer(optimizer)
     batches = _batches()
@@ -232,22 +236,11 @@ def test_a_delta_written_before_the_hash_scope_is_still_checked_against_the_whol
         apply_delta(make_model("bert", seed=5), tmp_path / "old.safetensors")
 
 
-def _train_steps(model, engine, steps=4):
-    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=5e-3, weight_decay=0.1)
-    engine.attach_optimizer(optimizer)
-    batches = _batches()
-    model.train()
-    for step in range(steps):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
 @pytest.mark.parametrize("engine_cls", [SparseDeltaEngine, DenseMaskEngine])
 def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(engine_cls):
     mask = _mask(make_model("bert"), ratio=0.02)
     reference = make_model("bert").double()  # moved before attach
-    _train_steps(reference, engine_cls(reference, mask).attach())
+    _train(reference, engine_cls(reference, mask).attach(), steps=4)
     moved = make_model("bert")
     engine = engine_cls(moved, mask).attach()
     tensors = lambda: [*moved.named_parameters(), *moved.named_buffers()]  # noqa: E731 (non-persistent too)
@@ -258,7 +251,7 @@ def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(eng
         for name, value in tensors():
             value.copy_(saved[name])
     moved.double()  # attached in float32, trained in float64
-    _train_steps(moved, engine)
+    _train(moved, engine, steps=4)
     for (name, a), (_, b) in zip(reference.named_parameters(), moved.named_parameters()):
         assert torch.equal(a, b), name
 

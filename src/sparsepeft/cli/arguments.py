@@ -49,7 +49,7 @@ def in_flag_names(error: ValueError) -> ValueError:
     return type(error)(text)
 
 
-FISHER_PRECISIONS = {"auto": None, "fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+FISHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

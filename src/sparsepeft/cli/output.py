@@ -47,7 +47,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output-dir {folder} is a file, not a folder: choose a folder for the run's outputs.")
     if folder.is_dir() and not resuming:
-        found = [p for p in _run_entries(folder)]
+        found = _run_entries(folder)
         if any(p.name in MARKERS or p.name.startswith("checkpoint-") for p in found):
             names = ", ".join(p.name for p in found[:6]) + (" ..." if len(found) > 6 else "")
             if not overwrite:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
+import contextlib
+import math
 import os
 import time
 from pathlib import Path
-
-import contextlib
-import math
 
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -45,12 +44,18 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, sparse_args: 
     return task, model, tokenizer, train, evaluation
 
 
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _training_autocast(training_args) -> torch.dtype | None:
+    return _AUTOCAST["bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"]
+
+
 def _mask_autocast(sparse_args: SparseArguments, training_args) -> torch.dtype | None:
     """The autocast dtype of the mask phase: the training precision unless --fisher-precision says otherwise."""
-    choice = sparse_args.fisher_precision
-    if choice == "auto":
-        choice = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    if sparse_args.fisher_precision == "auto":
+        return _training_autocast(training_args)
+    return _AUTOCAST[sparse_args.fisher_precision]
 
 
 def _autocast(model, dtype: torch.dtype | None):
@@ -73,7 +78,7 @@ def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, trai
         return None
     scored = {n: p for n, p in model.named_parameters() if p.requires_grad}
     plan = plan_fisher_batch(model, train, collate, training_args.per_device_train_batch_size, scored,
-                             train_autocast=_mask_autocast(SparseArguments(fisher_precision="auto"), training_args),
+                             train_autocast=_training_autocast(training_args),
                              fisher_autocast=autocast)
     sparse_args.fisher_batch_size = plan.batch_size
     logger.info("Fisher batch %d: %.1f MB of activations per sample, a %.0f MB accumulator, within a training "
@@ -88,6 +93,29 @@ def _recipe(sparse_args: SparseArguments, seed: int, plan, autocast):
     if plan is not None and len(plan.groups) > 1 and sparse_args.selection in ("fisher", "lowest"):
         recipe.fisher_groups = plan.groups
     return recipe
+
+
+def _mask_phase(model, train, collate, sparse_args: SparseArguments, peft_args: PeftArguments, training_args,
+                model_name: str, mask: SparseMask | None = None):
+    """Plan the Fisher batch, add the PEFT method and make the mask, in the training precision, on the device the
+    model is on. FISH-Tuning scores the adapter, so its plan follows the PEFT method; every other Fisher (FISH,
+    IRD, SHiRA's, inside the PEFT step) is planned on the model as loaded. A ``mask`` (from a checkpoint) is kept.
+    Returns (model, method options, mask, recipe, plan, autocast dtype)."""
+    autocast = _mask_autocast(sparse_args, training_args)
+    fisher = mask is None and _needs_fisher(sparse_args, peft_args)
+    scores_adapter = sparse_args.is_peft and sparse_args.method != "shira"
+    plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast) \
+        if fisher and not scores_adapter else None
+    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
+    with _autocast(model, autocast):
+        model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
+    if fisher and scores_adapter:
+        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
+    if mask is None:
+        with _autocast(model, autocast):
+            mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_name, options,
+                              training_args.seed)
+    return model, options, mask, recipe, plan, autocast
 
 
 def _mask_phase_report(device: torch.device, autocast, peak: dict, plan) -> dict:
@@ -206,19 +234,9 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
     task, model, tokenizer, train, _ = _prepare(model_args, data_args, sparse_args, training_args.seed)
     model.to(training_args.device)  # the mask phase runs where training would (--use-cpu; each rank's own GPU)
     collate = _collator(task, tokenizer, model)
-    autocast = _mask_autocast(sparse_args, training_args)
     mask_phase = PeakMemory()
-    plan = None
-    if sparse_args.method != "shira" and not sparse_args.is_peft and _needs_fisher(sparse_args, peft_args):
-        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    with _autocast(model, autocast):
-        model, options = _tune(model, sparse_args, peft_args, training_args, len(train))
-    if plan is None and _needs_fisher(sparse_args, peft_args):
-        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
-    with _autocast(model, autocast):
-        mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
-                          training_args.seed)
+    model, options, mask, recipe, plan, autocast = _mask_phase(model, train, collate, sparse_args, peft_args,
+                                                               training_args, model_args.model)
     if training_args.process_index == 0:  # every rank holds the same mask (checked); one writes it
         _save_mask(mask, output_dir)
     summary = {"task": task.name, "model": model_args.model, **recipe.timings,
@@ -244,23 +262,12 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     total_params = sum(p.numel() for p in model.parameters())
     model.to(training_args.device)  # the mask phase runs where training will (--use-cpu; each rank's own GPU)
     collate = _collator(task, tokenizer, model)
-    autocast = _mask_autocast(sparse_args, training_args)
     resume = training_args.resume_from_checkpoint
-    mask = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
+    saved = mask_from_checkpoint(resume) if resume and os.path.isdir(resume) else None
     mask_phase = PeakMemory()
-    plan = None
-    if mask is None and not (sparse_args.is_peft and sparse_args.method != "shira") and _needs_fisher(sparse_args, peft_args):
-        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
-    with _autocast(model, autocast):
-        model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
-    if mask is None and plan is None and _needs_fisher(sparse_args, peft_args) and sparse_args.method != "shira":
-        plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast)
-    if mask is None:
-        with _autocast(model, autocast):
-            mask = _make_mask(model, collate, train, sparse_args, peft_args, recipe, model_args.model, options,
-                              training_args.seed)
-    else:
+    model, options, mask, recipe, plan, autocast = _mask_phase(model, train, collate, sparse_args, peft_args,
+                                                               training_args, model_args.model, saved)
+    if saved is not None:
         mask.check_compatible(model)
         logger.info("Resuming with the mask saved in %s", resume)
         saved_ratio = mask.config.get("keep_ratio")

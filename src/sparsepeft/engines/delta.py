@@ -122,63 +122,71 @@ def read_delta(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return load_tensors_with_header(path, DELTA_HEADER_KEY, "delta", DELTA_FORMAT_VERSION)
 
 
-def check_delta_base(model: nn.Module, header: dict, tensors: dict, path, verify_base: bool = True) -> None:
-    """Refuse a base model the delta was not trained from (other names/shapes, or other weights)."""
+def check_delta_base(model: nn.Module, header: dict, tensors: dict, path,
+                     verify_base: bool = True) -> tuple[list[str], dict]:
+    """Refuse what the delta cannot be applied to, before anything is written: a model with other parameter
+    names or shapes, a damaged delta (see :func:`_check_entries`), and, with ``verify_base``, a base whose frozen
+    weights differ from the ones the delta was trained from. Returns the delta's whole tensors' names and its
+    partly-trained entries (:func:`sparse_entries`)."""
     if header["fingerprint"] != model_fingerprint(model):
         raise DeltaMismatchError(
             f"{path} was trained from a model with other parameter names or shapes "
             f"({header.get('mask_config', {}).get('model', 'unknown')}); load that base model first."
         )
-    whole = dense_tensor_names(tensors)
-    if verify_base and header.get("base_hash") and _base_hash(model, header, tensors, whole) != header["base_hash"]:
+    whole, entries = dense_tensor_names(tensors), sparse_entries(tensors)
+    _check_entries(tensors, whole, entries, dict(model.named_parameters()), path)  # the hash reads the indices
+    if verify_base and header.get("base_hash") and _base_hash(model, header, whole, entries) != header["base_hash"]:
         raise DeltaMismatchError(
             f"{path} was trained from a base model whose weights differ from this one's (same architecture, "
             "other checkpoint). Load the exact base checkpoint the delta was made from."
         )
+    return whole, entries
 
 
-def _base_hash(model: nn.Module, header: dict, tensors: dict, whole: list[str]) -> str:
+def _base_hash(model: nn.Module, header: dict, whole: list[str], entries: dict) -> str:
     if header.get("base_hash_scope") == FROZEN_HASH:
-        trained = {n: index for n, (index, _) in sparse_entries(tensors).items()}
+        trained = {n: index for n, (index, _) in entries.items()}
         return frozen_content_hash(model.named_parameters(), trained, whole)
     return base_content_hash(model, skip=whole)  # a delta written before the scope existed
 
 
-def _check_entries(tensors: dict, params: dict, path) -> None:
-    """Refuse a damaged delta before anything is written: indices without values (or of another count), indices
-    outside their tensor (negative ones included), tensors this model does not have, non-finite values."""
+def _refuse_non_finite(value: torch.Tensor, name: str, path) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{path} holds NaN/inf values in {name}: the run that wrote it diverged. Retrain with a "
+                         "lower learning rate (or without fp16), or use an earlier checkpoint's delta.")
+
+
+def _check_entries(tensors: dict, whole: list[str], entries: dict, params: dict, path) -> None:
+    """A damaged delta: indices without values (or of another count), indices outside their tensor (negative ones
+    included), tensors this model does not have, a whole tensor of another shape, non-finite values."""
     for key in tensors:
         if key.endswith(_INDEX) and key[: -len(_INDEX)] + _VALUES not in tensors:
             raise ValueError(f"{path} is corrupt: {key[: -len(_INDEX)]} has indices but no values.")
-    for name in dense_tensor_names(tensors) + list(sparse_entries(tensors)):
+    for name in whole + list(entries):
         if name not in params:
             raise ValueError(f"{path} is corrupt: it holds {name}, which this model does not have.")
-    for name in dense_tensor_names(tensors):
+    for name in whole:
         value = tensors[name + _DENSE]
         if tuple(value.shape) != tuple(params[name].shape):
             raise ValueError(f"{path} is corrupt: {name} is stored as {tuple(value.shape)}, the model's is "
                              f"{tuple(params[name].shape)}.")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{path} holds NaN/inf values in {name}: the run that wrote it diverged. Retrain with a "
-                             "lower learning rate (or without fp16), or use an earlier checkpoint's delta.")
-    for name, (index, values) in sparse_entries(tensors).items():
+        _refuse_non_finite(value, name, path)
+    for name, (index, values) in entries.items():
         numel = params[name].numel()
         if index.numel() != values.numel():
             raise ValueError(f"{path} is corrupt: {name} has {index.numel()} indices but {values.numel()} values.")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
             raise ValueError(f"{path} is corrupt: indices of {name} fall outside its {numel} entries "
                              f"(min {int(index.min())}, max {int(index.max())}).")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{path} holds NaN/inf values in {name}: the run that wrote it diverged. Retrain with a "
-                             "lower learning rate (or without fp16), or use an earlier checkpoint's delta.")
+        _refuse_non_finite(values, name, path)
 
 
-def _holds_delta(params: dict, tensors: dict) -> bool:
+def _holds_delta(params: dict, tensors: dict, whole: list[str], entries: dict) -> bool:
     """Whether every entry the delta writes already has the delta's value (a second application)."""
-    for name in dense_tensor_names(tensors):
+    for name in whole:
         if not torch.equal(params[name].detach().cpu(), tensors[name + _DENSE].to(params[name].dtype)):
             return False
-    for name, (index, values) in sparse_entries(tensors).items():
+    for name, (index, values) in entries.items():
         current = params[name].detach().reshape(-1)[index.to(params[name].device)].cpu()
         if not torch.equal(current, values.to(current.dtype)):
             return False
@@ -200,17 +208,15 @@ def sparse_entries(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 def apply_delta(model: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> nn.Module:
     """Turn ``model`` (the base the delta was trained from) into the fine-tuned model, exactly."""
     header, tensors = read_delta(path)
-    check_delta_base(model, header, tensors, path, verify_base=False)  # names and shapes first: the clearest error
+    whole, entries = check_delta_base(model, header, tensors, path, verify_base)
     params = dict(model.named_parameters())
-    _check_entries(tensors, params, path)  # before the hash, which reads the indices
-    check_delta_base(model, header, tensors, path, verify_base)
-    if verify_base and _holds_delta(params, tensors):
+    if verify_base and _holds_delta(params, tensors, whole, entries):
         raise DeltaMismatchError(
             f"This model already holds every value of {path}: it is the fine-tuned model (the delta was applied "
             "before), not the base it was trained from. Load the base checkpoint to apply the delta to.")
-    for name in dense_tensor_names(tensors):
+    for name in whole:
         params[name].copy_(tensors[name + _DENSE])
-    for name, (index, values) in sparse_entries(tensors).items():
+    for name, (index, values) in entries.items():
         target = params[name]
         target.view(-1)[index.to(target.device)] = values.to(target.device, target.dtype)
     return model

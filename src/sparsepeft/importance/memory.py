@@ -116,10 +116,7 @@ def _longest(examples: Sequence[Mapping], count: int) -> list[Mapping]:
 
 
 @contextlib.contextmanager
-def _requires_grad(params: Mapping[str, nn.Parameter] | None):
-    if params is None:
-        yield
-        return
+def _requires_grad(params: Mapping[str, nn.Parameter]):
     flags = {id(p): p.requires_grad for p in params.values()}
     for p in params.values():
         p.requires_grad_(True)
@@ -148,14 +145,15 @@ def plan_fisher_batch(model: nn.Module, examples: Sequence[Mapping], collate_fn:
         train_bytes = saved_activation_bytes(model, sample, train_autocast)
         with _requires_grad(scored):  # one pass over everything: each scored layer's input is kept
             fisher_bytes = saved_activation_bytes(model, sample, fisher_autocast)
-        path_train, _ = _path_bytes(model, sample, train_autocast, owners)
         path_fisher, inputs = _path_bytes(model, sample, fisher_autocast, owners)
+        path_train = path_fisher if train_autocast == fisher_autocast else \
+            _path_bytes(model, sample, train_autocast, owners)[0]
     release_free_memory()  # the measuring forwards' freed pages: not the Fisher pass's to carry
     if path_train is None:  # no input embeddings to start the path from: the whole-step measure
         path_train, path_fisher, inputs = train_bytes, fisher_bytes, {n: 0 for n in scored}
     sizes = {n: p.numel() for n, p in scored.items()}
     shared = _shared(model, scored)
-    per_layer = _per_layer_work_bytes(model, scored)
+    per_layer = _per_layer_work_bytes(scored, shared)
     budget = train_batch_size * path_train
     best = None
     for batch in range(train_batch_size, 0, -1):
@@ -280,16 +278,15 @@ def _consecutive_bins(items: list[tuple], capacity: float) -> tuple[list[list], 
     return groups, costs
 
 
-def _per_layer_work_bytes(model: nn.Module, scored: Mapping[str, nn.Parameter]) -> int:
-    """The largest temporary of the per-sample reduction: a block of rows of a weight (``BLOCK_ENTRIES``), or a
-    whole parameter-sized block for a parameter shared by several layers (tied embeddings)."""
+def _per_layer_work_bytes(scored: Mapping[str, nn.Parameter], shared: set[str]) -> int:
+    """The largest temporary of the per-sample reduction: a block of rows of a weight (``BLOCK_ENTRIES``), a
+    whole parameter-sized block for a parameter shared by several layers (tied embeddings), or the selection's
+    chunk over the group's Fisher."""
     from .fisher import BLOCK_ENTRIES
 
-    shared_names = _shared(model, scored)
-    shared = [p.numel() for n, p in scored.items() if n in shared_names]
-    blocks = [min(p.numel(), BLOCK_ENTRIES) for p in scored.values()]
+    blocks = [p.numel() if n in shared else min(p.numel(), BLOCK_ENTRIES) for n, p in scored.items()]
     largest = max((p.numel() for p in scored.values()), default=0)
-    return max(4 * max(shared + blocks, default=0), min(SELECTION_TEMPORARY_BYTES, 24 * largest))
+    return max(4 * max(blocks, default=0), min(SELECTION_TEMPORARY_BYTES, 24 * largest))
 
 
 def group_parameters(sizes: dict[str, int], capacity_bytes: int) -> list[list[str]]:

@@ -118,8 +118,8 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     out = {}
     for name in names:
         found = []
+        value = threshold.to(scores[name].device)  # once per tensor, not once per chunk
         for offset, chunk in _chunks(scores[name], dtype):
-            value = threshold.to(chunk.device)
             hits = (chunk > value).nonzero().flatten()
             if ties_left > 0:
                 tied = (chunk == value).nonzero().flatten()[:ties_left]
