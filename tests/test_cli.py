@@ -151,7 +151,7 @@ def test_keep_ratio_out_of_range_and_missing_output_dir(tiny_bert_dir, capsys):
         main(["train", "--task", "demo"])
 
 
-def test_resume_from_checkpoint_reuses_the_checkpoint_mask(tiny_bert_dir, tmp_path):
+def test_resume_from_checkpoint_reuses_the_checkpoint_mask(tiny_bert_dir, tmp_path, caplog):
     out = tmp_path / "run"
     common = ["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "32",
               "--max-eval-samples", "16", "--num-samples", "16", "--keep-ratio", "0.05", "--output-dir", str(out),
@@ -164,6 +164,10 @@ def test_resume_from_checkpoint_reuses_the_checkpoint_mask(tiny_bert_dir, tmp_pa
     assert main([*common, "--seed", "7", "--resume-from-checkpoint", str(checkpoint)]) == 0
     resumed = SparseMask.load(out / "sparse_mask.safetensors")
     assert all(torch.equal(resumed.indices[n], first.indices[n]) for n in first.indices)
+    caplog.clear()  # a new ratio does not apply to a resumed run: it is said, not silently dropped
+    assert main([*common, "--keep-ratio", "0.1", "--resume-from-checkpoint", str(checkpoint)]) == 0
+    assert "--keep-ratio 0.1 does not apply to a resumed run" in caplog.text
+    assert SparseMask.load(out / "sparse_mask.safetensors").num_selected == first.num_selected
 
 
 def test_sparse_engine_writes_a_delta_that_merges_into_the_same_model(tiny_bert_dir, tmp_path, capsys):

@@ -222,3 +222,19 @@ def test_the_plan_counts_the_selection_chunk_it_is_given():
     from sparsepeft.selection.topk import CHUNK
 
     assert SELECTION_TEMPORARY_BYTES == 24 * CHUNK
+
+
+def test_a_run_shows_progress_and_logs_its_loss_twenty_times_unless_told_otherwise():
+    from sparsepeft.cli.main import _parse
+
+    args = _parse(["--output-dir", "x"])[-1]
+    assert args.disable_tqdm is False and args.logging_steps == 0.05  # not one loss line per 500 steps
+    args = _parse(["--output-dir", "x", "--disable-tqdm", "true", "--logging-steps", "7"])[-1]
+    assert args.disable_tqdm is True and args.logging_steps == 7
+
+
+def test_an_unknown_task_points_at_data_dir_for_big_bench():
+    from sparsepeft.data.tasks import glue_task
+
+    with pytest.raises(ValueError, match=r"--data-dir DIR with DIR/NAME/task.json"):
+        glue_task("social_iqa")

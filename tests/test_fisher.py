@@ -312,3 +312,12 @@ def test_scoring_row_ranges_gives_the_rows_of_the_whole_fisher(family):
     for name, value in whole.items():
         expected = value[rows[name][0] : rows[name][1]] if name in rows else value
         torch.testing.assert_close(parts[name], expected, rtol=1e-5, atol=1e-12)
+
+
+def test_the_fisher_logs_two_lines_instead_of_a_bar_when_stderr_is_not_a_terminal(caplog, capsys):
+    model = make_model("bert")
+    with caplog.at_level("INFO", logger="sparsepeft"):
+        estimate_fisher(model, make_examples(8), num_samples=8, batch_size=2, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("fisher")]
+    assert lines[0] == "Fisher: 8 samples in batches of 2 ..." and lines[1].startswith("Fisher: 8 samples in ")
+    assert "Fisher:" not in capsys.readouterr().err  # no tqdm bar in a log

@@ -508,3 +508,12 @@ def test_the_callback_probes_in_chunks_of_the_training_batch(tmp_path):
     finally:
         LayerwiseEngine.attach = original
     assert seen == [4] and layerwise.config.probe_chunk_size is None  # the user's config is left as given
+
+
+def test_a_plain_loop_ist_engine_chunks_its_probe_by_the_training_batch():
+    model = make_model("bert")
+    given = LayerwiseEngine(model, LayerwiseConfig("ist", probe_chunk_size=3), train_batch_size=8)
+    assert given.config.probe_chunk_size == 3  # the config's own value wins
+    assert LayerwiseEngine(model, LayerwiseConfig("ist"), train_batch_size=4).config.probe_chunk_size == 4
+    assert LayerwiseEngine(model, LayerwiseConfig("ist")).config.probe_chunk_size == 8  # DEFAULT_PROBE_CHUNK
+    assert LayerwiseEngine(model, LayerwiseConfig("lisa")).config.probe_chunk_size is None  # no probes
