@@ -1,0 +1,116 @@
+"""Which full-model sparse selection earns its place: every variant at exactly LoRA r=8's trainable count.
+
+    python benchmarks/selection_screen.py --out runs/selection_screen            # train (resumes)
+    python benchmarks/selection_screen.py --out runs/selection_screen --summary-only \
+        --write docs/results/selection_screen_sst2.json
+
+SST-2 with the packaged MiniLM on the CPU. Every arm is one `sparsepeft train` command line; each arm is run
+at every rate of its family's grid (the same number of points for every arm, spaced alike around the
+family's default) and reported at its best rate on the dev set, with every point in the result file. The
+sparse arms all keep exactly `lora:r=8` entries (74,498 on MiniLM, the head included), so they differ only
+in *which* entries they train. Runs that already have a results.json are skipped: the sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import glue_train_command, provenance, train_once, write_json  # noqa: E402
+
+EQUAL = ["--budget", "lora:r=8"]
+ARMS = {  # name: (learning-rate family, flags)
+    "full": ("full", ["--method", "full"]),
+    "lora-r8": ("lora", ["--method", "lora", "--lora-r", "8", "--target-modules", "query,value"]),
+    "fish": ("mask", ["--method", "fish", *EQUAL]),  # as shipped: global Fisher over every weight
+    "fish-per-block": ("mask", ["--method", "fish", *EQUAL, "--selection-strategy", "per_block"]),
+    "fish-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear"]),
+    "fish-no-pooler": ("mask", ["--method", "fish", *EQUAL, "--candidates", "!pooler"]),
+    "fish-linear-per-tensor": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear",
+                                        "--selection-strategy", "per_tensor"]),
+    "gradient-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "gradient"]),
+    "taylor-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "taylor"]),
+    "magnitude-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "magnitude"]),
+    "fish-warmup": ("mask", ["--method", "fish", *EQUAL, "--fisher-at", "warmup"]),
+    "random-linear": ("mask", ["--method", "random", *EQUAL, "--candidates", "linear"]),
+}
+GRIDS = {"full": (5e-5, 1e-4), "lora": (1e-3, 3e-3), "mask": (2e-3, 5e-3)}
+
+
+def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
+    family, flags = ARMS[arm]
+    out = Path(args.out) / arm / f"lr{lr:g}" / f"seed{seed}"
+    command = glue_train_command("sst2", args.glue_dir, out, seed, max_train=args.max_train_samples,
+                                 max_len=args.max_seq_length, lr=lr, epochs=args.epochs,
+                                 batch_size=args.batch_size, warmup_steps=args.warmup_steps)
+    command += ["--num-samples", str(args.num_samples), *flags]
+    return train_once(command, out, f"{arm} lr {lr:g} seed {seed}", args.summary_only)
+
+
+def summarise(results: dict) -> tuple[str, dict]:
+    """Each arm at its best rate (dev accuracy x100, seed 0), beside every point of its grid."""
+    table: dict = {}
+    lines = ["| arm | best lr | dev accuracy | every lr | trainable | tensors with entries | top tensor's share | "
+             "train s |", "|" + " --- |" * 8]
+    for arm, by_lr in results.items():
+        points = {lr: r for lr, r in by_lr.items() if r is not None}
+        if not points:
+            continue
+        scores = {lr: 100 * r["metrics"]["validation"]["accuracy"] for lr, r in points.items()}
+        best = max(scores, key=scores.get)
+        run = points[best]
+        allocation = (run.get("mask_allocation") or {})
+        top = (allocation.get("top_tensors") or [{}])[0]
+        table[arm] = {"best_lr": best, "accuracy": scores[best], "by_lr": scores,
+                      "trainable_params": run["trainable_params"], "train_seconds": run["train_seconds"],
+                      "selection": run.get("selection"), "allocation": allocation or None,
+                      "commits": sorted({(r.get("provenance") or {}).get("commit") or "unrecorded"
+                                         for r in points.values()})}
+        every = ", ".join(f"{lr:g}: {s:.2f}" for lr, s in sorted(scores.items()))
+        share = f"{100 * top['share']:.0f}% {top['name']}" if top else "—"
+        tensors = f"{allocation.get('tensors_with_entries')}/{allocation.get('candidate_tensors')}" if allocation else "—"
+        lines.append(f"| {arm} | {best:g} | {scores[best]:.2f} | {every} | {run['trainable_params']:,} | {tensors} | "
+                     f"{share} | {run['train_seconds']:.0f} |")
+    return "\n".join(lines), table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glue-dir", default="../shared/data/glue")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-samples", type=int, default=4000)
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--out", default="runs/selection_screen")
+    parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
+    parser.add_argument("--write", help="also write the table and every run's figures to this JSON file")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    results: dict = {}
+    for arm in arms:
+        for lr in GRIDS[ARMS[arm][0]]:
+            try:
+                results.setdefault(arm, {})[lr] = run_one(args, arm, lr, args.seed)
+            except Exception as error:  # one failed arm must not stop the sweep; its log says why
+                print(f"  {arm} lr {lr:g}: failed ({error})", flush=True)
+                results.setdefault(arm, {})[lr] = None
+    markdown, table = summarise(results)
+    print(markdown)
+    if args.write:
+        write_json(args.write, {"provenance": provenance(), "args": vars(args), "grids": GRIDS,
+                                "arms": {a: ARMS[a][1] for a in arms}, "table": table})
+
+
+if __name__ == "__main__":
+    main()
