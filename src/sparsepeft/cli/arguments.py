@@ -16,7 +16,9 @@ from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
 from ..selection.ird import IRDConfig
-from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES, LayerwiseConfig
+from ..importance.scores import IMPORTANCES
+from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES as LAYER_STRATEGIES, LayerwiseConfig
+from ..selection.mask import STRATEGIES
 
 
 # Learning rates used when --learning-rate is not given, per method family. Trainer's own 5e-5 suits full
@@ -115,8 +117,17 @@ class SparseArguments:
                 "--bf16, fp16 under --fp16, else fp32), fp32, bf16 or fp16 (autocast). Per-sample squares and sums "
                 "are float32 always.", "choices": list(FISHER_PRECISIONS)})
     selection_strategy: str = field(default="global", metadata={
-        "help": "global: one ranking over all weights (reference); per_tensor: each tensor its share.",
-        "choices": ["global", "per_tensor"]})
+        "help": "How the budget is shared. global: one ranking over all candidates (the FISH Mask reference); "
+                "per_tensor / per_block: each tensor / each block (embeddings, layer i, head) a share in proportion "
+                "to its size, ranked inside it.", "choices": list(STRATEGIES)})
+    importance: str = field(default="fisher", metadata={
+        "help": "The score entries are ranked by: fisher (empirical Fisher, the FISH Mask reference), gradient "
+                "(|mean gradient| over the same samples), taylor (|weight x mean gradient|), magnitude (|weight|, "
+                "no data).", "choices": list(IMPORTANCES)})
+    candidates: str = field(default="all", metadata={
+        "help": "Tensors a full-model mask chooses from: all (reference), linear (the blocks' linear weights, what "
+                "LoRA adapts), or module patterns, comma-separated ('query,value', 're:attention'); '!pattern' "
+                "removes ('!pooler,!embeddings'). The --always-train head is trained either way, inside the budget."})
     always_train: str = field(default=",".join(DEFAULT_ALWAYS_TRAIN), metadata={
         "help": "Modules trained in full, inside the budget (comma-separated; '' for none)."})
     mask_file: Optional[str] = field(default=None, metadata={"help": "Use this saved mask instead of computing one."})
@@ -180,6 +191,7 @@ class SparseArguments:
             method=self.method, selection=self.selection, keep_ratio=self.keep_ratio, num_samples=self.num_samples,
             fisher_mode=self.fisher_mode, fisher_batch_size=self.fisher_batch_size, strategy=self.selection_strategy,
             always_train=tuple(p for p in self.always_train.split(",") if p), seed=seed,
+            importance=self.importance, candidates=self.candidates,
         )
 
 
@@ -188,14 +200,17 @@ class PeftArguments:
     fish: bool = field(default=False, metadata={
         "help": "FISH-Tuning: train only a Fisher-selected subset of the PEFT method's parameters (--budget)."})
     budget: Optional[str] = field(default=None, metadata={
-        "help": "Entries a FISH-Tuning mask keeps: a count (74498), a ratio of the PEFT parameters (50%%), or a "
-                "reference config with the same budget ('lora:r=8'; options default to this run's). Default 50%%."})
-    fisher_at: str = field(default="warmup", metadata={
-        "help": "init: Fisher of the freshly initialised adapter; warmup: after --fisher-warmup-steps dense steps, then "
-                "the adapter is restored to its initial values.", "choices": list(FISHER_AT)})
+        "help": "Entries a mask keeps: a count (74498), a ratio of the candidates (50%%), or the trainable count of a "
+                "reference config on this model ('lora:r=8'; for --fish its options default to this run's). For "
+                "--method fish/random it replaces --keep-ratio; for --fish the default is 50%%."})
+    fisher_at: Optional[str] = field(default=None, metadata={
+        "help": "init: scores at the starting weights; warmup: after --fisher-warmup-steps dense steps of the "
+                "trained tensors, which are then restored. Default: warmup for --fish (LoRA's B = 0 at init), init "
+                "for --method fish (the FISH Mask reference).", "choices": list(FISHER_AT)})
     fisher_warmup_steps: int = field(default=30, metadata={
-        "help": "Dense warm-up steps of the adapter before its Fisher is measured (--fisher-at warmup)."})
-    fisher_warmup_lr: float = field(default=1e-3, metadata={"help": "Learning rate of that warm-up."})
+        "help": "Dense warm-up steps before the scores are measured (--fisher-at warmup)."})
+    fisher_warmup_lr: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of that warm-up. Default: 1e-3 for an adapter, 5e-5 for a full-model mask."})
     lora_r: int = field(default=8, metadata={"help": "Rank of LoRA-family methods (target rank for AdaLoRA)."})
     lora_alpha: Optional[float] = field(default=None, metadata={
         "help": "LoRA alpha. Default 2*r, so every rank has the same scale alpha/r = 2."})
@@ -239,10 +254,20 @@ class PeftArguments:
         options.update(parse_options(self.peft_options))
         return options
 
+    def full_model_recipe(self, recipe: MaskRecipe, batch_size: int) -> MaskRecipe:
+        """A full-model mask's recipe with this group's budget and warm-up (--budget, --fisher-at ...)."""
+        recipe.budget = self.budget
+        recipe.fisher_at = self.fisher_at or "init"
+        recipe.warmup_steps = self.fisher_warmup_steps
+        recipe.warmup_lr = self.fisher_warmup_lr if self.fisher_warmup_lr is not None else DEFAULT_LEARNING_RATES["full"]
+        recipe.warmup_batch_size = batch_size
+        return recipe
+
     def fish_config(self, sparse: SparseArguments, seed: int) -> FishTuningConfig:
         return FishTuningConfig(
-            budget=self.budget or "50%", selection=sparse.selection, fisher_at=self.fisher_at,
-            warmup_steps=self.fisher_warmup_steps, warmup_lr=self.fisher_warmup_lr, strategy=sparse.selection_strategy,
+            budget=self.budget or "50%", selection=sparse.selection, fisher_at=self.fisher_at or "warmup",
+            warmup_steps=self.fisher_warmup_steps,
+            warmup_lr=self.fisher_warmup_lr if self.fisher_warmup_lr is not None else 1e-3, strategy=sparse.selection_strategy,
             num_samples=sparse.num_samples, fisher_mode=sparse.fisher_mode, fisher_batch_size=sparse.fisher_batch_size,
             always_train=tuple(p for p in sparse.always_train.split(",") if p), seed=seed,
             ird=sparse.ird_config(seed) if sparse.selection == "ird" else None)
@@ -254,7 +279,7 @@ class LayerwiseArguments:
         "help": "Layer-wise tuning of the PEFT method: each step only some blocks' PEFT modules train. ist (learned "
                 "layer scores, Yao et al. 2024), lisa (every --layers-interval steps, --layers-count uniform blocks), "
                 "random (--layers-fraction uniform blocks each step), full (all blocks: the vanilla method).",
-        "choices": list(STRATEGIES)})
+        "choices": list(LAYER_STRATEGIES)})
     layers_fraction: Optional[float] = field(default=None, metadata={
         "help": "Share of blocks trained per step, int(fraction*L) (ist, random; default 0.25)."})
     layers_count: Optional[int] = field(default=None, metadata={

@@ -17,7 +17,7 @@ from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics, option_log_likelihoods
 from ..importance.memory import plan_fisher_batch
-from ..experiments.pipeline import PeakMemory, build_mask, featurize, load_model_and_tokenizer, load_task_data
+from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
@@ -28,7 +28,7 @@ from ..selection.shira import shira_mask_fn
 from ..utils.io import write_json
 from ..integrations.guard import NonFiniteGuard
 from .output import prepare_output_dir
-from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments
+from .arguments import DataArguments, LayerwiseArguments, ModelArguments, PeftArguments, SparseArguments, in_flag_names
 
 logger = logging.getLogger("sparsepeft")
 
@@ -67,6 +67,8 @@ def _autocast(model, dtype: torch.dtype | None):
 def _needs_fisher(sparse_args: SparseArguments, peft_args: PeftArguments) -> bool:
     if sparse_args.mask_file or sparse_args.method in ("full", "random") or sparse_args.selection == "random":
         return False
+    if sparse_args.importance == "magnitude" and not sparse_args.is_peft:
+        return False  # |w| reads no data
     return not sparse_args.is_peft or peft_args.fish or sparse_args.method == "shira"
 
 
@@ -87,8 +89,9 @@ def _plan_fisher_batch(model, train, collate, sparse_args: SparseArguments, trai
     return plan
 
 
-def _recipe(sparse_args: SparseArguments, seed: int, plan, autocast):
-    recipe = sparse_args.recipe(seed)
+def _recipe(sparse_args: SparseArguments, peft_args: PeftArguments, training_args, plan, autocast):
+    recipe = peft_args.full_model_recipe(sparse_args.recipe(training_args.seed),
+                                         training_args.per_device_train_batch_size)
     recipe.autocast_dtype = autocast
     if plan is not None and len(plan.groups) > 1 and sparse_args.selection in ("fisher", "lowest"):
         recipe.fisher_groups = plan.groups
@@ -106,7 +109,7 @@ def _mask_phase(model, train, collate, sparse_args: SparseArguments, peft_args: 
     scores_adapter = sparse_args.is_peft and sparse_args.method != "shira"
     plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast) \
         if fisher and not scores_adapter else None
-    recipe = _recipe(sparse_args, training_args.seed, plan, autocast)
+    recipe = _recipe(sparse_args, peft_args, training_args, plan, autocast)
     with _autocast(model, autocast):
         model, options = _tune(model, sparse_args, peft_args, training_args, len(train), train, collate, recipe)
     if fisher and scores_adapter:
@@ -138,6 +141,19 @@ def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
     if sparse_args.method == "shira" and sparse_args.selection not in ("fisher", "random"):
         raise ValueError("--method shira chooses its entries by --selection fisher (each layer's top r(m+n) by the "
                          f"base model's Fisher) or random (PEFT's draw), not --selection {sparse_args.selection}.")
+    full_model_only = [flag for flag, given in (("--importance", sparse_args.importance != "fisher"),
+                                                 ("--candidates", sparse_args.candidates != "all")) if given]
+    if full_model_only and sparse_args.method not in ("fish", "random"):
+        raise ValueError(f"{' and '.join(full_model_only)} choose the entries of a full-model mask (--method fish or "
+                         f"random), not of --method {sparse_args.method}: drop {' and '.join(full_model_only)}.")
+    if sparse_args.method == "full" and (peft_args.budget or peft_args.fisher_at):
+        raise ValueError("--method full trains every weight: --budget and --fisher-at belong to a mask (--method fish, "
+                         "random, or a PEFT method with --fish).")
+    if sparse_args.method in ("fish", "random"):
+        try:  # importance, warm-up, budget and IRD combinations: checked before anything is loaded
+            check_recipe(peft_args.full_model_recipe(sparse_args.recipe(0), 1))
+        except ValueError as error:
+            raise in_flag_names(error) from None
     if sparse_args.is_peft and peft_args.fish and sparse_args.engine == "sparse":
         raise ValueError("--engine sparse stores value vectors of full-model masks; a PEFT adapter is already small, "
                          "so FISH-Tuning trains with --engine dense-mask (its optimizer state is the adapter's).")

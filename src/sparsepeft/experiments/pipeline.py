@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -16,9 +17,10 @@ from ..data import DataError, TaskData, load_files, load_glue
 from ..data.causal_lm import CAUSAL_LM, PromptResponseTask, load_prompt_response, subset, tokenize_prompt_response
 from ..data.features import tokenize_split
 from ..data.multiple_choice import MULTIPLE_CHOICE, MultipleChoiceTask, load_multiple_choice, training_features
-from ..importance import estimate_fisher
 from ..models.catalog import MINILM_HUB_ID, resolve_model
-from ..selection import DEFAULT_ALWAYS_TRAIN, SparseMask, random_mask, select_mask
+from ..selection import DEFAULT_ALWAYS_TRAIN, BudgetError, SparseMask, random_mask, select_mask
+from ..selection.candidates import candidate_parameters
+from ..utils.names import matches_module
 
 logger = logging.getLogger("sparsepeft")
 
@@ -158,6 +160,13 @@ class MaskRecipe:
     strategy: str = "global"
     always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN
     seed: int = 0
+    importance: str = "fisher"  # fisher (reference), gradient, taylor or magnitude (importance/scores.py)
+    candidates: str = "all"  # all (reference), linear, or module patterns (selection/candidates.py)
+    budget: str | None = None  # a Budget spec ("lora:r=8", "74498", "0.5%"); overrides keep_ratio
+    fisher_at: str = "init"  # init: at the pretrained weights (reference); warmup: after warm-up steps, undone
+    warmup_steps: int = 30
+    warmup_lr: float = 5e-5
+    warmup_batch_size: int = 16
     ird: Any = None  # an IRDConfig when selection == "ird"
     fisher_groups: Any = None  # lists of parameter names: the Fisher in one pass per group (the same mask)
     autocast_dtype: Any = None  # the Fisher pass under autocast (the training precision)
@@ -166,12 +175,20 @@ class MaskRecipe:
 
 
 def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn, model_name: str = "") -> SparseMask | None:
-    """The mask for ``recipe.method`` (None for full fine-tuning); time spent is put in ``recipe.timings``."""
+    """The mask for ``recipe.method`` (None for full fine-tuning); time spent is put in ``recipe.timings``.
+
+    Candidates, budget and the warm-up are resolved first, so a spec that cannot be met fails before any pass
+    over the data."""
     if recipe.method not in METHODS:
         raise ValueError(f"Unknown method {recipe.method!r}; choose one of {METHODS}.")
     if recipe.method == "full":
         return None
+    check_recipe(recipe)
     start = time.perf_counter()
+    candidates = candidate_parameters(model, recipe.candidates, recipe.always_train)
+    budget = resolve_budget(model, recipe, sum(p.numel() for p in candidates.values()))
+    variant = {"importance": recipe.importance, "candidates": recipe.candidates, "fisher_at": recipe.fisher_at,
+               **({"budget_spec": recipe.budget} if recipe.budget else {})}
     if recipe.selection == "ird" and recipe.method != "random":
         from ..selection.ird import IRDConfig, ird_search
 
@@ -182,33 +199,102 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
         mask = result.mask
         mask.config["ird_report"] = result.report()
     elif recipe.method == "random" or recipe.selection == "random":
-        mask = random_mask(model, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
-                           seed=recipe.seed)
-    elif recipe.fisher_groups and len(recipe.fisher_groups) > 1:
-        from ..selection.grouped import grouped_fisher_mask
-
-        mask = grouped_fisher_mask(
-            model, train_features, recipe.fisher_groups, recipe.keep_ratio, strategy=recipe.strategy,
-            always_train=recipe.always_train, lowest=recipe.selection == "lowest",
-            config={"selection": recipe.selection, "fisher_mode": recipe.fisher_mode,
-                    "num_samples": min(recipe.num_samples, len(train_features)), "seed": recipe.seed},
-            num_samples=recipe.num_samples, mode=recipe.fisher_mode, batch_size=recipe.fisher_batch_size,
-            collate_fn=collate_fn, seed=recipe.seed, autocast_dtype=recipe.autocast_dtype)
-        recipe.timings["fisher_seconds"] = time.perf_counter() - start
+        mask = random_mask(model, recipe.keep_ratio, params=list(candidates), strategy=recipe.strategy,
+                           always_train=recipe.always_train, seed=recipe.seed, budget=budget)
+        mask.config.update(candidates=recipe.candidates, **({"budget_spec": recipe.budget} if recipe.budget else {}))
     else:
-        fisher = estimate_fisher(model, train_features, num_samples=recipe.num_samples, mode=recipe.fisher_mode,
-                                 batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed,
-                                 autocast_dtype=recipe.autocast_dtype)
+        info = {"selection": recipe.selection, "fisher_mode": recipe.fisher_mode,
+                "num_samples": min(recipe.num_samples, len(train_features)), "seed": recipe.seed, **variant}
+        with _warmed_up(model, train_features, candidates, recipe, collate_fn) as warmup:
+            if warmup is not None:
+                info["warmup"] = warmup
+            mask = _scored_mask(model, train_features, recipe, collate_fn, candidates, budget, info)
         recipe.timings["fisher_seconds"] = time.perf_counter() - start
-        if recipe.selection == "lowest":
-            fisher = {n: f.neg_() for n, f in fisher.items()}
-        mask = select_mask(fisher, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
-                           model=model, config={"selection": recipe.selection, "fisher_mode": recipe.fisher_mode,
-                                                "num_samples": min(recipe.num_samples, len(train_features)),
-                                                "seed": recipe.seed})
     mask.config["model"] = model_name
     recipe.timings["mask_seconds"] = time.perf_counter() - start
     return mask
+
+
+def check_recipe(recipe: MaskRecipe) -> None:
+    """The combinations a mask cannot be made with, before anything is loaded or measured."""
+    from ..importance.scores import IMPORTANCES
+
+    if recipe.importance not in IMPORTANCES:
+        raise ValueError(f"Unknown importance {recipe.importance!r}: use one of {', '.join(IMPORTANCES)}.")
+    if recipe.fisher_at not in ("init", "warmup"):
+        raise ValueError(f"Unknown --fisher-at {recipe.fisher_at!r}: use init or warmup.")
+    random = recipe.method == "random" or recipe.selection == "random"
+    if recipe.fisher_at == "warmup" and (random or recipe.importance == "magnitude"):
+        what = "a random mask" if random else "--importance magnitude"
+        raise ValueError(f"--fisher-at warmup warms the model up before its scores are measured, but {what} measures "
+                         "nothing on the data: drop --fisher-at warmup.")
+    if recipe.fisher_at == "warmup" and recipe.warmup_steps < 1:
+        raise ValueError("--fisher-at warmup needs --fisher-warmup-steps >= 1 (0 warms nothing up): raise it, or use "
+                         "--fisher-at init.")
+    if recipe.selection == "ird" and not random and (recipe.importance != "fisher" or recipe.candidates != "all"
+                                                      or recipe.budget or recipe.fisher_at != "init"):
+        raise ValueError("--selection ird narrows its own samples and parameter range from the Fisher over every weight: "
+                         "it does not combine with --importance, --candidates, --budget or --fisher-at warmup.")
+
+
+def resolve_budget(model, recipe: MaskRecipe, num_candidates: int) -> int | None:
+    """Entries to keep by ``recipe.budget`` (a count, a ratio of the candidates, or the trainable count of a
+    reference PEFT config on this model, e.g. ``lora:r=8``); None: ``recipe.keep_ratio`` decides."""
+    if not recipe.budget:
+        return None
+    from ..models.peft import reference_count
+    from ..selection import Budget
+
+    try:
+        count = Budget.parse(recipe.budget).resolve(
+            num_candidates, lambda method, options: reference_count(model, method, options))
+    except BudgetError as error:
+        raise BudgetError(f"--budget {recipe.budget}: {error} For a full-model mask the candidates are --candidates "
+                          f"{recipe.candidates!r} ({num_candidates} entries): lower the budget or widen them.") from None
+    forced = sum(p.numel() for n, p in model.named_parameters() if matches_module(n, recipe.always_train))
+    if count < forced:
+        raise BudgetError(f"--budget {recipe.budget} = {count} entries is smaller than the always-trained modules' "
+                          f"{forced} entries, which count inside it: raise the budget or change --always-train.")
+    return count
+
+
+@contextlib.contextmanager
+def _warmed_up(model, data, candidates: dict, recipe: MaskRecipe, collate_fn):
+    """Inside: the candidates after ``recipe.warmup_steps`` dense steps (undone on exit), or the model as it is."""
+    if recipe.fisher_at != "warmup":
+        yield None
+        return
+    from ..importance.warmup import dense_warmup
+
+    with dense_warmup(model, data, candidates, steps=recipe.warmup_steps, lr=recipe.warmup_lr,
+                      batch_size=recipe.warmup_batch_size, collate_fn=collate_fn, seed=recipe.seed) as report:
+        yield {**report, "lr": recipe.warmup_lr}
+
+
+def _scored_mask(model, data, recipe: MaskRecipe, collate_fn, candidates: dict, budget: int | None,
+                 info: dict) -> SparseMask:
+    """Score the candidates by ``recipe.importance`` and select; a Fisher planned in groups is measured one
+    group at a time (the same mask)."""
+    from ..importance.scores import importance_scores
+
+    groups = [[item for item in group if (item if isinstance(item, str) else item[0]) in candidates]
+              for group in (recipe.fisher_groups or [])]
+    groups = [group for group in groups if group]
+    if recipe.importance == "fisher" and len(groups) > 1:
+        from ..selection.grouped import grouped_fisher_mask
+
+        return grouped_fisher_mask(
+            model, data, groups, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
+            lowest=recipe.selection == "lowest", config=info, budget=budget, num_samples=recipe.num_samples,
+            mode=recipe.fisher_mode, batch_size=recipe.fisher_batch_size, collate_fn=collate_fn, seed=recipe.seed,
+            autocast_dtype=recipe.autocast_dtype)
+    scores = importance_scores(model, data, recipe.importance, recipe.num_samples, recipe.fisher_batch_size,
+                               params=list(candidates), collate_fn=collate_fn, seed=recipe.seed,
+                               autocast_dtype=recipe.autocast_dtype, fisher_mode=recipe.fisher_mode)
+    if recipe.selection == "lowest":
+        scores = {n: f.neg_() for n, f in scores.items()}
+    return select_mask(scores, recipe.keep_ratio, strategy=recipe.strategy, always_train=recipe.always_train,
+                       model=model, config=info, budget=budget)
 
 
 class PeakMemory:

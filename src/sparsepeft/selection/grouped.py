@@ -22,15 +22,18 @@ from torch import nn
 from ..importance.fisher import estimate_fisher
 from ..importance.memory import group_parameters  # noqa: F401  (re-exported with the mask it serves)
 from ..utils.io import release_free_memory
-from .mask import SparseMask, model_fingerprint
-from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, proportional_quotas
+from .mask import SparseMask, model_fingerprint, strategy_part
+from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, part_quotas
 
 
-def _prune(values: dict, positions: dict, order: list[str], k: int) -> None:
-    candidates = {n: values[n] for n in order if n in values}
-    kept = global_topk(candidates, k)
-    for name in candidates:
-        values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
+def _prune(values: dict, positions: dict, order: list[str], quotas: dict, part_of) -> None:
+    """Keep each part's best ``quotas[part]`` candidates: one not among them cannot be among the part's best of all
+    (ties: the same order, tensors in model order and positions ascending)."""
+    for part, quota in quotas.items():
+        candidates = {n: values[n] for n in order if n in values and part_of(n) == part}
+        kept = global_topk(candidates, quota)
+        for name in candidates:
+            values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
 
 
 def _rows(param: torch.Tensor) -> int:
@@ -53,15 +56,15 @@ def grouped_fisher_mask(
     always_train: Sequence[str] = DEFAULT_ALWAYS_TRAIN,
     lowest: bool = False,
     config: dict[str, Any] | None = None,
+    budget: int | None = None,
     **fisher_kwargs,
 ) -> SparseMask:
     """:func:`select_mask` of :func:`estimate_fisher` over ``groups``, one Fisher pass per group on the same
     samples. A group lists parameter names, or ``(name, (first, stop))`` for rows of a tensor too large for one
     pass (a tensor's row ranges in order, covering it once). ``lowest`` keeps the lowest-Fisher entries instead
-    (the baseline). ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``, ``batch_size``,
+    (the baseline). ``budget`` (entries) overrides ``keep_ratio``. ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``, ``batch_size``,
     ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
-    if strategy not in ("global", "per_tensor"):
-        raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
+    part_of = strategy_part(strategy)
     params = dict(model.named_parameters())
     members = [_items(group) for group in groups]
     covered: dict[str, int] = {}
@@ -75,7 +78,7 @@ def grouped_fisher_mask(
     order = [n for n in params if n in covered]
     shapes = {n: tuple(params[n].shape) for n in order}
     num_candidates = sum(params[n].numel() for n in order)
-    budget = budget_for(keep_ratio, num_candidates)
+    budget = budget_for(keep_ratio, num_candidates) if budget is None else budget
     forced = [n for n in order if matches_module(n, always_train)]
     ranked_budget = budget - sum(params[n].numel() for n in forced)
     if ranked_budget < 0:
@@ -83,36 +86,33 @@ def grouped_fisher_mask(
 
         raise BudgetError(f"The budget of {budget} entries is smaller than the always-trained modules {forced[:4]}.")
     ranked = [n for n in order if n not in forced]
-    quotas = proportional_quotas({n: params[n].numel() for n in ranked}, ranked_budget)
+    quotas = part_quotas({n: params[n].numel() for n in ranked}, ranked_budget, part_of)
     values: dict[str, torch.Tensor] = {}
     positions: dict[str, torch.Tensor] = {}
     for group in members:
-        scored = [(n, rows) for n, rows in group if n in quotas]
+        scored = [(n, rows) for n, rows in group if n in ranked]
         if not scored:
             continue
         rows = {n: r for n, r in scored if r is not None}
         fisher = estimate_fisher(model, data, params=[n for n, _ in scored], rows=rows or None, **fisher_kwargs)
-        for name, part in fisher.items():
+        for name, piece in fisher.items():
             if lowest:
-                part.neg_()
-            kept = global_topk({name: part}, ranked_budget if strategy == "global" else quotas[name])[name]
+                piece.neg_()
+            kept = global_topk({name: piece}, quotas[part_of(name)])[name]
             offset = rows[name][0] * (params[name].numel() // params[name].shape[0]) if name in rows else 0
-            found = part.reshape(-1)[kept.to(part.device)].float().cpu()
+            found = piece.reshape(-1)[kept.to(piece.device)].float().cpu()
             values[name] = torch.cat([values[name], found]) if name in values else found
             positions[name] = torch.cat([positions[name], kept + offset]) if name in positions else kept + offset
         del fisher
-        if strategy == "global":  # keep at most k candidates: one not among the k best so far cannot be among
-            _prune(values, positions, ranked, ranked_budget)  # the k best of all (ties: same order)
+        _prune(values, positions, ranked, quotas, part_of)
         release_free_memory()
-    if strategy == "global":  # the final ranking over every group's candidates, tensors in model order
-        candidates = {n: values[n] for n in ranked if n in values}
-        kept = global_topk(candidates, ranked_budget)
-    else:  # each tensor's quota over its parts' candidates
-        kept = {n: global_topk({n: values[n]}, quotas[n])[n] for n in values}
+    kept = {}  # the final ranking of each part over every group's candidates, tensors in model order
+    for part, quota in quotas.items():
+        kept.update(global_topk({n: values[n] for n in ranked if n in values and part_of(n) == part}, quota))
     indices = {n: positions[n][kept[n]] for n in kept}
     for name in forced:
         indices[name] = torch.arange(params[name].numel())
     indices = {n: indices[n] for n in order if n in indices and indices[n].numel()}
-    info = {"keep_ratio": keep_ratio, "budget": budget, "strategy": strategy, "always_train": list(always_train),
+    info = {"keep_ratio": budget / num_candidates, "budget": budget, "strategy": strategy, "always_train": list(always_train),
             "fisher_groups": len(groups), **(config or {})}
     return SparseMask(shapes=shapes, indices=indices, fingerprint=model_fingerprint(model), config=info)

@@ -12,18 +12,21 @@ import os
 import re
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from ..utils.io import load_tensors_with_header, save_tensors_with_header
 from .budget import BudgetError
-from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, per_tensor_topk
+from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, matches_module, partitioned_topk
 
 FORMAT_VERSION = 1
 HEADER_KEY = "sparsepeft_mask"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# How one budget is shared: one ranking over every candidate (the FISH Mask reference); each tensor, or each
+# block (embeddings, layer i, head), a share in proportion to its size, ranked inside it
+STRATEGIES = ("global", "per_tensor", "per_block")
 
 
 class MaskMismatchError(ValueError):
@@ -50,6 +53,13 @@ def layer_of(name: str) -> str:
     if matches_module(name, DEFAULT_ALWAYS_TRAIN + ("lm_head", "pooler")):
         return "head"
     return "other"
+
+
+def strategy_part(strategy: str) -> Callable[[str], object]:
+    """The part of the model each candidate is ranked within under ``strategy`` (see :data:`STRATEGIES`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown selection strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    return {"global": lambda name: None, "per_tensor": lambda name: name, "per_block": layer_of}[strategy]
 
 
 def module_type_of(name: str) -> str:
@@ -264,14 +274,14 @@ def select_mask(
 
     Args:
         scores: per-entry importance (e.g. :func:`estimate_fisher`); its tensors are the candidates.
-        strategy: ``"global"`` (one ranking, the FISH Mask reference) or ``"per_tensor"``.
+        strategy: ``"global"`` (one ranking, the FISH Mask reference), ``"per_tensor"`` or ``"per_block"`` (each
+            tensor or each block a share of the budget in proportion to its size, ranked inside it).
         always_train: modules trained in full (the freshly initialised task head by default); their
             entries count inside the budget.
         model: if given, the mask is fingerprinted to it and refused on any other model.
         budget: an exact number of entries to keep (overrides ``keep_ratio``; see :class:`Budget`).
     """
-    if strategy not in ("global", "per_tensor"):
-        raise ValueError(f"Unknown selection strategy {strategy!r}: use 'global' or 'per_tensor'.")
+    part_of = strategy_part(strategy)
     _check_scores(scores, model)
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     num_candidates = sum(s.numel() for s in scores.values())
@@ -289,8 +299,7 @@ def select_mask(
             "to rank the head like the rest."
         )
     ranked = {n: s for n, s in scores.items() if n not in forced}
-    chooser = global_topk if strategy == "global" else per_tensor_topk
-    indices = chooser(ranked, budget - forced_count)
+    indices = partitioned_topk(ranked, budget - forced_count, part_of)
     for name in forced:
         indices[name] = torch.arange(scores[name].numel())
     indices = {n: indices[n] for n in scores if indices[n].numel()}

@@ -9,7 +9,7 @@ depends on the sort kernel.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -153,3 +153,24 @@ def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int,
     """Each tensor its own top entries: ``quotas`` per tensor (default: ``k`` split in proportion to size)."""
     quotas = quotas if quotas is not None else proportional_quotas({n: s.numel() for n, s in scores.items()}, k)
     return {name: global_topk({name: scores[name]}, quotas[name])[name] for name in scores}
+
+
+def partitioned_topk(scores: Mapping[str, torch.Tensor], k: int, part_of: Callable[[str], object]) -> dict[str, torch.Tensor]:
+    """One ranking inside each part (``part_of(name)``: a block, a module type), ``k`` split over the parts in
+    proportion to their sizes. One part is :func:`global_topk`; one part per tensor is :func:`per_tensor_topk`."""
+    parts: dict[object, list[str]] = {}
+    for name in scores:
+        parts.setdefault(part_of(name), []).append(name)
+    quotas = part_quotas(scores, k, part_of)
+    out: dict[str, torch.Tensor] = {}
+    for part, names in parts.items():
+        out.update(global_topk({n: scores[n] for n in names}, quotas[part]))
+    return out
+
+
+def part_quotas(sizes: Mapping[str, torch.Tensor | int], k: int, part_of: Callable[[str], object]) -> dict[object, int]:
+    """``k`` split over the parts of ``sizes``' tensors (``part_of(name)``) in proportion to their sizes."""
+    totals: dict[object, int] = {}
+    for name, size in sizes.items():
+        totals[part_of(name)] = totals.get(part_of(name), 0) + (size if isinstance(size, int) else size.numel())
+    return proportional_quotas(totals, k)
