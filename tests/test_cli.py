@@ -221,12 +221,15 @@ def test_ird_bad_shrink_is_refused_before_any_work(tiny_bert_dir, tmp_path, caps
 
 
 def _no_fisher(monkeypatch):
-    from sparsepeft.experiments import pipeline
+    from sparsepeft.importance import scores
+    from sparsepeft.selection import grouped
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Fisher pass ran before the input was checked")
 
-    monkeypatch.setattr(pipeline, "estimate_fisher", refuse)
+    for module in (scores, grouped):  # the one-pass and the grouped Fisher of a mask
+        monkeypatch.setattr(module, "estimate_fisher", refuse)
+    monkeypatch.setattr(scores, "mean_gradient", refuse)
 
 
 def test_an_output_folder_holding_another_run_is_refused_unless_overwritten(tiny_bert_dir, tmp_path, capsys,
@@ -295,3 +298,38 @@ def test_lora_results_record_the_resolved_config_with_peft_defaults(tiny_bert_di
                  "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(out), *FAST]) == 0
     options = _results(out)["method_options"]
     assert options["r"] == 8 and options["lora_alpha"] == 16 and sorted(options["target_modules"]) == ["query", "value"]
+
+
+def test_a_selection_variant_runs_from_the_cli_and_results_say_which(tiny_bert_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="sparsepeft"):
+        assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "16",
+                     "--max-eval-samples", "8", "--num-samples", "8", "--budget", "lora:r=2", "--candidates", "linear",
+                     "--importance", "taylor", "--selection-strategy", "per_block", "--output-dir", str(out),
+                     *FAST]) == 0
+    results = _results(out)
+    variant = results["selection_variant"]
+    assert variant["importance"] == "taylor" and variant["candidates"] == "linear"
+    assert variant["strategy"] == "per_block" and variant["budget_spec"] == "lora:r=2"
+    assert results["trainable_params"] == variant["budget"] == results["mask_allocation"]["num_selected"]
+    assert "Selection: taylor over linear candidates, per_block, at init, budget lora:r=2" in caplog.text
+    header = SparseMask.load(out / "sparse_mask.safetensors").config
+    assert header["importance"] == "taylor" and header["candidates"] == "linear"
+
+
+@pytest.mark.parametrize("argv,flag,message", [
+    (["--candidates", "poolr"], "--candidates", "matches no trainable parameter"),
+    (["--budget", "lora:r=4096"], "--budget", "larger than"),
+    (["--method", "random", "--fisher-at", "warmup"], "--fisher-at", "measures nothing"),
+    (["--fisher-at", "warmup", "--fisher-warmup-steps", "0"], "--fisher-warmup-steps", "warms nothing up"),
+    (["--method", "lora", "--importance", "gradient"], "--importance", "full-model mask"),
+])
+def test_a_selection_that_cannot_be_made_is_a_clear_error_and_writes_nothing(tiny_bert_dir, tmp_path, capsys,
+                                                                             monkeypatch, argv, flag, message):
+    _no_fisher(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "16",
+                 "--num-samples", "8", "--output-dir", str(out), *argv, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

@@ -147,7 +147,7 @@ def test_the_cli_mask_phase_runs_on_the_training_device(tiny_bert_dir, tmp_path,
     """The Fisher pass sees the model on the device TrainingArguments resolves to (meta stands in for a GPU)."""
     from transformers import TrainingArguments
 
-    from sparsepeft.experiments import pipeline
+    from sparsepeft.importance import scores
 
     seen = []
 
@@ -159,7 +159,7 @@ def test_the_cli_mask_phase_runs_on_the_training_device(tiny_bert_dir, tmp_path,
         raise Stop
 
     monkeypatch.setattr(TrainingArguments, "device", property(lambda self: torch.device("meta")))
-    monkeypatch.setattr(pipeline, "estimate_fisher", record)
+    monkeypatch.setattr(scores, "estimate_fisher", record)
     with pytest.raises(Stop):
         main(["mask", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "16",
               "--num-samples", "8", "--fisher-batch-size", "4", "--output-dir", str(tmp_path / "m"),

@@ -17,7 +17,7 @@ from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics, option_log_likelihoods
 from ..importance.memory import plan_fisher_batch
-from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, featurize, load_model_and_tokenizer, load_task_data
+from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, resolve_selection, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
@@ -105,6 +105,8 @@ def _mask_phase(model, train, collate, sparse_args: SparseArguments, peft_args: 
     IRD, SHiRA's, inside the PEFT step) is planned on the model as loaded. A ``mask`` (from a checkpoint) is kept.
     Returns (model, method options, mask, recipe, plan, autocast dtype)."""
     autocast = _mask_autocast(sparse_args, training_args)
+    if mask is None and not sparse_args.mask_file and sparse_args.method in ("fish", "random"):
+        resolve_selection(model, _recipe(sparse_args, peft_args, training_args, None, autocast))  # before any pass
     fisher = mask is None and _needs_fisher(sparse_args, peft_args)
     scores_adapter = sparse_args.is_peft and sparse_args.method != "shira"
     plan = _plan_fisher_batch(model, train, collate, sparse_args, training_args, autocast) \
@@ -292,6 +294,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
                            "resumed run (start a new run for another ratio).", saved_ratio, sparse_args.keep_ratio)
     mask_peak = mask_phase.read_mb()
     if mask is not None:
+        logger.info("Selection: %s", mask.variant_line())
         logger.info("Mask: %s", mask.allocation_line())
     if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
@@ -372,7 +375,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "layers": layer_config.to_dict() if layer_config else None,
         "selection": mask.config.get("selection") if mask is not None else (
             sparse_args.selection if sparse_args.method == "shira" else None),
-        "budget": mask.config.get("budget_spec") if mask is not None and sparse_args.is_peft else None,
+        "selection_variant": mask.variant() if mask is not None else None,
+        "budget": mask.config.get("budget_spec") if mask is not None else None,
         "method_options": _resolved_options(model, options),
         "peft_params": peft_params,
         "engine": sparse_args.engine if mask is not None else None,

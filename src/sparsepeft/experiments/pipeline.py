@@ -183,10 +183,8 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
         raise ValueError(f"Unknown method {recipe.method!r}; choose one of {METHODS}.")
     if recipe.method == "full":
         return None
-    check_recipe(recipe)
     start = time.perf_counter()
-    candidates = candidate_parameters(model, recipe.candidates, recipe.always_train)
-    budget = resolve_budget(model, recipe, sum(p.numel() for p in candidates.values()))
+    candidates, budget = resolve_selection(model, recipe)
     variant = {"importance": recipe.importance, "candidates": recipe.candidates, "fisher_at": recipe.fisher_at,
                **({"budget_spec": recipe.budget} if recipe.budget else {})}
     if recipe.selection == "ird" and recipe.method != "random":
@@ -213,6 +211,14 @@ def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn
     mask.config["model"] = model_name
     recipe.timings["mask_seconds"] = time.perf_counter() - start
     return mask
+
+
+def resolve_selection(model, recipe: MaskRecipe) -> tuple[dict, int | None]:
+    """The candidate tensors and the budget in entries (None: by ``keep_ratio``), or the error that says why the
+    recipe cannot be met on this model — cheap, so callers run it before any pass over the data."""
+    check_recipe(recipe)
+    candidates = candidate_parameters(model, recipe.candidates, recipe.always_train)
+    return candidates, resolve_budget(model, recipe, sum(p.numel() for p in candidates.values()))
 
 
 def check_recipe(recipe: MaskRecipe) -> None:

@@ -52,7 +52,7 @@ def candidate_parameters(model: nn.Module, spec: str | Sequence[str] | None = "a
     linear = block_linear_weights(model)
     for pattern in include + exclude:
         if pattern != "linear" and not any(matches_module(n, [pattern]) for n in trainable):
-            raise CandidateError(f"The candidate pattern {pattern!r} matches no trainable parameter of this model. "
+            raise CandidateError(f"The --candidates pattern {pattern!r} matches no trainable parameter of this model. "
                                  "Use a module name of the model (e.g. query, attention.output.dense), 're:REGEX', "
                                  f"or a preset ({', '.join(PRESETS)}).")
 
@@ -67,7 +67,7 @@ def candidate_parameters(model: nn.Module, spec: str | Sequence[str] | None = "a
     chosen = {n: p for n, p in trainable.items()
               if (included(n) and not excluded(n)) or matches_module(n, always_train)}
     if not any(not matches_module(n, always_train) for n in chosen):
-        raise CandidateError(f"The candidates {','.join(items)!r} leave nothing to rank besides the always-trained "
+        raise CandidateError(f"--candidates {','.join(items)!r} leaves nothing to rank besides the always-trained "
                              "modules: widen the pattern.")
     return chosen
 
@@ -77,5 +77,5 @@ def _items(spec: str | Sequence[str] | None) -> list[str]:
         return ["all"]
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
     if not items:
-        raise CandidateError("An empty candidate spec: use 'all', 'linear' or module patterns.")
+        raise CandidateError("Empty --candidates: use 'all', 'linear' or module patterns.")
     return items

@@ -166,6 +166,19 @@ class SparseMask:
         return (f"{self.num_selected:,} entries in {report['tensors_with_entries']} of {report['candidate_tensors']} "
                 f"tensors" + (f"; {100 * head['share']:.0f}% in {head['name']}" if head else "") + f"; by type: {kinds}")
 
+    def variant(self) -> dict[str, Any]:
+        """Which selection made the mask: score, candidates, how the budget was shared, when it was measured."""
+        keys = ("selection", "importance", "candidates", "strategy", "fisher_at", "budget_spec", "budget", "warmup")
+        return {k: self.config[k] for k in keys if self.config.get(k) is not None}
+
+    def variant_line(self) -> str:
+        """The variant in one line for a log (``fisher over all, global, at init, budget lora:r=8 = 74,498``)."""
+        v = self.variant()
+        score = v.get("importance", v.get("selection", "?")) if v.get("selection") in (None, "fisher") else v["selection"]
+        budget = f", budget {v['budget_spec']} = {v.get('budget', self.num_selected):,}" if "budget_spec" in v else ""
+        return (f"{score} over {v.get('candidates', 'all')} candidates, {v.get('strategy', 'global')}, "
+                f"at {v.get('fisher_at', 'init')}{budget}")
+
     def summary(self) -> dict[str, Any]:
         return {
             "num_selected": self.num_selected,
@@ -249,7 +262,7 @@ class SparseMask:
 
         title = title or f"{self.num_selected:,} of {self.num_candidates:,} entries ({100 * self.density:.3f}%)"
         top = self.allocation(top=3)["top_tensors"]
-        note = "top tensors: " + "; ".join(f"{t['name']} {100 * t['share']:.1f}%" for t in top)
+        note = f"{self.variant_line()}\ntop tensors: " + "; ".join(f"{t['name']} {100 * t['share']:.1f}%" for t in top)
         plot_mask_density(self.cell_counts(), path, title, note=note)
 
 
