@@ -11,7 +11,7 @@ Layer-wise tuning (IST, LISA, random, full): ``LayerwiseConfig`` -> ``LayerwiseE
 from .engines import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, apply_delta
 from .engines.layerwise import LayerwiseEngine
 from .importance import FisherMode, TaskType, estimate_fisher, register_rule
-from .integrations import LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
+from .integrations import LayerwiseCallback, SparseMaskCallback, SparseTrainer, mask_from_checkpoint
 from .models.peft import apply_method, reference_count
 from .selection import Budget, BudgetError, MaskMismatchError, SparseMask, random_mask, select_mask
 from .selection.fish_tuning import FishTuningConfig, fish_tuning_mask
@@ -44,6 +44,7 @@ __all__ = [
     "MaskMismatchError",
     "SparseMask",
     "SparseMaskCallback",
+    "SparseTrainer",
     "TaskType",
     "estimate_fisher",
     "mask_from_checkpoint",

@@ -20,7 +20,7 @@ from ..importance.memory import plan_fisher_batch
 from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, resolve_selection, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
-from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, mask_from_checkpoint
+from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, SparseTrainer, mask_from_checkpoint
 from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
@@ -315,7 +315,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     layerwise = LayerwiseCallback(layer_config, probe_data=train, collate_fn=collate) if layer_config else None
     if layerwise is not None:
         callbacks.append(layerwise)  # after the mask's callback: it manages what the mask left trainable
-    trainer = Trainer(
+    trainer = SparseTrainer(  # delta-only checkpoints under the sparse engine
         model=model,
         args=training_args,
         train_dataset=train,

@@ -36,7 +36,17 @@ from ..utils.distributed import (
     refuse_sharded_model,
     world_size,
 )
-from .delta import mask_frozen_hash, save_delta
+from .delta import (
+    _DENSE,
+    DeltaMismatchError,
+    _check_entries,
+    dense_tensor_names,
+    fully_trained,
+    mask_frozen_hash,
+    read_delta,
+    save_delta,
+    sparse_entries,
+)
 from .dense_mask import ATTACHED_FLAG, follow_replaced_parameters, refuse_second_engine, unwrap_optimizer
 
 VALUES_SUFFIX = "_sparse_values"
@@ -228,6 +238,34 @@ class SparseDeltaEngine:
         if self.base_hash is None:
             self.base_hash = mask_frozen_hash(self._params.items(), self.mask)  # the plain model's
         return save_delta(self.model, self.mask, path, self.base_hash, self.base_fingerprint)
+
+    @torch.no_grad()
+    def load_delta(self, path: str | os.PathLike) -> None:
+        """Put a delta this engine saved (a checkpoint's) back into the attached model: the weights' entries and
+        the value vectors. Refused, before anything is written, if it was made from another base model, with
+        another mask, or is damaged."""
+        self._follow_model()
+        header, tensors = read_delta(path)
+        if header.get("fingerprint") != self.base_fingerprint:
+            raise DeltaMismatchError(f"{path} was saved from a model with other parameter names or shapes.")
+        whole, entries = dense_tensor_names(tensors), sparse_entries(tensors)
+        _check_entries(tensors, whole, entries, self._params, path)
+        same_mask = set(whole) == set(fully_trained(self.mask)) and set(entries) == set(self.partial) and all(
+            torch.equal(index, self.mask.indices[name]) for name, (index, _) in entries.items())
+        if not same_mask:
+            raise DeltaMismatchError(f"{path} holds the entries of another mask than this run's: resume with the mask "
+                                     "saved beside it (sparse_mask.safetensors).")
+        if self.base_hash is None:
+            self.base_hash = mask_frozen_hash(self._params.items(), self.mask)
+        if header.get("base_hash") != self.base_hash:
+            raise DeltaMismatchError(f"{path} was trained from another base checkpoint than this model (same "
+                                     "architecture, other weights): load the base model the run started from.")
+        for name in whole:
+            self._params[name].copy_(tensors[name + _DENSE])
+        for name, (_, values) in entries.items():
+            part = self.partial[name]
+            part.values.copy_(values.to(part.values.dtype))
+        self._write_back()
 
     # ------------------------------------------------------------------ teardown
     def detach(self) -> nn.Module:

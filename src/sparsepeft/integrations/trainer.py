@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
@@ -75,7 +76,7 @@ class SparseMaskCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if os.path.isdir(folder):
                 self.mask.save(os.path.join(folder, MASK_FILE))
-                if isinstance(self.engine, SparseDeltaEngine):
+                if isinstance(self.engine, SparseDeltaEngine) and not os.path.isfile(os.path.join(folder, DELTA_FILE)):
                     self.engine.save_delta(os.path.join(folder, DELTA_FILE))
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
@@ -88,6 +89,59 @@ class SparseMaskCallback(TrainerCallback):
             self.engine.save_delta(os.path.join(args.output_dir, DELTA_FILE))
         self.engine.detach()  # the model goes back as a plain model holding the trained weights
         self.engine = None
+
+
+class SparseTrainer(Trainer):
+    """``Trainer`` whose checkpoints, while a :class:`SparseMaskCallback` trains with ``engine="sparse"``, hold the
+    trained entries (``sparse_delta.safetensors``, k indices and values) instead of a dense copy of the model, and
+    resume from them. A plain ``Trainer`` with the callback works too, with dense checkpoints.
+
+    A resumed run starts from the same base model (``--model``): the delta is checked against its frozen
+    weights before it is written in. The final ``save_model()`` after training writes the whole model as usual
+    (the engine has detached by then), so the output folder loads in ``from_pretrained``."""
+
+    def _sparse_engine(self) -> SparseDeltaEngine | None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SparseMaskCallback) and isinstance(callback.engine, SparseDeltaEngine):
+                return callback.engine
+        return None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        engine = self._sparse_engine()
+        if engine is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        engine.save_delta(os.path.join(output_dir, DELTA_FILE))
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if config is not None:
+            config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _delta_in(self, folder: str | None) -> str | None:
+        """The checkpoint's delta, when it holds one and no dense weights."""
+        if folder is None or self._sparse_engine() is None:
+            return None
+        delta = os.path.join(folder, DELTA_FILE)
+        dense = any(name.endswith((".safetensors", ".bin")) and name.startswith(("model", "pytorch_model"))
+                    for name in os.listdir(folder))
+        return delta if os.path.isfile(delta) and not dense else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        delta = self._delta_in(resume_from_checkpoint)
+        if delta is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._sparse_engine().load_delta(delta)
+
+    def _load_best_model(self) -> None:
+        delta = self._delta_in(self.state.best_model_checkpoint)
+        if delta is None:
+            return super()._load_best_model()
+        self._sparse_engine().load_delta(delta)
 
 
 def mask_from_checkpoint(checkpoint_dir: str | os.PathLike) -> SparseMask | None:
