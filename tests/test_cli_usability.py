@@ -172,6 +172,9 @@ def test_each_command_has_its_own_usage_and_an_argument_error_is_one_short_messa
         main(["mask", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: sparsepeft mask")
+    lines = out.splitlines()
+    assert lines[1] == ""  # a one-line usage, not every flag of TrainingArguments in it
+    assert lines.index("sparsepeft: model:") < lines.index("transformers TrainingArguments:")  # ours first
     assert "not Trainer's 5e-05" in out and "(default: 5e-05)" not in out  # the rate a run really gets is explained
     with pytest.raises(SystemExit) as stop:
         main(["train", "--keep-ratio", "abc", "--output-dir", "x"])

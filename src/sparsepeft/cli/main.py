@@ -32,7 +32,15 @@ def _parser(command: str):
             raise SystemExit(2)
 
     parser = Parser((ModelArguments, DataArguments, SparseArguments, PeftArguments, LayerwiseArguments,
-                     TrainingArguments), prog=f"sparsepeft {command}")
+                     TrainingArguments), prog=f"sparsepeft {command}",
+                    usage=f"sparsepeft {command} --output-dir DIR [--task TASK | --train-file F --validation-file F] "
+                          "[--method METHOD] [flags]",
+                    description="The package's own flags come first, in groups; every flag of transformers' "
+                                "TrainingArguments follows (--learning-rate, --num-train-epochs, --bf16, ...). "
+                                "Flags are written with - or _ alike.")
+    # the package's groups first, transformers' TrainingArguments (the default group) after them
+    parser._optionals.title = "transformers TrainingArguments"
+    parser._action_groups = [g for g in parser._action_groups if g is not parser._optionals] + [parser._optionals]
     for action in parser._actions:
         if action.dest == "learning_rate":  # Trainer's 5e-5 is not what a run without the flag uses
             action.help = ("Peak learning rate. Default: the method family's rate (see --method), not "
