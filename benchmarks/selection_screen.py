@@ -38,7 +38,10 @@ ARMS = {  # name: (learning-rate family, flags)
     "fish-warmup": ("mask", ["--method", "fish", *EQUAL, "--fisher-at", "warmup"]),
     "random-linear": ("mask", ["--method", "random", *EQUAL, "--candidates", "linear"]),
 }
-GRIDS = {"full": (5e-5, 1e-4), "lora": (1e-3, 3e-3), "mask": (2e-3, 5e-3)}
+# Each family's ladder of rates, spaced alike (x2-x3). Every arm runs the first two; an arm whose best is the
+# highest it has run goes one step up (the edge rule), the same rule for every arm.
+GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (1e-3, 3e-3, 1e-2), "mask": (2e-3, 5e-3, 1e-2)}
+FIRST_POINTS = 2
 
 
 def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
@@ -49,6 +52,11 @@ def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
                                  batch_size=args.batch_size, warmup_steps=args.warmup_steps)
     command += ["--num-samples", str(args.num_samples), *flags]
     return train_once(command, out, f"{arm} lr {lr:g} seed {seed}", args.summary_only)
+
+
+def _best_is_highest(points: dict) -> bool:
+    scores = {lr: r["metrics"]["validation"]["accuracy"] for lr, r in points.items() if r is not None}
+    return bool(scores) and max(scores, key=scores.get) == max(scores)
 
 
 def summarise(results: dict) -> tuple[str, dict]:
@@ -99,12 +107,18 @@ def main() -> None:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
     results: dict = {}
     for arm in arms:
-        for lr in GRIDS[ARMS[arm][0]]:
+        ladder = GRIDS[ARMS[arm][0]]
+        for step, lr in enumerate(ladder):
+            points = results.setdefault(arm, {})
+            if step >= FIRST_POINTS and not _best_is_highest(points):
+                break
             try:
-                results.setdefault(arm, {})[lr] = run_one(args, arm, lr, args.seed)
+                points[lr] = run_one(args, arm, lr, args.seed)
             except Exception as error:  # one failed arm must not stop the sweep; its log says why
                 print(f"  {arm} lr {lr:g}: failed ({error})", flush=True)
-                results.setdefault(arm, {})[lr] = None
+                points[lr] = None
+            if args.summary_only and points[lr] is None:
+                del points[lr]
     markdown, table = summarise(results)
     print(markdown)
     if args.write:
