@@ -198,3 +198,38 @@ def test_cli_trains_and_scores_multiple_choice_end_to_end(tiny_llama_lm_dir, tmp
     bad = _write_task(tmp_path / "bad.json", 6, at=3, target_scores={"a": 1, "b": 1})
     assert main([*common, "--method", "lora", "--train-file", str(bad), "--output-dir", str(tmp_path / "bad")]) == 2
     assert "example 3" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_task_prefix_starts_every_prompt(tmp_path):
+    path = _write_task(tmp_path / "task.json", 4)
+    payload = json.loads(path.read_text())
+    payload["task_prefix"] = "Decide whether the reason is right.\n"
+    path.write_text(json.dumps(payload))
+    prompts = [e.prompt for e in read_bigbench(path)]
+    assert all(p.startswith("Question: Decide whether the reason is right.\nthe ") for p in prompts)
+
+
+def test_a_suite_trains_on_every_tasks_training_part_and_reports_each_task(tiny_llama_lm_dir, tmp_path, capsys):
+    for name, n in (("alpha", 30), ("beta", 20)):
+        (tmp_path / name).mkdir()
+        _write_task(tmp_path / name / "task.json", n)
+    from sparsepeft.data.multiple_choice import load_suite
+
+    suite = load_suite({"alpha": tmp_path / "alpha" / "task.json", "beta": tmp_path / "beta" / "task.json"})
+    alone = load_multiple_choice(tmp_path / "beta" / "task.json")
+    assert [e.where for e in suite.train if e.task == "beta"] == [e.where for e in alone.train]  # the same split
+    assert [e.task for e in suite.evaluation["test"]] == ["alpha"] * 6 + ["beta"] * 4
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama_lm_dir), "--task", "alpha,beta", "--data-dir", str(tmp_path),
+                 "--method", "lora", "--lora-r", "2", "--max-steps", "2", "--max-seq-length", "48",
+                 "--per-device-train-batch-size", "4", "--report-to", "none", "--save-strategy", "no",
+                 "--use-cpu", "true", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    test = results["metrics"]["test"]
+    assert set(test["per_task"]) == {"alpha", "beta"} and test["per_task"]["alpha"]["questions"] == 6
+    pooled = (6 * test["per_task"]["alpha"]["acc"] + 4 * test["per_task"]["beta"]["acc"]) / 10
+    assert test["acc"] == pytest.approx(pooled)
+    assert results["train_samples"] == len(suite.train)
+    assert main(["train", "--model", str(tiny_llama_lm_dir), "--task", "alpha,gamma", "--data-dir", str(tmp_path),
+                 "--output-dir", str(tmp_path / "bad"), "--report-to", "none"]) == 2
+    assert "gamma" in capsys.readouterr().err and not (tmp_path / "bad").exists()

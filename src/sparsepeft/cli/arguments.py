@@ -74,7 +74,10 @@ class DataArguments:
     _argument_group_name = "sparsepeft: data"
 
     task: Optional[str] = field(default=None, metadata={
-        "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'demo' (the packaged set)."})
+        "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), 'demo' (the packaged set), a "
+                "BIG-bench task folder under --data-dir (DIR/NAME/task.json), or several of those comma-separated: a "
+                "suite trained on the union of their training parts, each task's accuracy reported and the pooled "
+                "one (social_iqa,winowhy,timedial,epistemic_reasoning)."})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "Local GLUE folder (TASK/train.tsv, TASK/dev.tsv). Without it, GLUE is read from the hub."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Your own training file (.csv/.tsv/.json/.jsonl)."})

@@ -15,7 +15,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from ..data import compute_metrics
 from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
-from ..data.multiple_choice import MultipleChoiceTask, choice_metrics, option_log_likelihoods
+from ..data.multiple_choice import MultipleChoiceTask, choice_metrics_by_task, option_log_likelihoods
 from ..importance.memory import plan_fisher_batch
 from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, resolve_selection, featurize, load_model_and_tokenizer, load_task_data
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
@@ -342,7 +342,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         if isinstance(task, MultipleChoiceTask):
             option_scores[split] = option_log_likelihoods(model, tokenizer, features, model_args.max_seq_length,
                                                           training_args.per_device_eval_batch_size)
-            metrics[split] = choice_metrics(features, option_scores[split])
+            metrics[split] = choice_metrics_by_task(features, option_scores[split])
             continue
         scores = trainer.evaluate(features, metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1 :]: v for k, v in scores.items()

@@ -41,6 +41,7 @@ class ChoiceExample:
     options: tuple[str, ...]
     answer: int
     where: str = ""  # file and example number, for error messages
+    task: str = ""  # the task it comes from (a suite of several tasks reports each one's accuracy)
 
     def continuation(self, option: int) -> str:
         return " " + self.options[option]
@@ -57,8 +58,9 @@ class MultipleChoiceTask:
     split: dict = field(default_factory=dict)  # how the file was split (seed, fractions, sizes)
 
 
-def read_bigbench(path: str | Path) -> list[ChoiceExample]:
-    """Every example of a BIG-bench multiple-choice file, checked: options non-empty, exactly one correct."""
+def read_bigbench(path: str | Path, task: str = "") -> list[ChoiceExample]:
+    """Every example of a BIG-bench multiple-choice file, checked: options non-empty, exactly one correct. The
+    file's ``task_prefix`` (an instruction BIG-bench puts before every input) starts every prompt."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Multiple-choice file {path} does not exist.")
@@ -70,10 +72,11 @@ def read_bigbench(path: str | Path) -> list[ChoiceExample]:
     if not isinstance(rows, list) or not rows:
         raise DataError(f"{path} has no examples: expected BIG-bench's {{'examples': [{{'input': ..., "
                         f"'target_scores': {{option: 0/1}}}}, ...]}}.")
-    return [_example(row, f"{path}, example {i}") for i, row in enumerate(rows)]
+    prefix = str(payload.get("task_prefix") or "") if isinstance(payload, dict) else ""
+    return [_example(row, f"{path}, example {i}", prefix, task) for i, row in enumerate(rows)]
 
 
-def _example(row: dict, where: str) -> ChoiceExample:
+def _example(row: dict, where: str, prefix: str = "", task: str = "") -> ChoiceExample:
     if not isinstance(row, dict) or "input" not in row or not isinstance(row.get("target_scores"), dict):
         raise DataError(f"{where}: needs 'input' and 'target_scores' ({{option: 0 or 1}}).")
     scores = row["target_scores"]
@@ -87,8 +90,8 @@ def _example(row: dict, where: str) -> ChoiceExample:
     if len(correct) != 1:
         raise DataError(f"{where}: has {len(correct)} correct options (target_scores equal to 1); exactly one "
                         "is needed.")
-    prompt = PROMPT_TEMPLATE.format(input=str(row["input"]).strip())
-    return ChoiceExample(prompt, options, correct[0], where)
+    prompt = PROMPT_TEMPLATE.format(input=(prefix + str(row["input"])).strip())
+    return ChoiceExample(prompt, options, correct[0], where, task)
 
 
 def split_examples(examples: Sequence[ChoiceExample], seed: int = 0,
@@ -108,12 +111,12 @@ def split_examples(examples: Sequence[ChoiceExample], seed: int = 0,
 def load_multiple_choice(train_file: str | Path, validation_file: str | Path | None = None,
                          split_seed: int = 0, name: str | None = None) -> MultipleChoiceTask:
     """One file, split by ``split_seed``; or a training file and a validation file used as they are."""
-    train = read_bigbench(train_file)
     source = str(train_file)
     if name is None:  # BIG-bench keeps each task in its own folder as task.json
         name = Path(train_file).parent.name if Path(train_file).name == "task.json" else Path(train_file).stem
+    train = read_bigbench(train_file, name)
     if validation_file is not None:
-        return MultipleChoiceTask(name, train, {"validation": read_bigbench(validation_file)}, source)
+        return MultipleChoiceTask(name, train, {"validation": read_bigbench(validation_file, name)}, source)
     parts = split_examples(train, split_seed)
     split = {"seed": split_seed, "fractions": dict(SPLIT_FRACTIONS), "sizes": {k: len(v) for k, v in parts.items()}}
     return MultipleChoiceTask(name, parts.pop("train"), parts, source, split=split)
@@ -271,6 +274,34 @@ def _score_on_shared_prompts(model, questions: list[tuple[int, list[int], list[l
                 later = logits[row, :len(ids) - 1].log_softmax(-1).gather(1, option_ids[row, 1:len(ids), None])
                 scores[e][o] = float(first[q, ids[0]] + later.sum())
                 row += 1
+
+
+def load_suite(files: dict[str, str | Path], split_seed: int = 0) -> MultipleChoiceTask:
+    """Several tasks as one: each file split by ``split_seed`` exactly as it would be alone, the training parts
+    joined (a multi-task training set), the validation and test parts joined in task order; each example keeps
+    its task, so the metrics are reported per task and pooled (:func:`choice_metrics_by_task`)."""
+    if len(files) < 2:
+        raise DataError("A suite needs at least two tasks.")
+    tasks = [load_multiple_choice(path, None, split_seed, name=name) for name, path in files.items()]
+    evaluation = {part: [e for task in tasks for e in task.evaluation[part]] for part in SPLIT_FRACTIONS}
+    split = {"seed": split_seed, "fractions": dict(SPLIT_FRACTIONS), "per_task": {t.name: t.split["sizes"] for t in tasks},
+             "sizes": {"train": sum(len(t.train) for t in tasks), **{k: len(v) for k, v in evaluation.items()}}}
+    return MultipleChoiceTask("+".join(files), [e for task in tasks for e in task.train], evaluation,
+                              ",".join(str(p) for p in files.values()), split=split)
+
+
+def choice_metrics_by_task(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict:
+    """:func:`choice_metrics` of all the questions, and, when they come from several tasks, of each task's
+    (``per_task``: its metrics and question count)."""
+    metrics: dict = choice_metrics(examples, scores)
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    if len(tasks) > 1:
+        metrics["per_task"] = {}
+        for task in tasks:
+            chosen = [i for i, e in enumerate(examples) if e.task == task]
+            metrics["per_task"][task] = {**choice_metrics([examples[i] for i in chosen], [scores[i] for i in chosen]),
+                                         "questions": len(chosen)}
+    return metrics
 
 
 def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:

@@ -44,6 +44,8 @@ def load_task_data(
     """``task`` names a GLUE task (or ``demo``, the packaged sentiment set) or a BIG-bench task folder under
     ``data_dir``; else the user's files (prompt/response pairs for a causal LM when ``task_type`` is
     ``causal-lm``; BIG-bench multiple-choice JSON when it is ``multiple-choice``)."""
+    if task and "," in task:
+        return _suite(task, data_dir, split_seed)
     bigbench_file = Path(data_dir, task, "task.json") if task and data_dir else None
     if task_type == MULTIPLE_CHOICE or (bigbench_file is not None and bigbench_file.is_file()):
         if bigbench_file is not None and bigbench_file.is_file():
@@ -65,6 +67,23 @@ def load_task_data(
     if train_file and validation_file:
         return load_files(train_file, validation_file, list(text_columns), label_column, task_type)
     raise DataError("Say what to train on: --task (a GLUE task or 'demo'), or --train-file and --validation-file.")
+
+
+def _suite(tasks: str, data_dir: str | None, split_seed: int) -> MultipleChoiceTask:
+    """``--task a,b,c --data-dir DIR``: BIG-bench tasks DIR/NAME/task.json trained together, reported apart."""
+    from ..data.multiple_choice import load_suite
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if data_dir is None:
+        raise DataError(f"--task {tasks} names several tasks: a suite of BIG-bench tasks, read from --data-dir DIR "
+                        "(DIR/NAME/task.json for each).")
+    missing = [n for n in names if not Path(data_dir, n, "task.json").is_file()]
+    if missing:
+        raise DataError(f"--task {tasks}: no {', '.join(str(Path(data_dir, n, 'task.json')) for n in missing)}. A "
+                        "suite is BIG-bench tasks, each DIR/NAME/task.json under --data-dir DIR.")
+    if len(set(names)) != len(names):
+        raise DataError(f"--task {tasks} names a task twice.")
+    return load_suite({n: Path(data_dir, n, "task.json") for n in names}, split_seed)
 
 
 def _from_pretrained(auto_class, path: str, name: str, **kwargs):
