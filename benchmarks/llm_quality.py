@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance  # noqa: E402
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"  # IST's target set
+LORA8_BUDGET = "lora:r=8,target_modules=" + LORA_TARGETS.replace(",", "+")  # the LoRA arm's trainable count
 LORA8 = ["--method", "lora", "--lora-r", "8", "--lora-alpha", "16", "--target-modules", LORA_TARGETS]
 ARMS = {  # arm -> (learning-rate family, flags)
     "zero-shot": (None, ["--method", "full", "--max-steps", "0"]),
@@ -55,6 +56,10 @@ ARMS = {  # arm -> (learning-rate family, flags)
                               "--selection", "random"]),
     "shira-fisher": ("lora", ["--method", "shira", "--shira-r", "8", "--target-modules", LORA_TARGETS,
                               "--selection", "fisher"]),
+    # full-model masks at exactly LoRA r=8's count (issue 25): the shipped selection, and the blocks' linear weights
+    "fish-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--engine", "sparse", "--always-train", ""]),
+    "fish-linear-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--candidates", "linear",
+                                   "--engine", "sparse", "--always-train", ""]),
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
@@ -72,8 +77,8 @@ def run_name(arm: str, lr: float | None, seed: int) -> str:
 
 def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]:
     _, flags = ARMS[arm]
-    line = [sys.executable, "-m", "sparsepeft", "train", "--model", args.model, "--task", "social_iqa",
-            "--data-dir", args.data_dir, "--max-seq-length", "128", "--per-device-train-batch-size",
+    line = [sys.executable, "-m", "sparsepeft", "train", "--model", args.model, "--task", args.task,
+            "--data-dir", args.data_dir, "--max-seq-length", str(args.max_seq_length), "--per-device-train-batch-size",
             str(args.batch_size), "--per-device-eval-batch-size", "24", "--max-steps", str(args.steps),
             "--warmup-steps", str(args.warmup_steps), "--num-samples", str(args.fisher_samples),
             "--fisher-batch-size", "8", "--seed", str(seed), "--save-strategy", "no", "--logging-steps", "10",
@@ -250,11 +255,12 @@ def comparisons(args, arms: list[str]) -> tuple[str, dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _split_questions(data_dir: str, seed: int) -> dict:
-    """The validation and test questions of a run's split, in the order its option scores were kept."""
-    from sparsepeft.data.multiple_choice import load_multiple_choice
+def _split_questions(data_dir: str, seed: int, task: str = "social_iqa") -> dict:
+    """The validation and test questions of a run's split (one task or a suite), in the order its option scores
+    were kept."""
+    from sparsepeft.experiments.pipeline import load_task_data
 
-    return load_multiple_choice(Path(data_dir) / "social_iqa" / "task.json", split_seed=seed).evaluation
+    return load_task_data(task, data_dir, split_seed=seed).evaluation
 
 
 def _correct(args, run: dict, split: str) -> list[bool] | None:
@@ -264,7 +270,7 @@ def _correct(args, run: dict, split: str) -> list[bool] | None:
         return None
     from sparsepeft.data.multiple_choice import answer_hits
 
-    questions = _split_questions(args.data_dir, run["data_split"]["seed"])[split]
+    questions = _split_questions(args.data_dir, run["data_split"]["seed"], args.task)[split]
     hits = answer_hits(questions, scores)
     if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
@@ -367,6 +373,30 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
+    """A suite's test accuracy per task (mean ± std over the seeds at each arm's chosen rate), beside the pooled."""
+    tasks: list[str] = []
+    table: dict = {}
+    for arm in arms:
+        runs = _runs_at_chosen_rate(args, arm) if arm != "zero-shot" else \
+            [r for r in [_existing(args, arm, None, 0)] if r is not None]
+        per_run = [r["metrics"]["test"].get("per_task") for r in runs]
+        if not runs or not all(per_run):
+            continue
+        for task in per_run[0]:
+            values = [100 * p[task]["acc"] for p in per_run]
+            table.setdefault(arm, {})[task] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            tasks += [task] if task not in tasks else []
+        pooled = [100 * r["metrics"]["test"]["acc"] for r in runs]
+        table[arm]["pooled"] = (statistics.mean(pooled), statistics.stdev(pooled) if len(pooled) > 1 else 0.0)
+    if not table:
+        return "", {}
+    lines = ["| arm | " + " | ".join(tasks) + " | pooled |", "|" + " --- |" * (len(tasks) + 2)]
+    for arm, cells in table.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{cells[t][0]:.2f} ± {cells[t][1]:.2f}" for t in [*tasks, "pooled"]) + " |")
+    return "\n".join(lines), table
+
+
 def grid_table(args, arms: list[str]) -> tuple[str, dict]:
     """Validation accuracy (seed 0) at every grid point run so far, and at the points outside the grid: the
     learning-rate search behind the table."""
@@ -391,6 +421,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default="../shared/data/bigbench")
+    parser.add_argument("--task", default="social_iqa", help="a BIG-bench task under --data-dir, or several "
+                        "comma-separated: the commonsense suite (social_iqa,winowhy,timedial,epistemic_reasoning), "
+                        "trained on the union, reported per task and pooled")
+    parser.add_argument("--max-seq-length", type=int, default=128,
+                        help="prompts are cut from the left, options kept whole (timedial's prompts need ~256)")
     parser.add_argument("--arms", default="zero-shot,lora,ist,fish,lora-fish,full,random,lisa",
                         help="in the order they run; shira-random, shira-fisher and ist-score-lr100 are extra arms")
     parser.add_argument("--phase", default="grid", choices=["grid", "seeds", "all"])
@@ -417,6 +452,9 @@ def main() -> None:
     # must not shrink it
     reported = [arm for arm in ARMS if arm in arms or _has_results(args, arm)]
     markdown, table = summary(args, reported)
+    task_markdown, per_task = per_task_table(args, reported)
+    if task_markdown:
+        markdown += "\n\nTest accuracy per task of the suite (acc, mean ± std over seeds):\n\n" + task_markdown
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     comparison_markdown, compared = comparisons(args, reported)
@@ -434,6 +472,7 @@ def main() -> None:
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
                                                                  "validation_grid": grid, "comparisons": compared, "paired": paired,
+                                                                 "per_task": per_task, "task": args.task,
                                                                  "training_loss": converged},
                                                                 indent=2) + "\n")
         if converged:

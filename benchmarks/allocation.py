@@ -1,0 +1,64 @@
+"""Where a mask's budget goes: `sparsepeft mask` on a real model and task, its allocation recorded.
+
+    python benchmarks/allocation.py --out docs/results/allocation.json
+
+Each case is one `sparsepeft mask` command (the shipped selection, and the blocks' linear weights at LoRA r=8's
+count); the file keeps each mask's allocation (per module type, per block, top tensors) with the command,
+commit and versions. Cases whose output folder already holds a mask_summary.json are not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_json  # noqa: E402
+
+LLM_TARGETS = "lora:r=8,target_modules=q_proj+k_proj+v_proj+o_proj+up_proj+down_proj"
+CASES = {  # name: (model, task, data dir, flags)
+    "minilm-sst2-fish": ("minilm", "sst2", "glue", ["--method", "fish", "--keep-ratio", "0.005"]),
+    "minilm-sst2-fish-linear-lora8": ("minilm", "sst2", "glue", ["--method", "fish", "--budget", "lora:r=8",
+                                                                 "--candidates", "linear"]),
+    "smollm2-siqa-fish": ("smollm2-135m", "social_iqa", "bigbench", ["--method", "fish", "--keep-ratio", "0.005",
+                                                                      "--always-train", ""]),
+    "smollm2-siqa-fish-linear-lora8": ("smollm2-135m", "social_iqa", "bigbench", [
+        "--method", "fish", "--budget", LLM_TARGETS, "--candidates", "linear", "--always-train", ""]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--work", default="runs/allocation")
+    parser.add_argument("--out", default="docs/results/allocation.json")
+    args = parser.parse_args()
+    results = {}
+    for name in args.cases.split(","):
+        model, task, data, flags = CASES[name]
+        folder = Path(args.work) / name
+        command = [sys.executable, "-m", "sparsepeft", "mask", "--model", model, "--task", task, "--data-dir",
+                   str(Path(args.data_root) / data), "--num-samples", str(args.num_samples), "--max-seq-length", "128",
+                   "--report-to", "none", "--output-dir", str(folder), *flags]
+        if not (folder / "mask_summary.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "mask.log", "w") as log:
+                subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            write_json(folder / "provenance.json", provenance(command))
+        summary = json.loads((folder / "mask_summary.json").read_text())
+        results[name] = {"allocation": summary["allocation"], "config": summary["config"],
+                         "mask_seconds": summary.get("mask_seconds"),
+                         "provenance": json.loads((folder / "provenance.json").read_text())}
+        top = summary["allocation"]["top_tensors"][0]
+        print(f"{name}: {summary['allocation']['num_selected']:,} entries; {100 * top['share']:.1f}% in {top['name']}",
+              flush=True)
+    write_json(args.out, {"provenance": provenance(), "cases": results})
+
+
+if __name__ == "__main__":
+    main()
