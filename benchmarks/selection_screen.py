@@ -32,6 +32,8 @@ ARMS = {  # name: (learning-rate family, flags)
     "fish-no-pooler": ("mask", ["--method", "fish", *EQUAL, "--candidates", "!pooler"]),
     "fish-linear-per-tensor": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear",
                                         "--selection-strategy", "per_tensor"]),
+    "fish-linear-per-block": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear",
+                                       "--selection-strategy", "per_block"]),
     "gradient-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "gradient"]),
     "taylor-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "taylor"]),
     "magnitude-linear": ("mask", ["--method", "fish", *EQUAL, "--candidates", "linear", "--importance", "magnitude"]),
