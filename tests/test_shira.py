@@ -124,6 +124,10 @@ def test_cli_trains_a_shira_adapter_that_peft_loads(tiny_llama_lm_dir, tmp_path,
     assert results["method"] == "shira" and results["selection"] == selection
     # 4 blocks x (q: 16x16, v: 8x16) at r = 2: 2 * (32 + 24) * 4
     assert results["trainable_params"] == 4 * 2 * ((16 + 16) + (8 + 16))
+    allocation = results["mask_allocation"]  # where SHiRA's entries are, like any other mask's
+    assert allocation["num_selected"] == results["trainable_params"] and allocation["tensors_with_entries"] == 8
+    assert set(allocation["per_module_type"]) == {"self_attn.q_proj", "self_attn.v_proj"}
+    assert allocation["per_module_type"]["self_attn.q_proj"]["kept"] == 4 * 2 * (16 + 16)
     assert (results.get("fisher_seconds") is not None) == (selection == "fisher")
     weights = load_file(str(out / "adapter_model.safetensors"))
     values = [v for k, v in weights.items() if k.endswith("shira_weight")]

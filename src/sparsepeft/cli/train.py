@@ -24,7 +24,7 @@ from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskC
 from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask
-from ..selection.shira import shira_mask_fn
+from ..selection.shira import shira_adapter_mask, shira_mask_fn
 from ..utils.io import write_json
 from ..integrations.guard import NonFiniteGuard
 from .output import prepare_output_dir
@@ -296,6 +296,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     if mask is not None:
         logger.info("Selection: %s", mask.variant_line())
         logger.info("Mask: %s", mask.allocation_line())
+    shira_entries = shira_adapter_mask(model) if sparse_args.method == "shira" else None
+    if shira_entries is not None:
+        logger.info("SHiRA entries: %s", shira_entries.allocation_line())
     if mask is not None and training_args.process_index == 0:
         _save_mask(mask, output_dir)
 
@@ -384,7 +387,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "seed": training_args.seed,
         "keep_ratio": mask.density if mask is not None else 1.0,
         "trainable_params": trainable,
-        "mask_allocation": mask.allocation() if mask is not None else None,
+        "mask_allocation": mask.allocation() if mask is not None else (
+            shira_entries.allocation() if shira_entries is not None else None),
         "total_params": total_params,
         "train_samples": len(train),
         "metrics": metrics,

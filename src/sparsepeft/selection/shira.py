@@ -116,3 +116,23 @@ def _check_fisher_fits(model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> 
     if missing or wrong:
         raise ValueError(f"This Fisher was not measured on this model: {(missing + wrong)[:4]} "
                          f"({len(missing)} unknown name(s), {len(wrong)} shape mismatch(es)).")
+
+
+def shira_adapter_mask(model: nn.Module, adapter: str = "default"):
+    """The entries a SHiRA adapter trains, as a :class:`SparseMask` over the adapted weights (named as in the base
+    model): so a SHiRA run reports its allocation like every other mask."""
+    from .mask import SparseMask
+
+    shapes, indices = {}, {}
+    for name, module in model.named_modules():
+        found = getattr(module, "shira_indices", None)
+        if not isinstance(found, dict) or adapter not in found:
+            continue
+        weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+        key = name.removeprefix("base_model.model.") + ".weight"
+        rows, cols = found[adapter].to(torch.int64).cpu()
+        shapes[key] = tuple(weight.shape)
+        indices[key] = rows * weight.shape[1] + cols
+    if not shapes:
+        raise ValueError(f"The model holds no SHiRA adapter named {adapter!r}.")
+    return SparseMask(shapes=shapes, indices=indices, config={"selection": "shira"})
