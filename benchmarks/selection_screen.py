@@ -40,10 +40,10 @@ ARMS = {  # name: (learning-rate family, flags)
     "fish-warmup": ("mask", ["--method", "fish", *EQUAL, "--fisher-at", "warmup"]),
     "random-linear": ("mask", ["--method", "random", *EQUAL, "--candidates", "linear"]),
 }
-# Each family's ladder of rates, spaced alike (x2-x3). Every arm runs the first two; an arm whose best is the
-# highest it has run goes one step up (the edge rule), the same rule for every arm.
-GRIDS = {"full": (5e-5, 1e-4, 2e-4), "lora": (1e-3, 3e-3, 1e-2), "mask": (2e-3, 5e-3, 1e-2)}
-FIRST_POINTS = 2
+# Each family's ladder of rates, spaced alike (x2-x3). Every arm runs the two middle points (its family's usual
+# rate and the next up); an arm whose best is at an end of what it ran goes one step further that way (the edge
+# rule), the same rule for every arm.
+GRIDS = {"full": (2e-5, 5e-5, 1e-4, 2e-4), "lora": (3e-4, 1e-3, 3e-3, 1e-2), "mask": (1e-3, 2e-3, 5e-3, 1e-2)}
 
 
 def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
@@ -56,9 +56,28 @@ def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
     return train_once(command, out, f"{arm} lr {lr:g} seed {seed}", args.summary_only)
 
 
-def _best_is_highest(points: dict) -> bool:
-    scores = {lr: r["metrics"]["validation"]["accuracy"] for lr, r in points.items() if r is not None}
-    return bool(scores) and max(scores, key=scores.get) == max(scores)
+def _run_point(args, arm: str, lr: float, points: dict) -> None:
+    try:
+        points[lr] = run_one(args, arm, lr, args.seed)
+    except Exception as error:  # one failed arm must not stop the sweep; its log says why
+        print(f"  {arm} lr {lr:g}: failed ({error})", flush=True)
+        points[lr] = None
+    if points[lr] is None:
+        del points[lr]
+
+
+def _edge_step(points: dict, ladder: tuple) -> float | None:
+    """The next rate beyond the end of the ladder's run points where the best lies, if the ladder has one."""
+    scores = {lr: r["metrics"]["validation"]["accuracy"] for lr, r in points.items()}
+    if len(scores) < 2:
+        return None
+    best = max(scores, key=scores.get)
+    i = ladder.index(best)
+    if best == max(scores) and i + 1 < len(ladder):
+        return ladder[i + 1]
+    if best == min(scores) and i > 0:
+        return ladder[i - 1]
+    return None
 
 
 def summarise(results: dict) -> tuple[str, dict]:
@@ -110,17 +129,12 @@ def main() -> None:
     results: dict = {}
     for arm in arms:
         ladder = GRIDS[ARMS[arm][0]]
-        for step, lr in enumerate(ladder):
-            points = results.setdefault(arm, {})
-            if step >= FIRST_POINTS and not _best_is_highest(points):
-                break
-            try:
-                points[lr] = run_one(args, arm, lr, args.seed)
-            except Exception as error:  # one failed arm must not stop the sweep; its log says why
-                print(f"  {arm} lr {lr:g}: failed ({error})", flush=True)
-                points[lr] = None
-            if args.summary_only and points[lr] is None:
-                del points[lr]
+        points = results.setdefault(arm, {})
+        for lr in ladder[1:3]:
+            _run_point(args, arm, lr, points)
+        edge = _edge_step(points, ladder)
+        if edge is not None:
+            _run_point(args, arm, edge, points)
     markdown, table = summarise(results)
     print(markdown)
     if args.write:
