@@ -17,10 +17,12 @@ from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics_by_task, option_log_likelihoods
 from ..importance.memory import plan_fisher_batch
-from ..experiments.pipeline import PeakMemory, build_mask, check_recipe, resolve_selection, featurize, load_model_and_tokenizer, load_task_data
+from ..experiments.pipeline import (PeakMemory, build_mask, check_recipe, featurize, load_model_and_tokenizer,
+                                    load_task_data, resolve_selection)
 from ..engines import apply_delta, optimizer_state_bytes, read_delta
 from ..adapters import has_bottleneck_adapters, save_bottleneck_adapters
-from ..integrations import DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, SparseTrainer, mask_from_checkpoint
+from ..integrations import (DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMaskCallback, SparseTrainer,
+                           mask_from_checkpoint)
 from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
 from ..selection.fish_tuning import fish_tuning_mask

@@ -284,7 +284,8 @@ def load_suite(files: dict[str, str | Path], split_seed: int = 0) -> MultipleCho
         raise DataError("A suite needs at least two tasks.")
     tasks = [load_multiple_choice(path, None, split_seed, name=name) for name, path in files.items()]
     evaluation = {part: [e for task in tasks for e in task.evaluation[part]] for part in SPLIT_FRACTIONS}
-    split = {"seed": split_seed, "fractions": dict(SPLIT_FRACTIONS), "per_task": {t.name: t.split["sizes"] for t in tasks},
+    split = {"seed": split_seed, "fractions": dict(SPLIT_FRACTIONS),
+             "per_task": {t.name: t.split["sizes"] for t in tasks},
              "sizes": {"train": sum(len(t.train) for t in tasks), **{k: len(v) for k, v in evaluation.items()}}}
     return MultipleChoiceTask("+".join(files), [e for task in tasks for e in task.train], evaluation,
                               ",".join(str(p) for p in files.values()), split=split)

@@ -193,7 +193,8 @@ class MaskRecipe:
     ird_result: Any = None  # filled by build_mask when selection == "ird"
 
 
-def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn, model_name: str = "") -> SparseMask | None:
+def build_mask(model, train_features: list[dict], recipe: MaskRecipe, collate_fn,
+               model_name: str = "") -> SparseMask | None:
     """The mask for ``recipe.method`` (None for full fine-tuning); time spent is put in ``recipe.timings``.
 
     Candidates, budget and the warm-up are resolved first, so a spec that cannot be met fails before any pass
@@ -258,8 +259,8 @@ def check_recipe(recipe: MaskRecipe) -> None:
                          "--fisher-at init.")
     if recipe.selection == "ird" and not random and (recipe.importance != "fisher" or recipe.candidates != "all"
                                                       or recipe.budget or recipe.fisher_at != "init"):
-        raise ValueError("--selection ird narrows its own samples and parameter range from the Fisher over every weight: "
-                         "it does not combine with --importance, --candidates, --budget or --fisher-at warmup.")
+        raise ValueError("--selection ird narrows its own samples and parameter range from the Fisher over every "
+                         "weight: it does not combine with --importance, --candidates, --budget or --fisher-at warmup.")
 
 
 def resolve_budget(model, recipe: MaskRecipe, num_candidates: int) -> int | None:
@@ -275,7 +276,8 @@ def resolve_budget(model, recipe: MaskRecipe, num_candidates: int) -> int | None
             num_candidates, lambda method, options: reference_count(model, method, options))
     except BudgetError as error:
         raise BudgetError(f"--budget {recipe.budget}: {error} For a full-model mask the candidates are --candidates "
-                          f"{recipe.candidates!r} ({num_candidates} entries): lower the budget or widen them.") from None
+                          f"{recipe.candidates!r} ({num_candidates} entries): lower the budget or widen them."
+                          ) from None
     forced = sum(p.numel() for n, p in model.named_parameters() if matches_module(n, recipe.always_train))
     if count < forced:
         raise BudgetError(f"--budget {recipe.budget} = {count} entries is smaller than the always-trained modules' "

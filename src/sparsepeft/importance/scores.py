@@ -74,8 +74,8 @@ def mean_gradient(
                 batch = _truncate(batch, target - seen)
             losses = empirical_nll(task, _forward_logits(model, batch, task, autocast_dtype), batch)
             if not torch.isfinite(losses).all():
-                raise FloatingPointError(f"A non-finite loss in the samples {seen}..{seen + len(losses) - 1}: the model "
-                                         "or the data holds inf/NaN; the gradient scores cannot be measured.")
+                raise FloatingPointError(f"A non-finite loss in the samples {seen}..{seen + len(losses) - 1}: the "
+                                         "model or the data holds inf/NaN; the gradient scores cannot be measured.")
             grads = torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
             for name, grad in zip(names, grads):
                 if grad is not None:

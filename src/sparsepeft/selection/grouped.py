@@ -62,8 +62,8 @@ def grouped_fisher_mask(
     """:func:`select_mask` of :func:`estimate_fisher` over ``groups``, one Fisher pass per group on the same
     samples. A group lists parameter names, or ``(name, (first, stop))`` for rows of a tensor too large for one
     pass (a tensor's row ranges in order, covering it once). ``lowest`` keeps the lowest-Fisher entries instead
-    (the baseline). ``budget`` (entries) overrides ``keep_ratio``. ``fisher_kwargs`` go to :func:`estimate_fisher` (``num_samples``, ``batch_size``,
-    ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
+    (the baseline). ``budget`` (entries) overrides ``keep_ratio``. ``fisher_kwargs`` go to :func:`estimate_fisher`
+    (``num_samples``, ``batch_size``, ``collate_fn``, ``seed``, ``autocast_dtype``, ...)."""
     part_of = strategy_part(strategy)
     params = dict(model.named_parameters())
     members = [_items(group) for group in groups]
@@ -113,6 +113,7 @@ def grouped_fisher_mask(
     for name in forced:
         indices[name] = torch.arange(params[name].numel())
     indices = {n: indices[n] for n in order if n in indices and indices[n].numel()}
-    info = {"keep_ratio": budget / num_candidates, "budget": budget, "strategy": strategy, "always_train": list(always_train),
+    info = {"keep_ratio": budget / num_candidates, "budget": budget, "strategy": strategy,
+            "always_train": list(always_train),
             "fisher_groups": len(groups), **(config or {})}
     return SparseMask(shapes=shapes, indices=indices, fingerprint=model_fingerprint(model), config=info)

@@ -174,7 +174,8 @@ class SparseMask:
     def variant_line(self) -> str:
         """The variant in one line for a log (``fisher over all, global, at init, budget lora:r=8 = 74,498``)."""
         v = self.variant()
-        score = v.get("importance", v.get("selection", "?")) if v.get("selection") in (None, "fisher") else v["selection"]
+        fisher_based = v.get("selection") in (None, "fisher")
+        score = v.get("importance", v.get("selection", "?")) if fisher_based else v["selection"]
         budget = f", budget {v['budget_spec']} = {v.get('budget', self.num_selected):,}" if "budget_spec" in v else ""
         return (f"{score} over {v.get('candidates', 'all')} candidates, {v.get('strategy', 'global')}, "
                 f"at {v.get('fisher_at', 'init')}{budget}")

@@ -155,7 +155,8 @@ def per_tensor_topk(scores: Mapping[str, torch.Tensor], k: int,
     return {name: global_topk({name: scores[name]}, quotas[name])[name] for name in scores}
 
 
-def partitioned_topk(scores: Mapping[str, torch.Tensor], k: int, part_of: Callable[[str], object]) -> dict[str, torch.Tensor]:
+def partitioned_topk(scores: Mapping[str, torch.Tensor], k: int,
+                     part_of: Callable[[str], object]) -> dict[str, torch.Tensor]:
     """One ranking inside each part (``part_of(name)``: a block, a module type), ``k`` split over the parts in
     proportion to their sizes. One part is :func:`global_topk`; one part per tensor is :func:`per_tensor_topk`."""
     parts: dict[object, list[str]] = {}
