@@ -270,7 +270,7 @@ def _correct(args, run: dict, split: str) -> list[bool] | None:
         return None
     from sparsepeft.data.multiple_choice import answer_hits
 
-    questions = _split_questions(args.data_dir, run["data_split"]["seed"], args.task)[split]
+    questions = _split_questions(args.data_dir, run["data_split"]["seed"], getattr(args, "task", "social_iqa"))[split]
     hits = answer_hits(questions, scores)
     if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
