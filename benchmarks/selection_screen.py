@@ -80,6 +80,64 @@ def _edge_step(points: dict, ladder: tuple) -> float | None:
     return None
 
 
+def dev_predictions(folder: Path, glue_dir: str, max_len: int) -> tuple[list[int], list[int]]:
+    """The saved model's (or adapter's) predictions on SST-2's dev rows, and the labels: what a paired test needs.
+    Checked against the accuracy the run reported."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsepeft.data import load_glue
+
+    split = load_glue("sst2", glue_dir).evaluation["validation"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if (folder / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    model.eval()
+    texts = [t[0] for t in split.texts]
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 128):
+            batch = tokenizer(texts[start:start + 128], truncation=True, max_length=max_len, padding=True,
+                              return_tensors="pt")
+            predictions += model(**batch).logits.argmax(-1).tolist()
+    return predictions, list(split.labels)
+
+
+def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str, dict]:
+    """Each arm at its best rate against LoRA r=8 and FISH as shipped, question by question on the dev set:
+    exact McNemar test on the sentences only one of the two gets right."""
+    from scipy.stats import binomtest
+
+    hits = {}
+    for arm, row in table.items():
+        folder = Path(args.out) / arm / f"lr{row['best_lr']:g}" / f"seed{args.seed}"
+        predictions, labels = dev_predictions(folder, args.glue_dir, args.max_seq_length)
+        hits[arm] = [p == y for p, y in zip(predictions, labels)]
+        accuracy = 100 * sum(hits[arm]) / len(labels)
+        if abs(accuracy - row["accuracy"]) > 1e-6:
+            raise SystemExit(f"{folder}: the saved model scores {accuracy:.4f}, its run reported {row['accuracy']:.4f}")
+    lines = ["| arm | against | diff (points) | only arm right / only reference right | McNemar p |",
+             "| --- | --- | --- | --- | --- |"]
+    out = {}
+    for reference in references:
+        for arm in table:
+            if arm == reference or reference not in hits:
+                continue
+            ours, theirs = hits[arm], hits[reference]
+            only_ours = sum(a and not b for a, b in zip(ours, theirs))
+            only_theirs = sum(b and not a for a, b in zip(ours, theirs))
+            p = binomtest(only_ours, only_ours + only_theirs, 0.5).pvalue if only_ours + only_theirs else 1.0
+            diff = 100 * (only_ours - only_theirs) / len(ours)
+            out[f"{arm}_vs_{reference}"] = {"diff": diff, "only_arm_right": only_ours,
+                                            "only_reference_right": only_theirs, "p": p}
+            lines.append(f"| {arm} | {reference} | {diff:+.2f} | {only_ours} / {only_theirs} | {p:.3f} |")
+    return "\n".join(lines), out
+
+
 def summarise(results: dict) -> tuple[str, dict]:
     """Each arm at its best rate (dev accuracy x100, seed 0), beside every point of its grid."""
     table: dict = {}
@@ -136,10 +194,13 @@ def main() -> None:
         if edge is not None:
             _run_point(args, arm, edge, points)
     markdown, table = summarise(results)
+    paired_markdown, paired = paired_tests(args, table)
+    markdown += "\n\nQuestion by question on the dev set (seed 0, each arm at its best rate):\n\n" + paired_markdown
     print(markdown)
     if args.write:
         write_json(args.write, {"provenance": provenance(), "args": vars(args), "grids": GRIDS,
-                                "arms": {a: ARMS[a][1] for a in arms}, "table": table})
+                                "arms": {a: ARMS[a][1] for a in arms}, "table": table, "paired": paired,
+                                "markdown": markdown})
 
 
 if __name__ == "__main__":
