@@ -60,6 +60,11 @@ ARMS = {  # arm -> (learning-rate family, flags)
     "fish-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--engine", "sparse", "--always-train", ""]),
     "fish-linear-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--candidates", "linear",
                                    "--engine", "sparse", "--always-train", ""]),
+    # the two that spread the budget and led the SST-2 screen (docs/selection.md)
+    "random-linear-lora8": ("mask", ["--method", "random", "--budget", LORA8_BUDGET, "--candidates", "linear",
+                                     "--engine", "sparse", "--always-train", ""]),
+    "taylor-linear-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--candidates", "linear",
+                                     "--importance", "taylor", "--engine", "sparse", "--always-train", ""]),
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
 }
