@@ -104,6 +104,7 @@ def run_one(args, arm: str, lr: float | None, seed: int) -> dict | None:
         return json.loads(target.read_text())
     if args.summary_only:
         return None
+    Path(args.scratch).mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix=f"{run_name(arm, lr, seed)}.", dir=args.scratch))
     line = command(args, arm, lr, seed, out)
     measured_on = provenance(line)  # taken before the run: the tree may move on while it trains

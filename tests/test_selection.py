@@ -305,3 +305,28 @@ def test_a_mask_measured_in_row_ranges_is_the_one_pass_mask(strategy):
                                   progress=False)
     assert grouped.indices.keys() == reference.indices.keys()
     assert all(torch.equal(grouped.indices[n], reference.indices[n]) for n in reference.indices)
+
+
+def test_a_group_of_many_tensors_holds_at_most_its_budget_of_candidates(monkeypatch):
+    """Each group's candidates are its own best k entries per part, not k per tensor: at 374M one group of 36
+    tensors had kept up to k entries from each of them (about 0.8 GB), and the mask phase peaked above training."""
+    from sparsepeft.selection import grouped
+
+    model = make_model("bert")
+    examples = make_examples(8)
+    names = [n for n, _ in model.named_parameters()]
+    held = []
+    original = grouped._prune
+
+    def counting_prune(values, positions, *args):
+        held.append(sum(v.numel() for v in values.values()))
+        return original(values, positions, *args)
+
+    monkeypatch.setattr(grouped, "_prune", counting_prune)
+    mask = grouped.grouped_fisher_mask(model, examples, [names[: len(names) // 2], names[len(names) // 2:]], 0.2,
+                                       always_train=(), num_samples=8, batch_size=4, progress=False)
+    fisher = estimate_fisher(model, examples, num_samples=8, batch_size=4, progress=False)
+    reference = select_mask(fisher, 0.2, model=model, always_train=())
+    assert all(torch.equal(mask.indices[n], reference.indices[n]) for n in reference.indices)
+    budget = mask.num_selected
+    assert len(held) == 2 and max(held) <= 2 * budget, (held, budget)

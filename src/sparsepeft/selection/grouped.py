@@ -95,14 +95,21 @@ def grouped_fisher_mask(
             continue
         rows = {n: r for n, r in scored if r is not None}
         fisher = estimate_fisher(model, data, params=[n for n, _ in scored], rows=rows or None, **fisher_kwargs)
-        for name, piece in fisher.items():
-            if lowest:
+        if lowest:
+            for piece in fisher.values():
                 piece.neg_()
-            kept = global_topk({name: piece}, quotas[part_of(name)])[name]
+        # The group's own best entries per part, tensors in model order (the ties of the global ranking): at most
+        # k per part however many tensors the group holds, not k per tensor.
+        fisher = {n: fisher[n] for n in ranked if n in fisher}
+        kept = {}
+        for part in dict.fromkeys(part_of(n) for n in fisher):
+            kept.update(global_topk({n: f for n, f in fisher.items() if part_of(n) == part}, quotas[part]))
+        for name, piece in fisher.items():
             offset = rows[name][0] * (params[name].numel() // params[name].shape[0]) if name in rows else 0
-            found = piece.reshape(-1)[kept.to(piece.device)].float().cpu()
+            found = piece.reshape(-1)[kept[name].to(piece.device)].float().cpu()
             values[name] = torch.cat([values[name], found]) if name in values else found
-            positions[name] = torch.cat([positions[name], kept + offset]) if name in positions else kept + offset
+            positions[name] = torch.cat([positions[name], kept[name] + offset]) if name in positions \
+                else kept[name] + offset
         del fisher
         _prune(values, positions, ranked, quotas, part_of)
         release_free_memory()
