@@ -11,6 +11,8 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
   phase's peak), ``fish`` (the sparse engine on that Fisher mask), ``fish-random`` (the sparse engine on a
   random 0.5% mask, spread over every tensor: a random-init model's Fisher mask sits in a few tensors and
   flatters FISH's step time), ``lora`` (r=16 on every linear layer of the blocks) and ``full`` (where it fits).
+  Extra arms: ``lora-fish`` (that LoRA masked to r=8's count by the dense-mask engine, as FISH-Tuning trains) and
+  ``lora-fish-indices`` (the same with the engine's flat-index form forced): where LoRA-FISH's step time goes.
   Peak: RSS on the CPU (workers run with glibc's mmap threshold fixed at 1 MiB, so a peak is what the arm
   needs), allocated memory on a GPU; step time: median of the timed steps.
 
@@ -162,8 +164,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _train_steps(model, params, batches, steps: int, device: str, autocast) -> list[float]:
+def _train_steps(model, params, batches, steps: int, device: str, autocast, attach=None) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    if attach is not None:  # the dense-mask engine's optimizer hooks
+        attach(optimizer)
     return optimizer, [_one_step(model, optimizer, batches[i % len(batches)], device, autocast) for i in range(steps)]
 
 
@@ -245,18 +249,32 @@ def run_arm(size: str, arm: str, out: Path, args) -> dict:
         peak = _Peak(device)
         engine = SparseDeltaEngine(model, mask).attach()
         params = list(engine.trainable_parameters())
-    elif arm == "lora":
+    elif arm in ("lora", "lora-fish", "lora-fish-indices"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        peak = _Peak(device)
-        params = [p for p in model.parameters() if p.requires_grad]
+        if arm != "lora":  # LoRA-FISH: r=16 masked to r=8's count by the dense-mask engine (a random half: the
+            # cost depends on how many entries and tensors, not which); "-indices" forces the engine's index form
+            from sparsepeft import DenseMaskEngine
+            from sparsepeft.engines import dense_mask
+
+            if arm == "lora-fish-indices":
+                dense_mask.FollowingIndex.for_entries = classmethod(lambda cls, idx, numel, dev="cpu": cls(idx, dev))
+            mask = random_mask(model, 0.5, always_train=())
+            result["mask_tensors"] = sum(1 for n in mask.shapes if mask.kept(n))
+            peak = _Peak(device)
+            engine = DenseMaskEngine(model, mask).attach()
+            params = list(engine.trainable_parameters())
+        else:
+            peak = _Peak(device)
+            params = [p for p in model.parameters() if p.requires_grad]
     else:
         peak = _Peak(device)
         params = list(model.parameters())
     model.train()
-    _, times = _train_steps(model, params, batches, args.steps + 1, device, autocast)
+    optimizer, times = _train_steps(model, params, batches, args.steps + 1, device, autocast,
+                                    attach=engine.attach_optimizer if arm.startswith("lora-fish") else None)
     result["step_seconds"] = median(times[1:])
     result["step_seconds_all"] = times
     result["train_peak_mb"] = peak.mb()

@@ -158,3 +158,35 @@ def test_clipping_sees_only_the_masked_gradient():
     clipped_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
     assert clipped_norm == pytest.approx(masked_squares**0.5, rel=1e-5)
     assert clipped_norm != pytest.approx(full_norm, rel=1e-3)  # the two norms differ: the check can tell
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),  # decoupled decay on the trained entries
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05),  # decay as a gradient term
+    lambda ps: torch.optim.ASGD(ps, lr=1e-2, weight_decay=0.05),  # the restore guard
+])
+def test_dense_masks_as_booleans_train_exactly_as_indices(make_optimizer, monkeypatch):
+    """Half-trained tensors (FISH-Tuning's LoRA factors) hold a boolean mask, one kernel per use instead of a
+    gather and a scatter; the weights must come out bit for bit as with indices."""
+    from sparsepeft.engines import dense_mask
+
+    def trained(force_indices: bool):
+        model = make_model("bert")
+        mask = _mask(model, ratio=0.5)
+        if force_indices:
+            monkeypatch.setattr(dense_mask.FollowingIndex, "for_entries",
+                                classmethod(lambda cls, indices, numel, device="cpu": cls(indices, device)))
+        engine = DenseMaskEngine(model, mask).attach()
+        forms = {n: entries.is_mask for n, entries in engine.partial.items()}
+        optimizer = make_optimizer(list(engine.trainable_parameters()))
+        engine.attach_optimizer(optimizer)
+        _train(model, engine, optimizer, _batches())
+        monkeypatch.undo()
+        return model, mask, forms
+
+    as_masks, mask, forms = trained(False)
+    as_indices, _, index_forms = trained(True)
+    assert any(forms.values()) and not any(index_forms.values())
+    for (name, a), (_, b) in zip(as_masks.named_parameters(), as_indices.named_parameters()):
+        assert torch.equal(a, b), name
+    assert_only_mask_moved({n: p.detach() for n, p in make_model("bert").named_parameters()}, as_masks, mask)

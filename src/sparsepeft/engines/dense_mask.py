@@ -74,13 +74,29 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 class FollowingIndex:
-    """A mask's flat indices that follow the tensor they index: moved to its device when it moves (once,
-    then kept there), so an engine attached before ``model.to(device)`` indexes on the right device. The
-    mask's own CPU copy stays the source, so even a round trip through the meta device loses nothing."""
+    """A mask's selected entries of one tensor that follow the tensor they index: moved to its device when it moves
+    (once, then kept there), so an engine attached before ``model.to(device)`` indexes on the right device. The
+    CPU copy stays the source, so even a round trip through the meta device loses nothing.
+
+    The entries are flat int64 indices, or a flat boolean mask (``is_mask``) where that is no larger: a tensor
+    with an eighth or more of its entries trained (a PEFT module's masked factors). Each use of a boolean mask is
+    one elementwise kernel, where indices take a gather and a scatter — per step and per tensor, which is what a
+    model with hundreds of small LoRA tensors pays."""
 
     def __init__(self, source: torch.Tensor, device: torch.device | str = "cpu"):
         self.source = source
+        self.is_mask = source.dtype == torch.bool
         self._on_device = source.to(device)
+
+    @classmethod
+    def for_entries(cls, indices: torch.Tensor, numel: int, device: torch.device | str = "cpu") -> "FollowingIndex":
+        """The cheaper form for ``indices`` of a tensor of ``numel`` entries: a boolean mask (1 byte per entry)
+        when it costs no more than the indices (8 bytes per selected entry)."""
+        if numel <= 8 * indices.numel():
+            dense = torch.zeros(numel, dtype=torch.bool)
+            dense[indices] = True
+            return cls(dense, device)
+        return cls(indices, device)
 
     def on(self, device: torch.device) -> torch.Tensor:
         if self._on_device.device != device:
@@ -91,8 +107,10 @@ class FollowingIndex:
 def _keep_entries(index: FollowingIndex):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         flat = grad.reshape(-1)
-        masked = torch.zeros_like(flat)
         idx = index.on(flat.device)
+        if index.is_mask:
+            return torch.where(idx, flat, 0).view_as(grad)
+        masked = torch.zeros_like(flat)
         masked[idx] = flat[idx]
         return masked.view_as(grad)
 
@@ -151,7 +169,7 @@ class DenseMaskEngine:
                 param.requires_grad_(False)
             elif not self.mask.is_full(name):
                 param.requires_grad_(True)
-                index = FollowingIndex(self.mask.indices[name], param.device)
+                index = FollowingIndex.for_entries(self.mask.indices[name], param.numel(), param.device)
                 self.partial[name] = index
                 self._weight_hooks[name] = param.register_hook(_keep_entries(index))
             else:
@@ -221,8 +239,12 @@ class DenseMaskEngine:
         self._paused_decay.clear()
         for name, frozen in self._frozen_copies.items():
             param = self._params[name]
-            index = self.partial[name].on(param.device)
+            entries = self.partial[name]
+            index = entries.on(param.device)
             with torch.no_grad():
+                if entries.is_mask:
+                    param.view(-1).copy_(torch.where(index, param.view(-1), frozen.view(-1)))
+                    continue
                 trained = param.reshape(-1)[index].clone()
                 param.copy_(frozen)
                 param.view(-1)[index] = trained
@@ -251,14 +273,19 @@ class DenseMaskEngine:
 
 @torch.no_grad()
 def _apply_decay(param: torch.Tensor, index: torch.Tensor | None, lr: float, decay: float, decoupled: bool) -> None:
-    """Weight decay on the trained entries only, in the optimizer's own form."""
+    """Weight decay on the trained entries only (``index``: flat indices or a flat boolean mask; None: every
+    entry), in the optimizer's own form and the same arithmetic either way."""
+    flat = param.view(-1)
     if decoupled:
         if index is None:
             param.mul_(1 - lr * decay)
+        elif index.dtype == torch.bool:
+            flat.copy_(torch.where(index, flat * (1 - lr * decay), flat))
         else:
-            flat = param.view(-1)
             flat[index] = flat[index] * (1 - lr * decay)
     elif index is None:
         param.grad.add_(param, alpha=decay)
+    elif index.dtype == torch.bool:
+        param.grad.view(-1).add_(decay * torch.where(index, flat, 0))
     else:
-        param.grad.view(-1)[index] += decay * param.view(-1)[index]
+        param.grad.view(-1)[index] += decay * flat[index]
