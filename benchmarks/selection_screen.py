@@ -49,7 +49,7 @@ GRIDS = {"full": (2e-5, 5e-5, 1e-4, 2e-4), "lora": (3e-4, 1e-3, 3e-3, 1e-2), "ma
 def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
     family, flags = ARMS[arm]
     out = Path(args.out) / arm / f"lr{lr:g}" / f"seed{seed}"
-    command = glue_train_command("sst2", args.glue_dir, out, seed, max_train=args.max_train_samples,
+    command = glue_train_command(getattr(args, "task", "sst2"), args.glue_dir, out, seed, max_train=args.max_train_samples,
                                  max_len=args.max_seq_length, lr=lr, epochs=args.epochs,
                                  batch_size=args.batch_size, warmup_steps=args.warmup_steps)
     command += ["--num-samples", str(args.num_samples), *flags]

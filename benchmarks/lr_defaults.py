@@ -1,0 +1,119 @@
+"""Each method's default learning rate, from every task it can be checked on (issue 25, item 4).
+
+    python benchmarks/lr_defaults.py --tasks sst2,cola,rte,stsb --out runs/lr_defaults          # train (resumes)
+    python benchmarks/lr_defaults.py --tasks sst2,cola,rte,stsb --out runs/lr_defaults --summary-only \\
+        --write docs/results/lr_defaults.json
+
+MiniLM (the packaged checkpoint) on the GLUE tasks of ../shared, each method as the CLI runs it by default
+(``--method full``, ``--method lora`` at r=8 on query/value, FISH at LoRA r=8's count as in the SST-2 screen),
+at every point of its family's ladder (benchmarks/selection_screen.py's ``GRIDS``; the same protocol: at most
+4,000 training rows, 2 epochs, batch 32, seed 0, sequences <= 64): the same command lines as the screen, so
+OUT/sst2 may be the screen's own run folder. SmolLM2-135M's social_iqa points come from the LLM sweep
+(docs/results/llm, its own protocol and grids) and are shown beside, at the rates both grids share.
+
+The table: per task, each rate's validation score relative to the best rate of that method on that task
+(1.0 = the best; STS-B: Pearson, CoLA: Matthews, else accuracy). A default should be good everywhere, so the
+rate with the best *worst case* over the tasks is chosen, ties to the best mean rank. Nothing here reads a
+test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance, write_json  # noqa: E402
+from selection_screen import ARMS, GRIDS, _run_point  # noqa: E402
+
+METHODS = {"full": "full", "lora": "lora-r8", "mask": "fish"}  # family -> the screen's arm for it
+PRIMARY = {"cola": "matthews_correlation", "stsb": "pearson"}
+
+
+def score(task: str, result: dict) -> float:
+    return result["metrics"]["validation"][PRIMARY.get(task, "accuracy")]
+
+
+def llm_points(folder: Path, family: str) -> dict[float, float]:
+    """social_iqa points (SmolLM2, seed 0) of the LLM sweep's arm for this family."""
+    arm = {"full": "full", "lora": "lora", "mask": "fish"}[family]
+    points = {}
+    for path in folder.glob(f"{arm}_lr*_seed0.json"):
+        run = json.loads(path.read_text())
+        points[float(run["learning_rate"])] = run["metrics"]["validation"]["acc"]
+    return points
+
+
+def choose(by_task: dict[str, dict[float, float]], ladder: tuple) -> tuple[str, dict]:
+    """Relative scores, worst case and mean rank per rate over the tasks that ran every ladder point."""
+    complete = {t: pts for t, pts in by_task.items() if all(lr in pts for lr in ladder)}
+    rows = {}
+    for lr in ladder:
+        relative = {t: pts[lr] / max(pts.values()) if max(pts.values()) > 0 else 0.0 for t, pts in complete.items()}
+        ranks = {t: 1 + sum(v > pts[lr] for v in pts.values()) for t, pts in ((t, {x: p[x] for x in ladder})
+                                                                               for t, p in complete.items())}
+        rows[lr] = {"relative": relative, "worst": min(relative.values(), default=None),
+                    "mean_rank": sum(ranks.values()) / len(ranks) if ranks else None}
+    usable = [lr for lr in ladder if rows[lr]["worst"] is not None]
+    chosen = max(usable, key=lambda lr: (rows[lr]["worst"], -rows[lr]["mean_rank"])) if usable else None
+    return chosen, {"tasks": sorted(complete), "incomplete": sorted(set(by_task) - set(complete)),
+                    "rates": rows, "chosen": chosen}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glue-dir", default="../shared/data/glue")
+    parser.add_argument("--tasks", default="sst2,cola,rte,stsb")
+    parser.add_argument("--families", default="lora,mask,full", help="in the order they run")
+    parser.add_argument("--llm", default="docs/results/llm", help="the LLM sweep's run files (social_iqa)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-samples", type=int, default=4000)
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--out", default="runs/lr_defaults")
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--write")
+    args = parser.parse_args()
+    families = args.families.split(",")
+    measured: dict = {f: {} for f in families}
+    for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
+        arm = METHODS[family]
+        for task in args.tasks.split(","):
+            run_args = argparse.Namespace(**vars(args), task=task)
+            run_args.out = str(Path(args.out) / task)
+            points: dict = {}
+            for lr in GRIDS[family]:
+                _run_point(run_args, arm, lr, points)
+            measured[family][f"minilm/{task}"] = {lr: score(task, r) for lr, r in points.items()}
+        social = llm_points(Path(args.llm), family)
+        if social:
+            measured[family]["smollm2/social_iqa"] = social
+    lines, summary = [], {}
+    for family in families:
+        ladder = GRIDS[family]
+        chosen, detail = choose(measured[family], ladder)
+        summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family], **detail}
+        lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score relative to the "
+                  f"task's best rate; chosen: {chosen}", "",
+                  "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " |", "|" + " --- |" * (len(ladder) + 1)]
+        for task, pts in sorted(measured[family].items()):
+            top = max(pts.values()) if pts else 0
+            cells = [f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if lr in pts and top > 0 else "—" for lr in ladder]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        worst = [f"{detail['rates'][lr]['worst']:.2f}" if detail["rates"][lr]["worst"] is not None else "—"
+                 for lr in ladder]
+        lines.append("| worst case (tasks with every rate) | " + " | ".join(worst) + " |")
+    markdown = "\n".join(lines)
+    print(markdown)
+    if args.write:
+        write_json(args.write, {"provenance": provenance(), "args": vars(args), "families": summary,
+                                "markdown": markdown})
+
+
+if __name__ == "__main__":
+    main()
