@@ -51,7 +51,7 @@ SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate (vocabu
     "7b": (4096, 32, 32, 32, 11008),
 }
 SELECTION_SIZES = (25_000_000, 50_000_000, 100_000_000, 200_000_000, 1_100_000_000)
-ARMS = ("mask", "fish", "fish-random", "lora", "full")
+ARMS = ("mask", "fish", "fish-random", "lora", "full", "lora-fish", "lora-fish-indices")
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -96,7 +96,9 @@ def _pool_select(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return out
 
 
-def run_selection(out: Path, repeats: int, baseline_up_to: int) -> None:
+def run_selection(out: Path, repeats: int, baseline_up_to: int, device: str = "cpu") -> None:
+    """Global top-k of 0.5% at each size, the scores on ``device``; on a GPU the entries are also compared with
+    the CPU's selection of the same scores (the pool baseline runs on the CPU only)."""
     from sparsepeft.selection.topk import global_topk
 
     for total in SELECTION_SIZES:
@@ -104,21 +106,29 @@ def run_selection(out: Path, repeats: int, baseline_up_to: int) -> None:
         if path.exists():
             continue
         scores = _model_like_scores(total)
+        on_device = {n: v.to(device) for n, v in scores.items()}
         k = round(0.005 * total)
         times, chosen = [], None
         for _ in range(repeats):
+            _sync(device)
             start = time.perf_counter()
-            chosen = global_topk(scores, k)
+            chosen = global_topk(on_device, k)
+            _sync(device)
             times.append(time.perf_counter() - start)
-        result = {"part": "selection", "scores": total, "k": k, "tensors": len(scores), "seconds": median(times),
-                  "seconds_all": times, **provenance()}
-        if total <= baseline_up_to:
+        result = {"part": "selection", "device": device, "scores": total, "k": k, "tensors": len(scores),
+                  "seconds": median(times), "seconds_all": times, **provenance()}
+        if device != "cpu":
+            reference = global_topk(scores, k)
+            result["same_entries_as_cpu"] = all(torch.equal(reference[n], chosen[n]) for n in scores)
+        elif total <= baseline_up_to:
             start = time.perf_counter()
             old = _pool_select(scores, k)
             result["pool_select_seconds"] = time.perf_counter() - start
             result["same_entries_as_pool_select"] = all(torch.equal(old[n], chosen[n]) for n in scores)
+        del on_device
         write_json(path, result)
-        print(json.dumps({k: v for k, v in result.items() if k in ("scores", "seconds", "pool_select_seconds")}))
+        print(json.dumps({k: v for k, v in result.items() if k in ("scores", "seconds", "pool_select_seconds",
+                                                                   "same_entries_as_cpu")}))
 
 
 # ----------------------------------------------------------------------------------------------- model arms
@@ -288,32 +298,39 @@ def _worker_env() -> dict:
 
 
 def run_models(out: Path, args) -> None:
-    """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers."""
+    """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers. With
+    ``--rounds R`` every arm runs R times, the order of the arms reversed every other round, one file per run
+    (``model_SIZE_ARM_rI.json``): step times compared side by side, as medians, on a machine that is not quiet."""
+    arms = args.arms.split(",")
     for size in args.sizes.split(","):
-        for arm in args.arms.split(","):
-            path = out / f"model_{size}_{arm}.json"
-            if path.exists():
-                continue
-            command = [sys.executable, __file__, "--part", "one", "--size", size, "--arm", arm, "--out", str(out),
-                       "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                       "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
-                       "--keep-ratio", str(args.keep_ratio)] + (["--bf16"] if args.bf16 else [])
-            print("running", size, arm, flush=True)
-            finished = subprocess.run(command, env=_worker_env())
-            if finished.returncode != 0:
-                print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
+        for round_ in range(args.rounds):
+            for arm in arms if round_ % 2 == 0 else arms[::-1]:
+                suffix = f"_r{round_}" if args.rounds > 1 else ""
+                path = out / f"model_{size}_{arm}{suffix}.json"
+                if path.exists():
+                    continue
+                command = [sys.executable, __file__, "--part", "one", "--size", size, "--arm", arm, "--out", str(out),
+                           "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len",
+                           str(args.seq_len), "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
+                           "--keep-ratio", str(args.keep_ratio), "--file-suffix", suffix] + (["--bf16"] if args.bf16 else [])
+                print("running", size, arm, suffix, flush=True)
+                finished = subprocess.run(command, env=_worker_env())
+                if finished.returncode != 0:
+                    print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
 
 
 def summarize(out: Path, target: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     selection = sorted((r for r in runs if r["part"] == "selection"), key=lambda r: r["scores"])
-    models = [r for r in runs if r["part"] == "model"]
+    rounds = [r for r in runs if r["part"] == "model" and r.get("round")]  # --rounds: tabled by their medians
+    models = [r for r in runs if r["part"] == "model" and not r.get("round")]
     lines = ["| scores | k | selection (s) | per 1e8 scores (s) | replaced pool select (s) | same entries |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in selection:
         pool = f"{r['pool_select_seconds']:.1f}" if "pool_select_seconds" in r else "–"
+        same = r.get("same_entries_as_pool_select", r.get("same_entries_as_cpu", "–"))
         lines.append(f"| {r['scores']:.1e} | {r['k']:,} | {r['seconds']:.2f} | {r['seconds'] / r['scores'] * 1e8:.2f} | "
-                     f"{pool} | {r.get('same_entries_as_pool_select', '–')} |")
+                     f"{pool} | {same} |")
     lines += ["", "| model | arm | peak (MB) | step (s) | Fisher batch | Fisher (s) | selection (s) | attach (s) | "
               "read all weights (s) | tensors in mask |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     # Fisher batch "b x G": G passes over groups of tensors (the accumulator did not fit beside b samples at once)
@@ -328,6 +345,19 @@ def summarize(out: Path, target: Path) -> None:
                      f"{cell('fisher_seconds') if 'fisher_seconds' in r else cell('fisher_and_selection_seconds')} | "
                      f"{'incl.' if 'fisher_and_selection_seconds' in r else cell('selection_seconds')} | "
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
+    if rounds:  # --rounds: medians of runs made side by side, and each arm against LoRA at the same size
+        lines += ["", "| model | arm | runs | median step (s) | / lora | median peak (MB) | / lora | steps in each run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        by_arm: dict = {}
+        for r in rounds:
+            by_arm.setdefault((r["params"], r["size"], r["arm"]), []).append(r)
+        for (params, size, arm), runs_ in sorted(by_arm.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][2]))):
+            step = median([r["step_seconds"] for r in runs_])
+            peak = median([r["train_peak_mb"] for r in runs_])
+            base = by_arm.get((params, size, "lora"))
+            ratio = lambda value, key: f"{value / median([r[key] for r in base]):.2f}" if base else "–"  # noqa: E731
+            lines.append(f"| {size} | {arm} | {len(runs_)} | {step:.4f} | {ratio(step, 'step_seconds')} | {peak:,.0f} | "
+                         f"{ratio(peak, 'train_peak_mb')} | {len(runs_[0]['step_seconds_all']) - 1} |")
     precision = [r for r in runs if r["part"] == "precision"]
     if precision:
         lines += ["", "| model (task) | Fisher samples | mask entries | same entries, bf16 vs fp32 | excluding "
@@ -346,7 +376,7 @@ def summarize(out: Path, target: Path) -> None:
                          f"{plan.get('batch_size')} x {plan.get('groups')} group(s) | {r['mask_peak_rss_mb']:,.0f} | "
                          f"{r['train_peak_rss_mb']:,.0f} | {r['mask_peak_rss_mb'] / r['train_peak_rss_mb']:.2f} |")
     table = "\n".join(lines)
-    write_json(target, {"selection": selection, "models": models, "precision": precision, "cli": cli, "table": table,
+    write_json(target, {"selection": selection, "models": models, "rounds": rounds, "precision": precision, "cli": cli, "table": table,
                         **provenance()})
     print(table)
 
@@ -441,13 +471,15 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=16)
     parser.add_argument("--keep-ratio", type=float, default=0.005)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="model: run every arm this many times, alternating")
+    parser.add_argument("--file-suffix", default="", help=argparse.SUPPRESS)
     parser.add_argument("--baseline-up-to", type=int, default=200_000_000)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", torch.get_num_threads())))
     if args.part == "selection":
-        run_selection(out, args.repeats, args.baseline_up_to)
+        run_selection(out, args.repeats, args.baseline_up_to, args.device)
     elif args.part == "model":
         run_models(out, args)
     elif args.part == "precision":
@@ -455,8 +487,8 @@ def main() -> None:
     elif args.part == "cli":
         run_cli(out, args.models, args.fisher_samples, Path(args.data_root))
     elif args.part == "one":
-        path = out / f"model_{args.size}_{args.arm}.json"
-        write_json(path, {**run_arm(args.size, args.arm, out, args), **provenance()})
+        path = out / f"model_{args.size}_{args.arm}{args.file_suffix}.json"
+        write_json(path, {**run_arm(args.size, args.arm, out, args), "round": args.file_suffix, **provenance()})
     else:
         summarize(out, Path(args.summary or f"{out}.json"))
 
