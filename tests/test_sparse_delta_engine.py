@@ -236,9 +236,10 @@ def test_a_delta_written_before_the_hash_scope_is_still_checked_against_the_whol
         apply_delta(make_model("bert", seed=5), tmp_path / "old.safetensors")
 
 
-@pytest.mark.parametrize("engine_cls", [SparseDeltaEngine, DenseMaskEngine])
-def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(engine_cls):
-    mask = _mask(make_model("bert"), ratio=0.02)
+@pytest.mark.parametrize("engine_cls,ratio", [(SparseDeltaEngine, 0.02), (DenseMaskEngine, 0.02),
+                                              (DenseMaskEngine, 0.5)])  # 0.5: the dense-mask's boolean form
+def test_engines_follow_the_model_through_a_meta_round_trip_and_a_dtype_move(engine_cls, ratio):
+    mask = _mask(make_model("bert"), ratio=ratio)
     reference = make_model("bert").double()  # moved before attach
     _train(reference, engine_cls(reference, mask).attach(), steps=4)
     moved = make_model("bert")

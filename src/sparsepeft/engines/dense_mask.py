@@ -5,7 +5,10 @@ decoupled weight decay, and multiplies ``inf * 0 = nan`` under fp16 overflow. He
 
 * each partly-trained tensor gets a gradient hook that keeps only the trained entries *as the gradient
   is produced*, before it is accumulated, all-reduced (DDP) or clipped — so clipping sees the masked
-  gradient norm and momentum never sees a frozen entry;
+  gradient norm and momentum never sees a frozen entry. A tensor with at most 7/8 of its entries frozen
+  (FISH-Tuning's LoRA factors) is masked by one multiplication by 0/1: there a non-finite gradient at a
+  frozen entry becomes NaN, which a fp16 GradScaler treats as the overflow it is (the step is skipped);
+  sparser tensors (FISH Mask's) are masked through their indices, which drops it;
 * tensors with no trained entry are frozen outright (``requires_grad=False``): no weight gradient is
   computed for them at all, which is where the speed comes from;
 * weight decay is taken out of the optimizer for the step and applied to the trained entries only
@@ -79,14 +82,16 @@ class FollowingIndex:
     CPU copy stays the source, so even a round trip through the meta device loses nothing.
 
     The entries are flat int64 indices, or a flat boolean mask (``is_mask``) where that is no larger: a tensor
-    with an eighth or more of its entries trained (a PEFT module's masked factors). Each use of a boolean mask is
-    one elementwise kernel, where indices take a gather and a scatter — per step and per tensor, which is what a
-    model with hundreds of small LoRA tensors pays."""
+    with an eighth or more of its entries trained (a PEFT module's masked factors). A boolean mask keeps the
+    gradient's trained entries with one multiplication by a 0/1 tensor of the gradient's dtype, where indices
+    take a zero fill, a gather and a scatter — per step and per tensor, which is what a model with hundreds of
+    small LoRA tensors pays."""
 
     def __init__(self, source: torch.Tensor, device: torch.device | str = "cpu"):
         self.source = source
         self.is_mask = source.dtype == torch.bool
         self._on_device = source.to(device)
+        self._multiplier: torch.Tensor | None = None
 
     @classmethod
     def for_entries(cls, indices: torch.Tensor, numel: int, device: torch.device | str = "cpu") -> "FollowingIndex":
@@ -103,13 +108,20 @@ class FollowingIndex:
             self._on_device = self.source.to(device)
         return self._on_device
 
+    def multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """The boolean mask as 0/1 in ``like``'s dtype and device (kept until either changes)."""
+        held = self._multiplier
+        if held is None or held.device != like.device or held.dtype != like.dtype:
+            held = self._multiplier = self.source.to(device=like.device, dtype=like.dtype)
+        return held
+
 
 def _keep_entries(index: FollowingIndex):
     def hook(grad: torch.Tensor) -> torch.Tensor:
+        if index.is_mask:  # x * 1 is x and a finite x * 0 is a zero; a non-finite gradient at a frozen entry
+            return grad * index.multiplier(grad).view(grad.shape)  # turns NaN (see DenseMaskEngine)
         flat = grad.reshape(-1)
         idx = index.on(flat.device)
-        if index.is_mask:
-            return torch.where(idx, flat, 0).view_as(grad)
         masked = torch.zeros_like(flat)
         masked[idx] = flat[idx]
         return masked.view_as(grad)
