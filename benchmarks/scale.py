@@ -291,6 +291,69 @@ def run_arm(size: str, arm: str, out: Path, args) -> dict:
     return result
 
 
+def run_lora_fish_step(out: Path, args) -> None:
+    """LoRA r=16 against LoRA-FISH (the same LoRA masked to r=8's count by the dense-mask engine, a random half)
+    in its boolean form and with the index form forced, the three models in one process and their steps
+    interleaved, so that the machine's noise falls on all three alike: median forward, backward and optimizer
+    time per arm (AdamW, no weight decay: Trainer's default)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sparsepeft import DenseMaskEngine, random_mask
+    from sparsepeft.data.collate import causal_lm_collator
+    from sparsepeft.engines import dense_mask
+
+    device, autocast = args.device, (torch.bfloat16 if args.bf16 else None)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    arms = {}
+    for arm in ("lora", "lora-fish", "lora-fish-indices"):
+        model = get_peft_model(_build_model(args.sizes.split(",")[0], device),
+                               LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine = None
+        if arm != "lora":
+            mask = random_mask(model, 0.5, always_train=())
+            form = dense_mask.FollowingIndex.for_entries
+            if arm == "lora-fish-indices":
+                dense_mask.FollowingIndex.for_entries = classmethod(lambda cls, idx, numel, dev="cpu": cls(idx, dev))
+            engine = DenseMaskEngine(model, mask).attach()
+            dense_mask.FollowingIndex.for_entries = form
+            params = list(engine.trainable_parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+        if engine is not None:
+            engine.attach_optimizer(optimizer)
+        model.train()
+        arms[arm] = (model, optimizer, {"forward": [], "backward": [], "optimizer": []})
+    collated = causal_lm_collator(arms["lora"][0], 0)(_examples(args.batch_size, args.seq_len))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+    for step in range(args.steps + 2):
+        for arm, (model, optimizer, times) in arms.items():
+            marks = [time.perf_counter()]
+            with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
+                loss = model(**batch).loss
+            _sync(device)
+            marks.append(time.perf_counter())
+            loss.backward()
+            _sync(device)
+            marks.append(time.perf_counter())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            marks.append(time.perf_counter())
+            if step >= 2:  # two warm-up steps
+                for key, a, b in zip(times, marks, marks[1:]):
+                    times[key].append(b - a)
+    result = {"part": "lora_fish_step", "size": args.sizes.split(",")[0], "device": device,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "arms": {}}
+    for arm, (_, _, times) in arms.items():
+        medians = {key: median(values) for key, values in times.items()}
+        medians["step"] = median([sum(parts) for parts in zip(*times.values())])
+        result["arms"][arm] = medians
+    for arm, medians in result["arms"].items():
+        medians["step_vs_lora"] = medians["step"] / result["arms"]["lora"]["step"]
+    write_json(out / f"lora_fish_step_{result['size']}_b{args.batch_size}x{args.seq_len}.json", {**result, **provenance()})
+    print(json.dumps(result["arms"], indent=1))
+
+
 def _worker_env() -> dict:
     """glibc's mmap threshold fixed at 1 MiB (as benchmarks/memory.py does): with its dynamic threshold, freed
     tensors stay in the heap and an RSS peak depends on allocation order (docs/benchmarks.md), not on need."""
@@ -358,6 +421,14 @@ def summarize(out: Path, target: Path) -> None:
             ratio = lambda value, key: f"{value / median([r[key] for r in base]):.2f}" if base else "–"  # noqa: E731
             lines.append(f"| {size} | {arm} | {len(runs_)} | {step:.4f} | {ratio(step, 'step_seconds')} | {peak:,.0f} | "
                          f"{ratio(peak, 'train_peak_mb')} | {len(runs_[0]['step_seconds_all']) - 1} |")
+    step_runs = [r for r in runs if r["part"] == "lora_fish_step"]
+    for r in step_runs:  # --part lora-fish-step: three models in one process, steps interleaved
+        lines += ["", f"LoRA-FISH's step, {r['size']} on {r['device']}, batch {r['batch_size']} x {r['seq_len']}, "
+                  f"median of {r['steps']} interleaved steps (ms):", "",
+                  "| arm | forward | backward | optimizer | step | / lora |", "| --- | --- | --- | --- | --- | --- |"]
+        for arm, m in r["arms"].items():
+            lines.append(f"| {arm} | {1e3 * m['forward']:.1f} | {1e3 * m['backward']:.1f} | {1e3 * m['optimizer']:.1f} | "
+                         f"{1e3 * m['step']:.1f} | {m['step_vs_lora']:.2f} |")
     precision = [r for r in runs if r["part"] == "precision"]
     if precision:
         lines += ["", "| model (task) | Fisher samples | mask entries | same entries, bf16 vs fp32 | excluding "
@@ -376,7 +447,8 @@ def summarize(out: Path, target: Path) -> None:
                          f"{plan.get('batch_size')} x {plan.get('groups')} group(s) | {r['mask_peak_rss_mb']:,.0f} | "
                          f"{r['train_peak_rss_mb']:,.0f} | {r['mask_peak_rss_mb'] / r['train_peak_rss_mb']:.2f} |")
     table = "\n".join(lines)
-    write_json(target, {"selection": selection, "models": models, "rounds": rounds, "precision": precision, "cli": cli, "table": table,
+    write_json(target, {"selection": selection, "models": models, "rounds": rounds, "lora_fish_step": step_runs,
+                        "precision": precision, "cli": cli, "table": table,
                         **provenance()})
     print(table)
 
@@ -454,7 +526,8 @@ def run_cli(out: Path, models: str, samples: int, data_root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "cli", "summary"], required=True)
+    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "cli", "lora-fish-step", "summary"],
+                        required=True)
     parser.add_argument("--models", default="minilm,smollm2", help="precision: which real models")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--out", default="docs/results/scale_cpu")
@@ -486,6 +559,8 @@ def main() -> None:
         run_precision(out, args.models, args.fisher_samples, args.batch_size, Path(args.data_root))
     elif args.part == "cli":
         run_cli(out, args.models, args.fisher_samples, Path(args.data_root))
+    elif args.part == "lora-fish-step":
+        run_lora_fish_step(out, args)
     elif args.part == "one":
         path = out / f"model_{args.size}_{args.arm}{args.file_suffix}.json"
         write_json(path, {**run_arm(args.size, args.arm, out, args), "round": args.file_suffix, **provenance()})
