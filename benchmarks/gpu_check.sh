@@ -26,6 +26,8 @@ PRECISION=${PRECISION---bf16}
 PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-src}
 mkdir -p "$OUT"
+# the commit, for a copy of the tree without .git (pass SPARSEPEFT_COMMIT=$(git rev-parse HEAD) there)
+echo "${SPARSEPEFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$OUT/commit.txt"
 left() { echo $((BUDGET - SECONDS)); }
 step() {  # step NAME COMMAND...: run under what is left of the budget, log to OUT/NAME.log
   local name=$1; shift
