@@ -13,8 +13,9 @@ OUT/sst2 may be the screen's own run folder. SmolLM2-135M's social_iqa points co
 
 The table: per task, each rate's validation score relative to the best rate of that method on that task
 (1.0 = the best; STS-B: Pearson, CoLA: Matthews, else accuracy). A default should be good everywhere, so the
-rate with the best *worst case* over the tasks is chosen, ties to the best mean rank. Nothing here reads a
-test set.
+rate with the best *worst case* over the tasks is chosen, ties to the best mean rank. A task where no rate beats
+chance by two standard errors (MiniLM learns nothing there) cannot rank rates and is left out of the choice. Nothing
+here reads a test set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_json  # noqa: E402
-from selection_screen import ARMS, GRIDS, _run_point  # noqa: E402
+from selection_screen import ARMS, GRIDS, _run_point, add_protocol_arguments  # noqa: E402
 
 METHODS = {"full": "full", "lora": "lora-r8", "mask": "fish"}  # family -> the screen's arm for it
 PRIMARY = {"cola": "matthews_correlation", "stsb": "pearson"}
@@ -34,6 +35,20 @@ PRIMARY = {"cola": "matthews_correlation", "stsb": "pearson"}
 
 def score(task: str, result: dict) -> float:
     return result["metrics"]["validation"][PRIMARY.get(task, "accuracy")]
+
+
+def chance_bar(task: str, glue_dir: str) -> float:
+    """What a rate must beat for the task to say anything: chance (the majority class's validation accuracy, or a
+    correlation of 0) plus two standard errors on the validation set's size. A task no rate clears this bar on
+    (MiniLM learns nothing) cannot rank rates and is left out of the choice."""
+    from sparsepeft.data import load_glue
+
+    labels = list(load_glue(task, glue_dir).evaluation["validation"].labels)
+    n = len(labels)
+    if task in PRIMARY:  # a correlation: chance 0, standard error about 1/sqrt(n)
+        return 2 / n ** 0.5
+    majority = max(labels.count(v) for v in set(labels)) / n
+    return majority + 2 * (majority * (1 - majority) / n) ** 0.5
 
 
 def llm_points(folder: Path, family: str) -> dict[float, float]:
@@ -46,9 +61,11 @@ def llm_points(folder: Path, family: str) -> dict[float, float]:
     return points
 
 
-def choose(by_task: dict[str, dict[float, float]], ladder: tuple) -> tuple[str, dict]:
-    """Relative scores, worst case and mean rank per rate over the tasks that ran every ladder point."""
-    complete = {t: pts for t, pts in by_task.items() if all(lr in pts for lr in ladder)}
+def choose(by_task: dict[str, dict[float, float]], ladder: tuple, bars: dict[str, float]) -> tuple[str, dict]:
+    """Relative scores, worst case and mean rank per rate over the tasks that ran every ladder point and that some
+    rate learned (its best above the task's chance bar)."""
+    complete = {t: pts for t, pts in by_task.items() if all(lr in pts for lr in ladder)
+                and max(pts.values()) > bars.get(t, float("-inf"))}
     rows = {}
     for lr in ladder:
         relative = {t: pts[lr] / max(pts.values()) if max(pts.values()) > 0 else 0.0 for t, pts in complete.items()}
@@ -58,7 +75,7 @@ def choose(by_task: dict[str, dict[float, float]], ladder: tuple) -> tuple[str, 
                     "mean_rank": sum(ranks.values()) / len(ranks) if ranks else None}
     usable = [lr for lr in ladder if rows[lr]["worst"] is not None]
     chosen = max(usable, key=lambda lr: (rows[lr]["worst"], -rows[lr]["mean_rank"])) if usable else None
-    return chosen, {"tasks": sorted(complete), "incomplete": sorted(set(by_task) - set(complete)),
+    return chosen, {"tasks": sorted(complete), "left_out": sorted(set(by_task) - set(complete)),
                     "rates": rows, "chosen": chosen}
 
 
@@ -68,13 +85,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="sst2,cola,rte,stsb")
     parser.add_argument("--families", default="lora,mask,full", help="in the order they run")
     parser.add_argument("--llm", default="docs/results/llm", help="the LLM sweep's run files (social_iqa)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-train-samples", type=int, default=4000)
-    parser.add_argument("--max-seq-length", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--num-samples", type=int, default=256)
+    add_protocol_arguments(parser)
     parser.add_argument("--out", default="runs/lr_defaults")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--write")
@@ -93,21 +104,27 @@ def main() -> None:
         social = llm_points(Path(args.llm), family)
         if social:
             measured[family]["smollm2/social_iqa"] = social
+    bars = {f"minilm/{t}": chance_bar(t, args.glue_dir) for t in args.tasks.split(",")}
+    # social_iqa's validation part (seed 0): 195 three-way questions (docs/llm.md), chance 1/3
+    bars["smollm2/social_iqa"] = 1 / 3 + 2 * ((1 / 3) * (2 / 3) / 195) ** 0.5
     lines, summary = [], {}
     for family in families:
         ladder = GRIDS[family]
-        chosen, detail = choose(measured[family], ladder)
-        summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family], **detail}
+        chosen, detail = choose(measured[family], ladder, bars)
+        summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family],
+                           "chance_bars": bars, **detail}
         lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score relative to the "
                   f"task's best rate; chosen: {chosen}", "",
-                  "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " |", "|" + " --- |" * (len(ladder) + 1)]
+                  "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " | chance bar | in the choice |",
+                  "|" + " --- |" * (len(ladder) + 3)]
         for task, pts in sorted(measured[family].items()):
             top = max(pts.values()) if pts else 0
             cells = [f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if lr in pts and top > 0 else "—" for lr in ladder]
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+            bar = f"{bars[task]:.3f}" if task in bars else "—"
+            lines.append(f"| {task} | " + " | ".join(cells) + f" | {bar} | {'yes' if task in detail['tasks'] else 'no'} |")
         worst = [f"{detail['rates'][lr]['worst']:.2f}" if detail["rates"][lr]["worst"] is not None else "—"
                  for lr in ladder]
-        lines.append("| worst case (tasks with every rate) | " + " | ".join(worst) + " |")
+        lines.append("| worst case over the tasks in the choice | " + " | ".join(worst) + " | | |")
     markdown = "\n".join(lines)
     print(markdown)
     if args.write:

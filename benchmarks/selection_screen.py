@@ -165,10 +165,8 @@ def summarise(results: dict) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--glue-dir", default="../shared/data/glue")
-    parser.add_argument("--arms", default=",".join(ARMS))
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training protocol every MiniLM/GLUE sweep here shares (the screen, benchmarks/lr_defaults.py)."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-samples", type=int, default=4000)
     parser.add_argument("--max-seq-length", type=int, default=64)
@@ -176,6 +174,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=256)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glue-dir", default="../shared/data/glue")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    add_protocol_arguments(parser)
     parser.add_argument("--out", default="runs/selection_screen")
     parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     parser.add_argument("--write", help="also write the table and every run's figures to this JSON file")
