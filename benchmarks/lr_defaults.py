@@ -119,7 +119,8 @@ def main() -> None:
                   "|" + " --- |" * (len(ladder) + 3)]
         for task, pts in sorted(measured[family].items()):
             top = max(pts.values()) if pts else 0
-            cells = [f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if lr in pts and top > 0 else "—" for lr in ladder]
+            cells = [("—" if lr not in pts else f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if top > 0 else f"{pts[lr]:.3f}")
+                     for lr in ladder]
             bar = f"{bars[task]:.3f}" if task in bars else "—"
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {bar} | {'yes' if task in detail['tasks'] else 'no'} |")
         worst = [f"{detail['rates'][lr]['worst']:.2f}" if detail["rates"][lr]["worst"] is not None else "—"
