@@ -110,7 +110,8 @@ class SparseArguments:
                 f"Without --learning-rate a run uses its family's rate: full {DEFAULT_LEARNING_RATES['full']:g}, "
                 f"fish/random {DEFAULT_LEARNING_RATES['mask']:g}, lora {DEFAULT_LEARNING_RATES['lora']:g}, "
                 f"other PEFT methods {DEFAULT_LEARNING_RATES['peft']:g}, "
-                f"shira {DEFAULT_LEARNING_RATES['shira']:g}.",
+                f"shira {DEFAULT_LEARNING_RATES['shira']:g}: each from one or two grids (MiniLM on SST-2, SmolLM2 "
+                "on social_iqa); their table across the GLUE tasks is in docs/selection.md.",
         "choices": list(METHODS) + list(PEFT_METHODS)})
     keep_ratio: float = field(default=0.005, metadata={"help": "Fraction of weights trained (0, 1]; 0.005 = 0.5%%."})
     num_samples: int = field(default=1024, metadata={"help": "Training samples the Fisher is measured on."})

@@ -1,0 +1,48 @@
+"""benchmarks/lr_defaults.py's choice of a default rate, and the suite's length-grouped batches in llm_quality.py."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lr_defaults():
+    return _load("lr_defaults")
+
+
+def test_the_default_is_the_best_worst_case_over_the_tasks_that_learned(lr_defaults):
+    ladder = (1e-3, 3e-3, 1e-2)
+    by_task = {
+        "a": {1e-3: 0.80, 3e-3: 0.90, 1e-2: 0.70},  # relative 0.89, 1.00, 0.78
+        "b": {1e-3: 0.60, 3e-3: 0.50, 1e-2: 0.40},  # relative 1.00, 0.83, 0.67
+        "unlearned": {1e-3: 0.10, 3e-3: 0.50, 1e-2: 0.50},  # below its bar: left out, else 3e-3's worst is 0.83
+        "partial": {1e-3: 0.20},  # not every rate: left out
+    }
+    chosen, detail = lr_defaults.choose(by_task, ladder, {"unlearned": 0.55, "a": 0.5, "b": 0.3})
+    assert chosen == 1e-3  # worst cases: 0.89, 0.83, 0.67
+    assert detail["tasks"] == ["a", "b"] and detail["left_out"] == ["partial", "unlearned"]
+    assert detail["rates"][3e-3]["worst"] == pytest.approx(0.5 / 0.6)
+    assert detail["rates"][1e-3]["mean_rank"] == 1.5
+
+
+def test_the_suite_batches_by_length_and_one_task_does_not():
+    llm_quality = _load("llm_quality")
+    args = argparse.Namespace(model="m", task="social_iqa,winowhy", data_dir="d", max_seq_length=256, batch_size=16,
+                              steps=2, warmup_steps=0, fisher_samples=8, smoke=False)
+    suite = llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
+    assert suite[suite.index("--train_sampling_strategy") + 1] == "group_by_length"
+    args.task = "social_iqa"
+    assert "--train_sampling_strategy" not in llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
