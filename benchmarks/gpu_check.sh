@@ -9,7 +9,8 @@
 #   1. tests/test_accelerator.py on the device (engines that follow model.to(), Fisher and top-k on the device);
 #   2. selection: global top-k of 0.5% over 2.5e7 ... 1.1e9 scores on the device, entries compared with the CPU's;
 #   3. model arms at SIZES (default 1.1b): mask phase (Fisher in bf16 autocast, planned batch, selection, attach),
-#      FISH (sparse engine), FISH on a random mask spread over every tensor, LoRA r=16; batch 8 x 512;
+#      FISH (sparse engine), FISH on a random mask spread over every tensor, LoRA r=16, LoRA-FISH (its peak);
+#      batch 8 x 512;
 #   4. LoRA-FISH against LoRA at the same rank, and with the engine's index form forced, steps interleaved in one
 #      process (forward, backward, optimizer: where its time goes);
 #   5. the same model arms at BIG (default 7b) while time is left;
@@ -41,7 +42,7 @@ MODEL=(--part model --device "$DEVICE" $PRECISION --batch-size "$BATCH" --seq-le
 
 SPARSEPEFT_TEST_DEVICE=$DEVICE step tests "$PY" -m pytest -q -p no:cacheprovider tests/test_accelerator.py
 step selection "$PY" benchmarks/scale.py --part selection --device "$DEVICE" --out "$OUT"
-step models "$PY" benchmarks/scale.py "${MODEL[@]}" --sizes "$SIZES" --arms mask,fish,fish-random,lora --out "$OUT"
+step models "$PY" benchmarks/scale.py "${MODEL[@]}" --sizes "$SIZES" --arms mask,fish,fish-random,lora,lora-fish --out "$OUT"
 step lora_fish "$PY" benchmarks/scale.py --part lora-fish-step --device "$DEVICE" $PRECISION --sizes "${SIZES%%,*}" \
     --batch-size "$BATCH" --seq-len "$SEQ" --steps 10 --out "$OUT"
 [ -n "$BIG" ] && step big "$PY" benchmarks/scale.py "${MODEL[@]}" --sizes "$BIG" --arms mask,fish,lora --out "$OUT"
