@@ -26,14 +26,24 @@ from .mask import SparseMask, model_fingerprint, strategy_part
 from .topk import DEFAULT_ALWAYS_TRAIN, budget_for, global_topk, matches_module, part_quotas
 
 
+def _best_per_part(scores: dict, order: list[str], quotas: dict, part_of) -> dict:
+    """Each part's best ``quotas[part]`` entries of ``scores`` (flat indices per tensor), ranked with the tensors
+    in model ``order`` and positions ascending: the ties of the one-pass global ranking."""
+    by_part: dict = {}
+    for name in order:
+        if name in scores:
+            by_part.setdefault(part_of(name), {})[name] = scores[name]
+    kept = {}
+    for part, members in by_part.items():
+        kept.update(global_topk(members, quotas[part]))
+    return kept
+
+
 def _prune(values: dict, positions: dict, order: list[str], quotas: dict, part_of) -> None:
-    """Keep each part's best ``quotas[part]`` candidates: one not among them cannot be among the part's best of all
-    (ties: the same order, tensors in model order and positions ascending)."""
-    for part, quota in quotas.items():
-        candidates = {n: values[n] for n in order if n in values and part_of(n) == part}
-        kept = global_topk(candidates, quota)
-        for name in candidates:
-            values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
+    """Keep each part's best ``quotas[part]`` candidates: one not among them cannot be among the part's best of all."""
+    kept = _best_per_part(values, order, quotas, part_of)
+    for name in kept:
+        values[name], positions[name] = values[name][kept[name]], positions[name][kept[name]]
 
 
 def _rows(param: torch.Tensor) -> int:
@@ -98,12 +108,8 @@ def grouped_fisher_mask(
         if lowest:
             for piece in fisher.values():
                 piece.neg_()
-        # The group's own best entries per part, tensors in model order (the ties of the global ranking): at most
-        # k per part however many tensors the group holds, not k per tensor.
-        fisher = {n: fisher[n] for n in ranked if n in fisher}
-        kept = {}
-        for part in dict.fromkeys(part_of(n) for n in fisher):
-            kept.update(global_topk({n: f for n, f in fisher.items() if part_of(n) == part}, quotas[part]))
+        # the group's own best entries: at most k per part however many tensors the group holds, not k per tensor
+        kept = _best_per_part(fisher, ranked, quotas, part_of)
         for name, piece in fisher.items():
             offset = rows[name][0] * (params[name].numel() // params[name].shape[0]) if name in rows else 0
             found = piece.reshape(-1)[kept[name].to(piece.device)].float().cpu()
@@ -113,9 +119,7 @@ def grouped_fisher_mask(
         del fisher
         _prune(values, positions, ranked, quotas, part_of)
         release_free_memory()
-    kept = {}  # the final ranking of each part over every group's candidates, tensors in model order
-    for part, quota in quotas.items():
-        kept.update(global_topk({n: values[n] for n in ranked if n in values and part_of(n) == part}, quota))
+    kept = _best_per_part(values, ranked, quotas, part_of)  # the final ranking over every group's candidates
     indices = {n: positions[n][kept[n]] for n in kept}
     for name in forced:
         indices[name] = torch.arange(params[name].numel())
