@@ -81,11 +81,12 @@ class FollowingIndex:
     (once, then kept there), so an engine attached before ``model.to(device)`` indexes on the right device. The
     CPU copy stays the source, so even a round trip through the meta device loses nothing.
 
-    The entries are flat int64 indices, or a flat boolean mask (``is_mask``) where that is no larger: a tensor
-    with an eighth or more of its entries trained (a PEFT module's masked factors). A boolean mask keeps the
-    gradient's trained entries with one multiplication by a 0/1 tensor of the gradient's dtype, where indices
+    The entries are flat int64 indices, or a flat boolean mask (``is_mask``) for a tensor with an eighth or more of
+    its entries trained (a PEFT module's masked factors), where the mask is no larger than the indices. The hook
+    keeps the gradient's trained entries with one multiplication by a 0/1 copy of the mask in the gradient's dtype
+    (``multiplier``, one tensor-sized copy on the gradient's device: 4 bytes an entry in float32), where indices
     take a zero fill, a gather and a scatter — per step and per tensor, which is what a model with hundreds of
-    small LoRA tensors pays."""
+    small LoRA tensors pays. That copy is the form's memory cost: at most the size of the weight it masks."""
 
     def __init__(self, source: torch.Tensor, device: torch.device | str = "cpu"):
         self.source = source
