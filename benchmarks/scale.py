@@ -11,8 +11,8 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
   phase's peak), ``fish`` (the sparse engine on that Fisher mask), ``fish-random`` (the sparse engine on a
   random 0.5% mask, spread over every tensor: a random-init model's Fisher mask sits in a few tensors and
   flatters FISH's step time), ``lora`` (r=16 on every linear layer of the blocks) and ``full`` (where it fits).
-  Extra arms: ``lora-fish`` (that LoRA masked to r=8's count by the dense-mask engine, as FISH-Tuning trains) and
-  ``lora-fish-indices`` (the same with the engine's flat-index form forced): where LoRA-FISH's step time goes.
+  Extra arm: ``lora-fish`` (that LoRA masked to r=8's count by the dense-mask engine, as FISH-Tuning trains), for
+  its peak; ``--part lora-fish-step`` times its step against LoRA's, part by part.
   Peak: RSS on the CPU (workers run with glibc's mmap threshold fixed at 1 MiB, so a peak is what the arm
   needs), allocated memory on a GPU; step time: median of the timed steps.
 
@@ -51,7 +51,7 @@ SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate (vocabu
     "7b": (4096, 32, 32, 32, 11008),
 }
 SELECTION_SIZES = (25_000_000, 50_000_000, 100_000_000, 200_000_000, 1_100_000_000)
-ARMS = ("mask", "fish", "fish-random", "lora", "full", "lora-fish", "lora-fish-indices")
+ARMS = ("mask", "fish", "fish-random", "lora", "full", "lora-fish")
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -193,6 +193,33 @@ def _one_step(model, optimizer, batch, device, autocast) -> float:
     return time.perf_counter() - start
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_arm(model, arm: str):
+    """``lora``: LoRA r=16 on every linear layer of the blocks; ``lora-fish``: the same LoRA masked to r=8's count
+    by the dense-mask engine, as FISH-Tuning trains (a random half: the cost depends on how many entries and
+    tensors, not which); ``lora-fish-indices``: the same with the engine's flat-index form forced. Returns the
+    model, its trainable parameters and the engine (None for LoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sparsepeft import DenseMaskEngine, random_mask
+    from sparsepeft.engines import dense_mask
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    if arm == "lora":
+        return model, [p for p in model.parameters() if p.requires_grad], None
+    mask = random_mask(model, 0.5, always_train=())
+    form = dense_mask.FollowingIndex.for_entries
+    if arm == "lora-fish-indices":
+        dense_mask.FollowingIndex.for_entries = classmethod(lambda cls, idx, numel, device="cpu": cls(idx, device))
+    try:
+        engine = DenseMaskEngine(model, mask).attach()
+    finally:
+        dense_mask.FollowingIndex.for_entries = form
+    return model, list(engine.trainable_parameters()), engine
+
+
 def run_arm(size: str, arm: str, out: Path, args) -> dict:
     from sparsepeft import SparseDeltaEngine, estimate_fisher, random_mask, select_mask
     from sparsepeft.data.collate import causal_lm_collator
@@ -259,32 +286,17 @@ def run_arm(size: str, arm: str, out: Path, args) -> dict:
         peak = _Peak(device)
         engine = SparseDeltaEngine(model, mask).attach()
         params = list(engine.trainable_parameters())
-    elif arm in ("lora", "lora-fish", "lora-fish-indices"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        if arm != "lora":  # LoRA-FISH: r=16 masked to r=8's count by the dense-mask engine (a random half: the
-            # cost depends on how many entries and tensors, not which); "-indices" forces the engine's index form
-            from sparsepeft import DenseMaskEngine
-            from sparsepeft.engines import dense_mask
-
-            if arm == "lora-fish-indices":
-                dense_mask.FollowingIndex.for_entries = classmethod(lambda cls, idx, numel, dev="cpu": cls(idx, dev))
-            mask = random_mask(model, 0.5, always_train=())
-            result["mask_tensors"] = sum(1 for n in mask.shapes if mask.kept(n))
-            peak = _Peak(device)
-            engine = DenseMaskEngine(model, mask).attach()
-            params = list(engine.trainable_parameters())
-        else:
-            peak = _Peak(device)
-            params = [p for p in model.parameters() if p.requires_grad]
+    elif arm in ("lora", "lora-fish"):
+        model, params, engine = _lora_arm(model, arm)
+        if engine is not None:
+            result["mask_tensors"] = sum(1 for n in engine.mask.shapes if engine.mask.kept(n))
+        peak = _Peak(device)  # after attaching: the arms' peaks cover the training steps alike
     else:
         peak = _Peak(device)
         params = list(model.parameters())
     model.train()
     optimizer, times = _train_steps(model, params, batches, args.steps + 1, device, autocast,
-                                    attach=engine.attach_optimizer if arm.startswith("lora-fish") else None)
+                                    attach=engine.attach_optimizer if arm == "lora-fish" else None)
     result["step_seconds"] = median(times[1:])
     result["step_seconds_all"] = times
     result["train_peak_mb"] = peak.mb()
@@ -296,28 +308,12 @@ def run_lora_fish_step(out: Path, args) -> None:
     in its boolean form and with the index form forced, the three models in one process and their steps
     interleaved, so that the machine's noise falls on all three alike: median forward, backward and optimizer
     time per arm (AdamW, no weight decay: Trainer's default)."""
-    from peft import LoraConfig, get_peft_model
-
-    from sparsepeft import DenseMaskEngine, random_mask
     from sparsepeft.data.collate import causal_lm_collator
-    from sparsepeft.engines import dense_mask
 
     device, autocast = args.device, (torch.bfloat16 if args.bf16 else None)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     arms = {}
     for arm in ("lora", "lora-fish", "lora-fish-indices"):
-        model = get_peft_model(_build_model(args.sizes.split(",")[0], device),
-                               LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-        params = [p for p in model.parameters() if p.requires_grad]
-        engine = None
-        if arm != "lora":
-            mask = random_mask(model, 0.5, always_train=())
-            form = dense_mask.FollowingIndex.for_entries
-            if arm == "lora-fish-indices":
-                dense_mask.FollowingIndex.for_entries = classmethod(lambda cls, idx, numel, dev="cpu": cls(idx, dev))
-            engine = DenseMaskEngine(model, mask).attach()
-            dense_mask.FollowingIndex.for_entries = form
-            params = list(engine.trainable_parameters())
+        model, params, engine = _lora_arm(_build_model(args.sizes.split(",")[0], device), arm)
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
         if engine is not None:
             engine.attach_optimizer(optimizer)
@@ -361,32 +357,26 @@ def _worker_env() -> dict:
 
 
 def run_models(out: Path, args) -> None:
-    """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers. With
-    ``--rounds R`` every arm runs R times, the order of the arms reversed every other round, one file per run
-    (``model_SIZE_ARM_rI.json``): step times compared side by side, as medians, on a machine that is not quiet."""
-    arms = args.arms.split(",")
+    """Each (size, arm) in its own process: an arm's peak is its own, not the previous arm's leftovers."""
     for size in args.sizes.split(","):
-        for round_ in range(args.rounds):
-            for arm in arms if round_ % 2 == 0 else arms[::-1]:
-                suffix = f"_r{round_}" if args.rounds > 1 else ""
-                path = out / f"model_{size}_{arm}{suffix}.json"
-                if path.exists():
-                    continue
-                command = [sys.executable, __file__, "--part", "one", "--size", size, "--arm", arm, "--out", str(out),
-                           "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len",
-                           str(args.seq_len), "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
-                           "--keep-ratio", str(args.keep_ratio), "--file-suffix", suffix] + (["--bf16"] if args.bf16 else [])
-                print("running", size, arm, suffix, flush=True)
-                finished = subprocess.run(command, env=_worker_env())
-                if finished.returncode != 0:
-                    print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
+        for arm in args.arms.split(","):
+            path = out / f"model_{size}_{arm}.json"
+            if path.exists():
+                continue
+            command = [sys.executable, __file__, "--part", "one", "--size", size, "--arm", arm, "--out", str(out),
+                       "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                       "--steps", str(args.steps), "--fisher-samples", str(args.fisher_samples),
+                       "--keep-ratio", str(args.keep_ratio)] + (["--bf16"] if args.bf16 else [])
+            print("running", size, arm, flush=True)
+            finished = subprocess.run(command, env=_worker_env())
+            if finished.returncode != 0:
+                print(f"{size} {arm} failed (exit {finished.returncode}); next", flush=True)
 
 
 def summarize(out: Path, target: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     selection = sorted((r for r in runs if r["part"] == "selection"), key=lambda r: r["scores"])
-    rounds = [r for r in runs if r["part"] == "model" and r.get("round")]  # --rounds: tabled by their medians
-    models = [r for r in runs if r["part"] == "model" and not r.get("round")]
+    models = [r for r in runs if r["part"] == "model"]
     lines = ["| scores | k | selection (s) | per 1e8 scores (s) | replaced pool select (s) | same entries |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in selection:
@@ -408,19 +398,6 @@ def summarize(out: Path, target: Path) -> None:
                      f"{cell('fisher_seconds') if 'fisher_seconds' in r else cell('fisher_and_selection_seconds')} | "
                      f"{'incl.' if 'fisher_and_selection_seconds' in r else cell('selection_seconds')} | "
                      f"{cell('attach_seconds')} | {cell('read_every_weight_seconds')} | {tensors} |")
-    if rounds:  # --rounds: medians of runs made side by side, and each arm against LoRA at the same size
-        lines += ["", "| model | arm | runs | median step (s) | / lora | median peak (MB) | / lora | steps in each run |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        by_arm: dict = {}
-        for r in rounds:
-            by_arm.setdefault((r["params"], r["size"], r["arm"]), []).append(r)
-        for (params, size, arm), runs_ in sorted(by_arm.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][2]))):
-            step = median([r["step_seconds"] for r in runs_])
-            peak = median([r["train_peak_mb"] for r in runs_])
-            base = by_arm.get((params, size, "lora"))
-            ratio = lambda value, key: f"{value / median([r[key] for r in base]):.2f}" if base else "–"  # noqa: E731
-            lines.append(f"| {size} | {arm} | {len(runs_)} | {step:.4f} | {ratio(step, 'step_seconds')} | {peak:,.0f} | "
-                         f"{ratio(peak, 'train_peak_mb')} | {len(runs_[0]['step_seconds_all']) - 1} |")
     step_runs = [r for r in runs if r["part"] == "lora_fish_step"]
     for r in step_runs:  # --part lora-fish-step: three models in one process, steps interleaved
         lines += ["", f"LoRA-FISH's step, {r['size']} on {r['device']}, batch {r['batch_size']} x {r['seq_len']}, "
@@ -447,7 +424,7 @@ def summarize(out: Path, target: Path) -> None:
                          f"{plan.get('batch_size')} x {plan.get('groups')} group(s) | {r['mask_peak_rss_mb']:,.0f} | "
                          f"{r['train_peak_rss_mb']:,.0f} | {r['mask_peak_rss_mb'] / r['train_peak_rss_mb']:.2f} |")
     table = "\n".join(lines)
-    write_json(target, {"selection": selection, "models": models, "rounds": rounds, "lora_fish_step": step_runs,
+    write_json(target, {"selection": selection, "models": models, "lora_fish_step": step_runs,
                         "precision": precision, "cli": cli, "table": table,
                         **provenance()})
     print(table)
@@ -544,8 +521,6 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=16)
     parser.add_argument("--keep-ratio", type=float, default=0.005)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=1, help="model: run every arm this many times, alternating")
-    parser.add_argument("--file-suffix", default="", help=argparse.SUPPRESS)
     parser.add_argument("--baseline-up-to", type=int, default=200_000_000)
     args = parser.parse_args()
     out = Path(args.out)
@@ -562,8 +537,8 @@ def main() -> None:
     elif args.part == "lora-fish-step":
         run_lora_fish_step(out, args)
     elif args.part == "one":
-        path = out / f"model_{args.size}_{args.arm}{args.file_suffix}.json"
-        write_json(path, {**run_arm(args.size, args.arm, out, args), "round": args.file_suffix, **provenance()})
+        path = out / f"model_{args.size}_{args.arm}.json"
+        write_json(path, {**run_arm(args.size, args.arm, out, args), **provenance()})
     else:
         summarize(out, Path(args.summary or f"{out}.json"))
 
