@@ -46,3 +46,23 @@ def test_the_suite_batches_by_length_and_one_task_does_not():
     assert suite[suite.index("--train_sampling_strategy") + 1] == "group_by_length"
     args.task = "social_iqa"
     assert "--train_sampling_strategy" not in llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
+
+
+def test_a_sweep_creates_its_scratch_folder(tmp_path, monkeypatch):
+    """The first suite launch failed in tempfile.mkdtemp: --scratch named a folder that did not exist yet."""
+    llm_quality = _load("llm_quality")
+
+    class Reached(Exception):
+        pass
+
+    def stop(line):
+        raise Reached
+
+    monkeypatch.setattr(llm_quality, "provenance", stop)  # the step after the run folder is made: train nothing
+    scratch = tmp_path / "not" / "there"
+    args = argparse.Namespace(model="m", task="social_iqa", data_dir="d", max_seq_length=256, batch_size=16,
+                              steps=2, warmup_steps=0, fisher_samples=8, smoke=False, out=str(tmp_path / "out"),
+                              summary_only=False, scratch=str(scratch))
+    with pytest.raises(Reached):
+        llm_quality.run_one(args, "lora", 1e-3, 0)
+    assert len(list(scratch.iterdir())) == 1  # the run's folder, inside the scratch folder it created
