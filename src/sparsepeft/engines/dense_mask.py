@@ -91,7 +91,8 @@ class FollowingIndex:
     def __init__(self, source: torch.Tensor, device: torch.device | str = "cpu"):
         self.source = source
         self.is_mask = source.dtype == torch.bool
-        self._on_device = source.to(device)
+        # a boolean mask reaches the device only if decay or the restore guard asks (the hook uses ``multiplier``)
+        self._on_device = source if self.is_mask else source.to(device)
         self._multiplier: torch.Tensor | None = None
 
     @classmethod
