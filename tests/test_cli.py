@@ -132,6 +132,26 @@ def test_full_method_on_own_csv_files(tiny_bert_dir, tmp_path):
     assert 0.0 <= validation["f1"] <= 1.0 and validation["accuracy"] in {i / 8 for i in range(9)}  # 8 dev rows
 
 
+def test_validation_during_training_is_logged_and_its_last_point_is_the_final_score(tiny_bert_dir, tmp_path):
+    """--eval-strategy epoch, as in transformers' example scripts: Trainer evaluates the validation split during
+    training and results.json keeps the curve (whether a run converged); its last point is the final model's score."""
+    glue = _write_glue_task(tmp_path / "glue", "STS-B", "index\tsentence1\tsentence2\tscore",
+                            lambda i: (i, _sentence(i), _sentence(i + 2), f"{(i * 37 % 50) / 10:.1f}"), 32, 32)
+    out = tmp_path / "stsb"
+    fast = [a for a in FAST if a not in ("--num-train-epochs", "1")]
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "stsb", "--data-dir", str(glue), "--method", "lora",
+                 "--lora-r", "4", "--num-train-epochs", "3", "--eval-strategy", "epoch", "--learning-rate", "1e-2",
+                 "--max-train-samples", "32", "--max-eval-samples", "32", "--ignore-mismatched-sizes", "true",
+                 "--output-dir", str(out), *fast]) == 0
+    results = _results(out)
+    curve = results["validation_log"]
+    assert [point["step"] for point in curve] == [4, 8, 12]  # 32 rows / batch 8 = 4 steps an epoch
+    assert len({point["pearson"] for point in curve}) == 3  # three different models were scored
+    final = results["metrics"]["validation"]
+    assert curve[-1]["pearson"] == pytest.approx(final["pearson"], abs=1e-6)
+    assert curve[-1]["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--task", "nope"], "Unknown task"),
     (["--task", "rte", "--data-dir", "/nonexistent/glue"], "does not exist"),

@@ -233,3 +233,15 @@ def test_a_suite_trains_on_every_tasks_training_part_and_reports_each_task(tiny_
     assert main(["train", "--model", str(tiny_llama_lm_dir), "--task", "alpha,gamma", "--data-dir", str(tmp_path),
                  "--output-dir", str(tmp_path / "bad"), "--report-to", "none"]) == 2
     assert "gamma" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_validation_during_training_of_multiple_choice_is_refused_before_any_work(tiny_llama_lm_dir, tmp_path, capsys):
+    """Options are scored outside Trainer, so --eval-strategy cannot run there: a clear error, nothing written."""
+    path = _write_task(tmp_path / "task.json", 20)
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_llama_lm_dir), "--task-type", "multiple-choice", "--train-file", str(path),
+                 "--method", "fish", "--eval-strategy", "steps", "--eval-steps", "5", "--output-dir", str(out),
+                 "--report-to", "none", "--use-cpu", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-strategy" in err and "multiple-choice" in err and "Traceback" not in err
+    assert not out.exists()

@@ -279,6 +279,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     task, model, tokenizer, train, evaluation = _prepare(model_args, data_args, sparse_args, training_args.seed)
+    eval_during_training = _validation_during_training(task, evaluation, training_args)
     total_params = sum(p.numel() for p in model.parameters())
     model.to(training_args.device)  # the mask phase runs where training will (--use-cpu; each rank's own GPU)
     collate = _collator(task, tokenizer, model)
@@ -324,6 +325,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         model=model,
         args=training_args,
         train_dataset=train,
+        eval_dataset=eval_during_training,
         data_collator=collate,
         processing_class=tokenizer,
         compute_metrics=metrics_fn,
@@ -398,6 +400,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "train_loss": train_output.training_loss if train_output is not None else None,
         "train_steps": trainer.state.global_step,
         "train_log": _loss_curve(trainer.state.log_history),
+        "validation_log": _validation_curve(trainer.state.log_history),
         "eval_seconds": eval_seconds,
         "learning_rate": None if evaluate_only else training_args.learning_rate,
         "learning_rate_source": None if evaluate_only else getattr(training_args, "learning_rate_source", "given"),
@@ -442,6 +445,30 @@ def _loss_curve(log_history: list[dict]) -> list[dict]:
     """Trainer's logged training losses (every --logging-steps), kept so a run's file shows whether it converged."""
     keys = ("step", "loss", "learning_rate", "grad_norm")
     return [{k: entry[k] for k in keys if k in entry} for entry in log_history if "loss" in entry]
+
+
+def _validation_curve(log_history: list[dict]) -> list[dict]:
+    """The validation scores Trainer logged during training (--eval-strategy steps|epoch): whether a run had
+    converged on validation when it stopped, and where it peaked."""
+    return [{"step": entry["step"], **{k[len("eval_"):]: v for k, v in entry.items()
+                                       if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}}
+            for entry in log_history if "eval_loss" in entry]
+
+
+def _validation_during_training(task, evaluation: dict, training_args: TrainingArguments):
+    """The validation split Trainer evaluates every --eval-steps (or epoch), or None with --eval-strategy no.
+    Checked before the mask phase, so a run that cannot validate fails before any expensive work."""
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+        return None
+    if isinstance(task, MultipleChoiceTask):
+        raise ValueError("--eval-strategy: validation during training is not available for multiple-choice tasks "
+                         "(their options are scored outside Trainer). Use --eval-strategy no; the final validation "
+                         "and test accuracies are in results.json.")
+    splits = [name for name in evaluation if name.startswith("validation")]  # MNLI: the matched one
+    if not splits:
+        raise ValueError("--eval-strategy: this task has no validation split to evaluate during training; give one "
+                         "with --validation-file, or use --eval-strategy no.")
+    return evaluation[splits[0]]
 
 
 def _selection_summary(history: dict) -> dict:
