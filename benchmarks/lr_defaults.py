@@ -88,8 +88,11 @@ def main() -> None:
     add_protocol_arguments(parser)
     parser.add_argument("--out", default="runs/lr_defaults")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--rates", default="", help="train only these points of each ladder (e.g. two workers "
+                        "splitting a sweep); the table still needs every point")
     parser.add_argument("--write")
     args = parser.parse_args()
+    only = {float(r) for r in args.rates.split(",") if r}
     families = args.families.split(",")
     measured: dict = {f: {} for f in families}
     for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
@@ -99,6 +102,7 @@ def main() -> None:
             run_args.out = str(Path(args.out) / task)
             points: dict = {}
             for lr in GRIDS[family]:
+                run_args.summary_only = args.summary_only or bool(only and lr not in only)
                 _run_point(run_args, arm, lr, points)
             measured[family][f"minilm/{task}"] = {lr: score(task, r) for lr, r in points.items()}
         social = llm_points(Path(args.llm), family)

@@ -53,6 +53,8 @@ def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
                                  max_len=args.max_seq_length, lr=lr, epochs=args.epochs,
                                  batch_size=args.batch_size, warmup_steps=args.warmup_steps)
     command += ["--num-samples", str(args.num_samples), *flags]
+    if getattr(args, "validation_curve", False):  # the validation score after each epoch: did the run converge?
+        command += ["--eval-strategy", "epoch", "--logging-strategy", "epoch"]
     return train_once(command, out, f"{arm} lr {lr:g} seed {seed}", args.summary_only)
 
 
@@ -174,6 +176,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--validation-curve", action="store_true",
+                        help="evaluate on validation after every epoch (results.json validation_log): convergence")
 
 
 def main() -> None:
