@@ -37,6 +37,18 @@ def score(task: str, result: dict) -> float:
     return result["metrics"]["validation"][PRIMARY.get(task, "accuracy")]
 
 
+def curve(task: str, result: dict) -> list[float]:
+    """The validation score after each epoch (runs with --validation-curve), else []."""
+    metric = PRIMARY.get(task, "accuracy")
+    return [point[metric] for point in result.get("validation_log") or [] if metric in point]
+
+
+def still_rising(scores: list[float], margin: float = 0.005) -> bool:
+    """Whether the last epoch still added more than ``margin`` to the validation score: a run that may not have
+    converged when it stopped."""
+    return len(scores) >= 2 and scores[-1] - scores[-2] > margin
+
+
 def chance_bar(task: str, glue_dir: str) -> float:
     """What a rate must beat for the task to say anything: chance (the majority class's validation accuracy, or a
     correlation of 0) plus two standard errors on the validation set's size. A task no rate clears this bar on
@@ -95,6 +107,7 @@ def main() -> None:
     only = {float(r) for r in args.rates.split(",") if r}
     families = args.families.split(",")
     measured: dict = {f: {} for f in families}
+    curves: dict = {f: {} for f in families}
     for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
         arm = METHODS[family]
         for task in args.tasks.split(","):
@@ -105,6 +118,7 @@ def main() -> None:
                 run_args.summary_only = args.summary_only or bool(only and lr not in only)
                 _run_point(run_args, arm, lr, points)
             measured[family][f"minilm/{task}"] = {lr: score(task, r) for lr, r in points.items()}
+            curves[family][f"minilm/{task}"] = {lr: curve(task, r) for lr, r in points.items()}
         social = llm_points(Path(args.llm), family)
         if social:
             measured[family]["smollm2/social_iqa"] = social
@@ -116,15 +130,16 @@ def main() -> None:
         ladder = GRIDS[family]
         chosen, detail = choose(measured[family], ladder, bars)
         summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family],
-                           "chance_bars": bars, **detail}
+                           "validation_curves": curves[family], "chance_bars": bars, **detail}
         lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score relative to the "
-                  f"task's best rate; chosen: {chosen}", "",
+                  f"task's best rate; chosen: {chosen}" + ("; ↑: still rising (the last epoch added more "
+                  "than 0.005 on validation)" if any(c for t in curves[family].values() for c in t.values()) else ""), "",
                   "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " | chance bar | in the choice |",
                   "|" + " --- |" * (len(ladder) + 3)]
         for task, pts in sorted(measured[family].items()):
             top = max(pts.values()) if pts else 0
             cells = [("—" if lr not in pts else f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if top > 0 else f"{pts[lr]:.3f}")
-                     for lr in ladder]
+                     + (" ↑" if still_rising(curves[family].get(task, {}).get(lr, [])) else "") for lr in ladder]
             bar = f"{bars[task]:.3f}" if task in bars else "—"
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {bar} | {'yes' if task in detail['tasks'] else 'no'} |")
         worst = [f"{detail['rates'][lr]['worst']:.2f}" if detail["rates"][lr]["worst"] is not None else "—"

@@ -38,6 +38,15 @@ def test_the_default_is_the_best_worst_case_over_the_tasks_that_learned(lr_defau
     assert detail["rates"][1e-3]["mean_rank"] == 1.5
 
 
+def test_a_run_still_rising_on_validation_is_marked(lr_defaults):
+    result = {"validation_log": [{"step": 10, "loss": 1.0, "pearson": 0.70}, {"step": 20, "loss": 0.9, "pearson": 0.75},
+                                 {"step": 30, "loss": 0.8, "pearson": 0.78}]}
+    assert lr_defaults.curve("stsb", result) == [0.70, 0.75, 0.78]
+    assert lr_defaults.still_rising([0.70, 0.75, 0.78])  # +0.03 in the last epoch
+    assert not lr_defaults.still_rising([0.70, 0.78, 0.782]) and not lr_defaults.still_rising([0.8])
+    assert lr_defaults.curve("sst2", {"metrics": {}}) == []  # runs without --validation-curve
+
+
 def test_the_suite_batches_by_length_and_one_task_does_not():
     llm_quality = _load("llm_quality")
     args = argparse.Namespace(model="m", task="social_iqa,winowhy", data_dir="d", max_seq_length=256, batch_size=16,
