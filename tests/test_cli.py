@@ -375,3 +375,20 @@ def test_sparse_engine_checkpoints_hold_the_delta_only_and_resume_to_the_same_we
     dense = tmp_path / "dense"
     run(dense, "--engine", "dense-mask")
     assert (dense / "checkpoint-2" / "model.safetensors").is_file()  # the reference engine keeps dense checkpoints
+
+
+@pytest.mark.parametrize("engine", ["sparse", "dense-mask"])
+def test_the_best_checkpoint_on_validation_is_the_model_that_is_saved_and_scored(tiny_bert_dir, tmp_path, engine):
+    """--load-best-model-at-end, as with Trainer: the final model is the checkpoint with the best validation score
+    (under the sparse engine, a delta-only checkpoint), and results.json reports that model."""
+    out = tmp_path / engine
+    assert main(["train", "--model", str(tiny_bert_dir), "--task", "demo", "--max-train-samples", "32",
+                 "--max-eval-samples", "16", "--num-samples", "16", "--keep-ratio", "0.05", "--engine", engine,
+                 "--learning-rate", "3e-2", *[a for a in FAST if a not in ("--save-strategy", "no", "--num-train-epochs",
+                                                                       "1")],
+                 "--num-train-epochs", "4", "--eval-strategy", "epoch", "--save-strategy", "epoch",
+                 "--load-best-model-at-end", "true", "--metric-for-best-model", "loss", "--output-dir", str(out)]) == 0
+    results = _results(out)
+    losses = [point["loss"] for point in results["validation_log"]]
+    assert len(losses) == 4 and losses.index(min(losses)) != 3  # the best model is not the last one here
+    assert results["metrics"]["validation"]["loss"] == pytest.approx(min(losses), rel=1e-5)
