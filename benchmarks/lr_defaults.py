@@ -91,6 +91,12 @@ def choose(by_task: dict[str, dict[float, float]], ladder: tuple, bars: dict[str
                     "rates": rows, "chosen": chosen}
 
 
+def _label(task: str, points: dict) -> str:
+    """A table row: the task and its runs' step count, which tells two protocols' rows apart."""
+    steps = sorted({r["train_steps"] for r in points.values()})
+    return f"minilm/{task}" + (f" ({'/'.join(map(str, steps))} steps)" if steps else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", default="../shared/data/glue")
@@ -102,12 +108,15 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--rates", default="", help="train only these points of each ladder (e.g. two workers "
                         "splitting a sweep); the table still needs every point")
+    parser.add_argument("--also", default="", help="TASK@FOLDER,...: finished runs of another protocol's sweep "
+                        "(nothing is trained), shown and chosen on beside this one's, labelled with their step count")
     parser.add_argument("--write")
     args = parser.parse_args()
     only = {float(r) for r in args.rates.split(",") if r}
     families = args.families.split(",")
     measured: dict = {f: {} for f in families}
     curves: dict = {f: {} for f in families}
+    task_of: dict = {}  # row label -> GLUE task
     for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
         arm = METHODS[family]
         for task in args.tasks.split(","):
@@ -117,12 +126,25 @@ def main() -> None:
             for lr in GRIDS[family]:
                 run_args.summary_only = args.summary_only or bool(only and lr not in only)
                 _run_point(run_args, arm, lr, points)
-            measured[family][f"minilm/{task}"] = {lr: score(task, r) for lr, r in points.items()}
-            curves[family][f"minilm/{task}"] = {lr: curve(task, r) for lr, r in points.items()}
+            label = _label(task, points)
+            measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
+            curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
+            task_of[label] = task
+        for spec in filter(None, args.also.split(",")):
+            task, folder = spec.split("@")
+            other = argparse.Namespace(**{**vars(args), "summary_only": True, "out": str(Path(folder) / task)},
+                                       task=task)
+            points = {}
+            for lr in GRIDS[family]:
+                _run_point(other, arm, lr, points)
+            label = _label(task, points)
+            measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
+            curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
+            task_of[label] = task
         social = llm_points(Path(args.llm), family)
         if social:
             measured[family]["smollm2/social_iqa"] = social
-    bars = {f"minilm/{t}": chance_bar(t, args.glue_dir) for t in args.tasks.split(",")}
+    bars = {label: chance_bar(task, args.glue_dir) for label, task in task_of.items()}
     # social_iqa's validation part (seed 0): 195 three-way questions (docs/llm.md), chance 1/3
     bars["smollm2/social_iqa"] = 1 / 3 + 2 * ((1 / 3) * (2 / 3) / 195) ** 0.5
     lines, summary = [], {}
