@@ -27,11 +27,12 @@ def test_help_states_the_default_learning_rates(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "full 5e-05, fish/random 0.002, lora 0.003, other PEFT methods 0.001, shira 0.003" in out
+    assert "full 5e-05, fish/random 0.002, lora 0.001, other PEFT methods 0.001, shira 0.003" in out
+    assert "SST-2 and STS-B and SmolLM2 on social_iqa" in out  # which tasks LoRA's rate comes from
     from sparsepeft.cli.arguments import SparseArguments
 
     assert SparseArguments(method="shira").default_learning_rate == 3e-3
-    assert SparseArguments(method="lora").default_learning_rate == 3e-3
+    assert SparseArguments(method="lora").default_learning_rate == 1e-3
     assert SparseArguments(method="dora").default_learning_rate == SparseArguments(method="houlsby").default_learning_rate == 1e-3
     assert SparseArguments(method="fish").default_learning_rate == 2e-3
     assert SparseArguments(method="full").default_learning_rate == 5e-5
