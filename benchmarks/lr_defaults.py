@@ -154,14 +154,15 @@ def main() -> None:
         summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family],
                            "validation_curves": curves[family], "chance_bars": bars, **detail}
         lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score relative to the "
-                  f"task's best rate; chosen: {chosen}" + ("; ↑: still rising (the last epoch added more "
-                  "than 0.005 on validation)" if any(c for t in curves[family].values() for c in t.values()) else ""), "",
+                  f"task's best rate; chosen: {chosen}" + ("; ↑: above chance and still rising (the last "
+                  "epoch added more than 0.005 on validation)" if any(c for t in curves[family].values() for c in t.values()) else ""), "",
                   "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " | chance bar | in the choice |",
                   "|" + " --- |" * (len(ladder) + 3)]
         for task, pts in sorted(measured[family].items()):
             top = max(pts.values()) if pts else 0
             cells = [("—" if lr not in pts else f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if top > 0 else f"{pts[lr]:.3f}")
-                     + (" ↑" if still_rising(curves[family].get(task, {}).get(lr, [])) else "") for lr in ladder]
+                     + (" ↑" if lr in pts and pts[lr] > bars.get(task, float("-inf"))
+                        and still_rising(curves[family].get(task, {}).get(lr, [])) else "") for lr in ladder]
             bar = f"{bars[task]:.3f}" if task in bars else "—"
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {bar} | {'yes' if task in detail['tasks'] else 'no'} |")
         worst = [f"{detail['rates'][lr]['worst']:.2f}" if detail["rates"][lr]["worst"] is not None else "—"
