@@ -117,6 +117,7 @@ def main() -> None:
     measured: dict = {f: {} for f in families}
     curves: dict = {f: {} for f in families}
     task_of: dict = {}  # row label -> GLUE task
+    rows: list = []  # (family, task, {lr: result}) of every GLUE row, this sweep's and --also's
     for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
         arm = METHODS[family]
         for task in args.tasks.split(","):
@@ -126,21 +127,21 @@ def main() -> None:
             for lr in GRIDS[family]:
                 run_args.summary_only = args.summary_only or bool(only and lr not in only)
                 _run_point(run_args, arm, lr, points)
-            label = _label(task, points)
-            measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
-            curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
-            task_of[label] = task
-        for spec in filter(None, args.also.split(",")):
+            rows.append((family, task, points))
+        for spec in filter(None, args.also.split(",")):  # another protocol's finished runs: read, never trained
             task, folder = spec.split("@")
             other = argparse.Namespace(**{**vars(args), "summary_only": True, "out": str(Path(folder) / task)},
                                        task=task)
             points = {}
             for lr in GRIDS[family]:
                 _run_point(other, arm, lr, points)
-            label = _label(task, points)
-            measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
-            curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
-            task_of[label] = task
+            rows.append((family, task, points))
+    for family, task, points in rows:
+        label = _label(task, points)
+        measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
+        curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
+        task_of[label] = task
+    for family in families:
         social = llm_points(Path(args.llm), family)
         if social:
             measured[family]["smollm2/social_iqa"] = social

@@ -53,7 +53,7 @@ def run_one(args, arm: str, lr: float, seed: int) -> dict | None:
                                  max_len=args.max_seq_length, lr=lr, epochs=args.epochs,
                                  batch_size=args.batch_size, warmup_steps=args.warmup_steps)
     command += ["--num-samples", str(args.num_samples), *flags]
-    if getattr(args, "validation_curve", False):  # the validation score after each epoch: did the run converge?
+    if args.validation_curve:  # the validation score after each epoch: did the run converge?
         command += ["--eval-strategy", "epoch", "--logging-strategy", "epoch"]
     return train_once(command, out, f"{arm} lr {lr:g} seed {seed}", args.summary_only)
 

@@ -458,17 +458,14 @@ def _validation_curve(log_history: list[dict]) -> list[dict]:
 def _validation_during_training(task, evaluation: dict, training_args: TrainingArguments):
     """The validation split Trainer evaluates every --eval-steps (or epoch), or None with --eval-strategy no.
     Checked before the mask phase, so a run that cannot validate fails before any expensive work."""
-    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+    if training_args.eval_strategy == "no":  # IntervalStrategy is a str enum
         return None
     if isinstance(task, MultipleChoiceTask):
         raise ValueError("--eval-strategy: validation during training is not available for multiple-choice tasks "
                          "(their options are scored outside Trainer). Use --eval-strategy no; the final validation "
                          "and test accuracies are in results.json.")
-    splits = [name for name in evaluation if name.startswith("validation")]  # MNLI: the matched one
-    if not splits:
-        raise ValueError("--eval-strategy: this task has no validation split to evaluate during training; give one "
-                         "with --validation-file, or use --eval-strategy no.")
-    return evaluation[splits[0]]
+    # every loader gives a validation split (files need --validation-file); MNLI's first is the matched one
+    return next(split for name, split in evaluation.items() if name.startswith("validation"))
 
 
 def _selection_summary(history: dict) -> dict:
