@@ -156,16 +156,44 @@ def _has_results(args, arm: str) -> bool:
     return (out / f"{arm}.json").is_file() or any(out.glob(f"{arm}_lr*_seed*.json"))
 
 
-def plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
+def grid_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
+    """Seed 0 at each grid point (or at --lrs) of every arm; zero-shot once."""
+    if args.phase not in ("grid", "all"):
+        return []
     runs = []
     for arm in arms:
         family, _ = ARMS[arm]
-        if args.phase in ("grid", "all"):
-            lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else GRIDS[family] if family else [None]
-            runs += [(arm, lr, 0) for lr in lrs]
-    if args.phase in ("seeds", "all"):
-        runs += [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else GRIDS[family] if family else [None]
+        runs += [(arm, lr, 0) for lr in lrs]
     return runs
+
+
+def seeds_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
+    """Seeds 1 and 2 of every trained arm at its chosen rate: read from the grid's files, so call it after the
+    grid has run (planned together, --phase all ran the seeds at the grid's first point)."""
+    if args.phase not in ("seeds", "all"):
+        return []
+    return [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
+
+
+def run_all(args, runs: list[tuple[str, float | None, int]]) -> None:
+    """Each run in its own process, --jobs of them at a time (several share one GPU: a 135M model's runs are
+    too small to fill it alone). Every run writes its own file, so the order of finishing does not matter."""
+    if getattr(args, "jobs", 1) <= 1:
+        for run in runs:
+            run_one(args, *run)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for finished in [pool.submit(run_one, args, *run) for run in runs]:
+            finished.result()
+
+
+def run_sweep(args, arms: list[str]) -> None:
+    """The grid, then the seeds at the rates it chose."""
+    run_all(args, grid_plan(args, arms))
+    run_all(args, seeds_plan(args, arms))
 
 
 LOGGING_STEPS = 10  # --logging-steps of every run (see command)
@@ -271,8 +299,9 @@ def _split_questions(data_dir: str, seed: int, task: str = "social_iqa") -> dict
     return load_task_data(task, data_dir, split_seed=seed).evaluation
 
 
-def _correct(args, run: dict, split: str) -> list[bool] | None:
-    """Per question: did the run's highest summed log-likelihood fall on the right option (`acc`)?"""
+def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str]] | None:
+    """Per question: did the run's highest summed log-likelihood fall on the right option (`acc`)? And the task
+    each question comes from ("" outside a suite)."""
     scores = (run.get("option_log_likelihoods") or {}).get(split)
     if scores is None:
         return None
@@ -283,16 +312,27 @@ def _correct(args, run: dict, split: str) -> list[bool] | None:
     if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
                          "score it against the task file it was trained on")
-    return hits
+    return hits, [question.task for question in questions]
+
+
+def _mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
+    """Exact McNemar test: the questions only one of the two runs gets right, against a fair coin."""
+    from scipy.stats import binomtest
+
+    only_ours = sum(a and not b for a, b in zip(ours, theirs))
+    only_theirs = sum(b and not a for a, b in zip(ours, theirs))
+    discordant = only_ours + only_theirs
+    return {"diff": 100 * (only_ours - only_theirs) / len(ours), "only_arm_right": only_ours,
+            "only_reference_right": only_theirs, "questions": len(ours),
+            "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0}
 
 
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     """Each pair of comparisons() on the same questions, seed by seed, for runs that kept their option
     scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
     only the seed-to-seed spread of accuracies; this sees which questions changed, so it separates smaller gaps
-    (it is conditional on the question sample, as every accuracy here is)."""
-    from scipy.stats import binomtest
-
+    (it is conditional on the question sample, as every accuracy here is). A suite adds one test per task
+    beside the pooled one (keys ending in the task's name)."""
     lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     table = {}
@@ -305,16 +345,16 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
                 against = _correct(args, other, split) if other is not None else None
                 if ours is None or against is None:
                     continue
-                only_ours = sum(a and not b for a, b in zip(ours, against))
-                only_theirs = sum(b and not a for a, b in zip(ours, against))
-                discordant = only_ours + only_theirs
-                p = binomtest(only_ours, discordant, 0.5).pvalue if discordant else 1.0
-                diff = 100 * (only_ours - only_theirs) / len(ours)
-                table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}"] = {
-                    "diff": diff, "only_arm_right": only_ours, "only_reference_right": only_theirs,
-                    "questions": len(ours), "mcnemar_p": float(p)}
-                lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {diff:+.2f} | "
-                             f"{only_ours} / {only_theirs} | {p:.3f} |")
+                (hits, tasks), (other_hits, _) = ours, against
+                groups = {"": range(len(hits))}  # pooled, then each task of a suite
+                if len(set(tasks)) > 1:
+                    groups |= {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
+                for task, chosen in groups.items():
+                    entry = _mcnemar([hits[i] for i in chosen], [other_hits[i] for i in chosen])
+                    table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}" + (f"_{task}" if task else "")] = entry
+                    lines.append(f"| {arm} | {reference} | {run['seed']} | {split}{f' ({task})' if task else ''} | "
+                                 f"{entry['diff']:+.2f} | {entry['only_arm_right']} / {entry['only_reference_right']} | "
+                                 f"{entry['mcnemar_p']:.3f} |")
     if not table:
         lines.append("| (no pair of runs at a shared seed kept its option scores: runs before 027d6d5 did not) "
                      "| | | | | | |")
@@ -338,7 +378,8 @@ def plot_loss_curves(args, arms: list[str], path: Path) -> None:
         axis.plot(steps, mean, label=f"{arm} (lr {lr:g}, {len(curves)} seed{'s' * (len(curves) > 1)})")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel(f"training loss (mean of {LOGGING_STEPS} steps)")
-    axis.set_title("SmolLM2-135M on social_iqa: training loss at each arm's chosen rate")
+    axis.set_title(f"SmolLM2-135M on {getattr(args, 'task', 'social_iqa')}: training loss at each arm's chosen rate",
+                   fontsize=9)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -440,6 +481,8 @@ def main() -> None:
     parser.add_argument("--lrs", default="",
                         help="with --phase grid: these learning rates (comma-separated, in this order) instead of the "
                              "family's grid, e.g. one point first or a point outside the grid")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each its own process (on a GPU: several small runs share it)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=20)
@@ -449,13 +492,14 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="2 steps on a few examples per arm: checks every arm runs")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: runs at a time must be at least 1")
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
     if not args.summary_only:
-        for arm, lr, seed in plan(args, arms):
-            run_one(args, arm, lr, seed)
+        run_sweep(args, arms)
     # the summary covers every arm with results, not only this invocation's: running the sweep in pieces
     # must not shrink it
     reported = [arm for arm in ARMS if arm in arms or _has_results(args, arm)]

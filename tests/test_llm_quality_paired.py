@@ -78,3 +78,36 @@ def test_paired_comparison_refuses_scores_from_another_split(tmp_path, llm_quali
     args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
     with pytest.raises(SystemExit, match="do not match"):
         llm_quality.paired_comparisons(args, ["full", "lora"])
+
+
+def test_a_suite_gets_a_paired_test_per_task_beside_the_pooled_one(tmp_path, llm_quality):
+    data = tmp_path / "data"
+    for name in ("social_iqa", "winowhy"):
+        path = _task(tmp_path / name)
+        (data / name).mkdir(parents=True)
+        path.replace(data / name / "task.json")
+    suite = "social_iqa,winowhy"
+    from sparsepeft.experiments.pipeline import load_task_data
+
+    questions = load_task_data(suite, str(data), split_seed=0).evaluation
+    rng = random.Random(1)
+    right = {name: {split: {i for i in range(len(items)) if rng.random() < share} for split, items in questions.items()}
+             for name, share in (("lora", 0.4), ("full", 0.7))}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora_lr0.003_seed0.json").write_text(json.dumps(_run("lora", questions, right["lora"], 3e-3)))
+    (out / "full_lr0.0003_seed0.json").write_text(json.dumps(_run("full", questions, right["full"], 3e-4)))
+    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
+    for split, items in questions.items():
+        pooled = table[f"full_vs_lora_seed0_{split}"]
+        per_task = [table[f"full_vs_lora_seed0_{split}_{task}"] for task in ("social_iqa", "winowhy")]
+        for task, entry in zip(("social_iqa", "winowhy"), per_task):
+            chosen = {i for i, q in enumerate(items) if q.task == task}
+            only_full = len((right["full"][split] - right["lora"][split]) & chosen)
+            only_lora = len((right["lora"][split] - right["full"][split]) & chosen)
+            assert (entry["only_arm_right"], entry["only_reference_right"], entry["questions"]) == \
+                (only_full, only_lora, len(chosen))
+        assert sum(e["only_arm_right"] for e in per_task) == pooled["only_arm_right"]
+        assert sum(e["questions"] for e in per_task) == pooled["questions"] == len(items)
+    assert "| full | lora | 0 | test (winowhy) |" in markdown
