@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,7 +42,9 @@ def provenance(command: list[str] | None = None) -> dict:
         except PackageNotFoundError:
             versions[package] = None
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty), "versions": versions,
+    # a copy of the tree without .git (a device machine's) names its commit in SPARSEPEFT_COMMIT
+    commit = git("rev-parse", "HEAD") or os.environ.get("SPARSEPEFT_COMMIT") or None
+    return {"commit": commit, "dirty": bool(dirty), "versions": versions,
             "machine": machine(), "command": list(command if command is not None else sys.argv),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -94,7 +94,9 @@ def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]
         line += ["--train_sampling_strategy", "group_by_length"]  # instead of padding nearly every batch to 256
     line += flags  # zero-shot's --max-steps 0 comes last and wins
     if args.smoke:
+        # batches of 2: a suite's batch of 16 at 256 tokens holds ~12 GB on a CPU, and a smoke run checks wiring
         line += ["--max-steps", "0" if arm == "zero-shot" else "2", "--max-train-samples", "48",
+                 "--per-device-train-batch-size", "2", "--per-device-eval-batch-size", "2",
                  "--max-eval-samples", "6", "--num-samples", "16", "--fisher-warmup-steps", "2",
                  "--ist-probe-interval", "1"]
     return line
@@ -432,8 +434,8 @@ def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
         per_run = [r["metrics"]["test"].get("per_task") for r in runs]
         if not runs or not all(per_run):
             continue
-        for task in per_run[0]:
-            values = [100 * p[task]["acc"] for p in per_run]
+        for task in dict.fromkeys(task for p in per_run for task in p):  # a --smoke subset can miss a task
+            values = [100 * p[task]["acc"] for p in per_run if task in p]
             table.setdefault(arm, {})[task] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
             tasks += [task] if task not in tasks else []
         pooled = [100 * r["metrics"]["test"]["acc"] for r in runs]
@@ -442,7 +444,8 @@ def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
         return "", {}
     lines = ["| arm | " + " | ".join(tasks) + " | pooled |", "|" + " --- |" * (len(tasks) + 2)]
     for arm, cells in table.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{cells[t][0]:.2f} ± {cells[t][1]:.2f}" for t in [*tasks, "pooled"]) + " |")
+        lines.append(f"| {arm} | " + " | ".join(f"{cells[t][0]:.2f} ± {cells[t][1]:.2f}" if t in cells else "—"
+                                              for t in [*tasks, "pooled"]) + " |")
     return "\n".join(lines), table
 
 
@@ -512,7 +515,8 @@ def main() -> None:
     comparison_markdown, compared = comparisons(args, reported)
     markdown += "\n\nEach arm with at least two seeds against LoRA and full FT, and IST against uniform draws " \
         "(percentage points; Welch's t and two-sided p over training seeds):\n\n" + comparison_markdown
-    paired_markdown, paired = paired_comparisons(args, reported)
+    # a --smoke run scores a few questions, not its split's: nothing to pair question by question
+    paired_markdown, paired = paired_comparisons(args, reported) if not args.smoke else ("", {})
     markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " \
         "(exact McNemar test on the questions only one of the two runs gets right):\n\n" + paired_markdown
     convergence_markdown, converged = convergence(args, reported)
