@@ -333,13 +333,19 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     """Each pair of comparisons() on the same questions, seed by seed, for runs that kept their option
     scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
     only the seed-to-seed spread of accuracies; this sees which questions changed, so it separates smaller gaps
-    (it is conditional on the question sample, as every accuracy here is). A suite adds one test per task
-    beside the pooled one (keys ending in the task's name)."""
+    (it is conditional on the question sample, as every accuracy here is). Every trained arm is also paired with
+    zero-shot (the floor: did training help on these questions?). A suite adds one test per task beside the
+    pooled one (keys ending in the task's name)."""
     lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     table = {}
-    for arm, reference in _pairs(arms):
-        theirs = {r["seed"]: r for r in _runs_at_chosen_rate(args, reference)}
+    floor = [(arm, "zero-shot") for arm in arms if ARMS[arm][0] is not None] if "zero-shot" in arms else []
+    for arm, reference in _pairs(arms) + floor:
+        if reference == "zero-shot":  # untrained, one run: the floor every seed is paired with
+            zero = _existing(args, reference, None, 0)
+            theirs = {seed: zero for seed in (0, 1, 2)} if zero is not None else {}
+        else:
+            theirs = {r["seed"]: r for r in _runs_at_chosen_rate(args, reference)}
         for run in _runs_at_chosen_rate(args, arm):
             other = theirs.get(run["seed"])
             for split in ("validation", "test"):

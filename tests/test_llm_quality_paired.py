@@ -111,3 +111,24 @@ def test_a_suite_gets_a_paired_test_per_task_beside_the_pooled_one(tmp_path, llm
         assert sum(e["only_arm_right"] for e in per_task) == pooled["only_arm_right"]
         assert sum(e["questions"] for e in per_task) == pooled["questions"] == len(items)
     assert "| full | lora | 0 | test (winowhy) |" in markdown
+
+
+def test_every_seed_of_a_trained_arm_is_paired_with_the_zero_shot_floor(tmp_path, llm_quality):
+    task = _task(tmp_path / "data")
+    questions = load_multiple_choice(task, split_seed=0).evaluation
+    rng = random.Random(2)
+    out = tmp_path / "out"
+    out.mkdir()
+    right = {}
+    for name, seed in (("zero-shot", 0), ("lora", 0), ("lora", 1)):
+        right[name, seed] = {split: {i for i in range(len(items)) if rng.random() < 0.5}
+                             for split, items in questions.items()}
+        run = _run("full" if name == "zero-shot" else "lora", questions, right[name, seed], 3e-3) | {"seed": seed}
+        (out / (f"{name}.json" if name == "zero-shot" else f"lora_lr0.003_seed{seed}.json")).write_text(json.dumps(run))
+    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    _, table = llm_quality.paired_comparisons(args, ["zero-shot", "lora"])
+    for seed in (0, 1):
+        entry = table[f"lora_vs_zero-shot_seed{seed}_test"]
+        ours, floor = right["lora", seed]["test"], right["zero-shot", 0]["test"]
+        assert (entry["only_arm_right"], entry["only_reference_right"]) == (len(ours - floor), len(floor - ours))
+    assert not any(key.startswith("zero-shot_vs") for key in table)
