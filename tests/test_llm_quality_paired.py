@@ -44,16 +44,22 @@ def _run(method: str, questions: dict, right: dict, lr: float) -> dict:
             "option_log_likelihoods": scores}
 
 
-def test_paired_comparison_counts_the_questions_only_one_run_gets_right(tmp_path, llm_quality):
-    task = _task(tmp_path / "data")
-    questions = load_multiple_choice(task, split_seed=0).evaluation
-    rng = random.Random(0)
+def _lora_and_full(tmp_path: Path, questions: dict, seed: int) -> tuple[Path, dict]:
+    """Run files of a LoRA run right on ~40% of the questions and a full-FT run right on ~70%: (folder, which)."""
+    rng = random.Random(seed)
     right = {name: {split: {i for i in range(len(items)) if rng.random() < share} for split, items in questions.items()}
              for name, share in (("lora", 0.4), ("full", 0.7))}
     out = tmp_path / "out"
     out.mkdir()
     (out / "lora_lr0.003_seed0.json").write_text(json.dumps(_run("lora", questions, right["lora"], 3e-3)))
     (out / "full_lr0.0003_seed0.json").write_text(json.dumps(_run("full", questions, right["full"], 3e-4)))
+    return out, right
+
+
+def test_paired_comparison_counts_the_questions_only_one_run_gets_right(tmp_path, llm_quality):
+    task = _task(tmp_path / "data")
+    questions = load_multiple_choice(task, split_seed=0).evaluation
+    out, right = _lora_and_full(tmp_path, questions, seed=0)
     args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
     markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
     for split, items in questions.items():
@@ -90,13 +96,7 @@ def test_a_suite_gets_a_paired_test_per_task_beside_the_pooled_one(tmp_path, llm
     from sparsepeft.experiments.pipeline import load_task_data
 
     questions = load_task_data(suite, str(data), split_seed=0).evaluation
-    rng = random.Random(1)
-    right = {name: {split: {i for i in range(len(items)) if rng.random() < share} for split, items in questions.items()}
-             for name, share in (("lora", 0.4), ("full", 0.7))}
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "lora_lr0.003_seed0.json").write_text(json.dumps(_run("lora", questions, right["lora"], 3e-3)))
-    (out / "full_lr0.0003_seed0.json").write_text(json.dumps(_run("full", questions, right["full"], 3e-4)))
+    out, right = _lora_and_full(tmp_path, questions, seed=1)
     args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
     markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
     for split, items in questions.items():
