@@ -64,7 +64,8 @@ prepare)
     head -c "$half" "$GGUF" > .gpu_suite_1/part.1
     tail -c +"$((half + 1))" "$GGUF" > .gpu_suite_2/part.2
     (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | sed 's/ .*/  model.gguf/' > .gpu_suite_2/SHA256
-    $PY -m pip download -q --no-deps gguf==0.19.0 -d .gpu_suite_1 || exit 1
+    # the gguf that converted the model here, so the device converts it the same way
+    $PY -m pip download -q --no-deps "gguf==$($PY -c "from importlib.metadata import version; print(version('gguf'))")" -d .gpu_suite_1 || exit 1
     cp -r "$DATA" .gpu_suite_1/bigbench || exit 1
     for folder in .gpu_suite_1 .gpu_suite_2; do
         grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >> .git/info/exclude

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import mcnemar, provenance  # noqa: E402
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"  # IST's target set
 LORA8_BUDGET = "lora:r=8,target_modules=" + LORA_TARGETS.replace(",", "+")  # the LoRA arm's trainable count
@@ -181,7 +181,7 @@ def seeds_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
 def run_all(args, runs: list[tuple[str, float | None, int]]) -> None:
     """Each run in its own process, --jobs of them at a time (several share one GPU: a 135M model's runs are
     too small to fill it alone). Every run writes its own file, so the order of finishing does not matter."""
-    if getattr(args, "jobs", 1) <= 1:
+    if args.jobs <= 1:
         for run in runs:
             run_one(args, *run)
         return
@@ -317,18 +317,6 @@ def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str]] | None
     return hits, [question.task for question in questions]
 
 
-def _mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
-    """Exact McNemar test: the questions only one of the two runs gets right, against a fair coin."""
-    from scipy.stats import binomtest
-
-    only_ours = sum(a and not b for a, b in zip(ours, theirs))
-    only_theirs = sum(b and not a for a, b in zip(ours, theirs))
-    discordant = only_ours + only_theirs
-    return {"diff": 100 * (only_ours - only_theirs) / len(ours), "only_arm_right": only_ours,
-            "only_reference_right": only_theirs, "questions": len(ours),
-            "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0}
-
-
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     """Each pair of comparisons() on the same questions, seed by seed, for runs that kept their option
     scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
@@ -358,7 +346,7 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
                 if len(set(tasks)) > 1:
                     groups |= {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
                 for task, chosen in groups.items():
-                    entry = _mcnemar([hits[i] for i in chosen], [other_hits[i] for i in chosen])
+                    entry = mcnemar([hits[i] for i in chosen], [other_hits[i] for i in chosen])
                     table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}" + (f"_{task}" if task else "")] = entry
                     lines.append(f"| {arm} | {reference} | {run['seed']} | {split}{f' ({task})' if task else ''} | "
                                  f"{entry['diff']:+.2f} | {entry['only_arm_right']} / {entry['only_reference_right']} | "

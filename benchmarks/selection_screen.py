@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import glue_train_command, provenance, train_once, write_json  # noqa: E402
+from common import glue_train_command, mcnemar, provenance, train_once, write_json  # noqa: E402
 
 EQUAL = ["--budget", "lora:r=8"]
 ARMS = {  # name: (learning-rate family, flags)
@@ -112,8 +112,6 @@ def dev_predictions(folder: Path, glue_dir: str, max_len: int) -> tuple[list[int
 def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str, dict]:
     """Each arm at its best rate against LoRA r=8 and FISH as shipped, question by question on the dev set:
     exact McNemar test on the sentences only one of the two gets right."""
-    from scipy.stats import binomtest
-
     hits = {}
     for arm, row in table.items():
         folder = Path(args.out) / arm / f"lr{row['best_lr']:g}" / f"seed{args.seed}"
@@ -129,14 +127,11 @@ def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str
         for arm in table:
             if arm == reference or reference not in hits:
                 continue
-            ours, theirs = hits[arm], hits[reference]
-            only_ours = sum(a and not b for a, b in zip(ours, theirs))
-            only_theirs = sum(b and not a for a, b in zip(ours, theirs))
-            p = binomtest(only_ours, only_ours + only_theirs, 0.5).pvalue if only_ours + only_theirs else 1.0
-            diff = 100 * (only_ours - only_theirs) / len(ours)
-            out[f"{arm}_vs_{reference}"] = {"diff": diff, "only_arm_right": only_ours,
-                                            "only_reference_right": only_theirs, "p": p}
-            lines.append(f"| {arm} | {reference} | {diff:+.2f} | {only_ours} / {only_theirs} | {p:.3f} |")
+            test = mcnemar(hits[arm], hits[reference])
+            out[f"{arm}_vs_{reference}"] = {"diff": test["diff"], "only_arm_right": test["only_arm_right"],
+                                            "only_reference_right": test["only_reference_right"], "p": test["mcnemar_p"]}
+            lines.append(f"| {arm} | {reference} | {test['diff']:+.2f} | {test['only_arm_right']} / "
+                         f"{test['only_reference_right']} | {test['mcnemar_p']:.3f} |")
     return "\n".join(lines), out
 
 
