@@ -27,6 +27,7 @@ import argparse
 import ast
 import functools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mcnemar, provenance  # noqa: E402
+from common import mcnemar, provenance, write_json  # noqa: E402
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"  # IST's target set
 LORA8_BUDGET = "lora:r=8,target_modules=" + LORA_TARGETS.replace(",", "+")  # the LoRA arm's trainable count
@@ -67,6 +68,8 @@ ARMS = {  # arm -> (learning-rate family, flags)
                                      "--importance", "taylor", "--engine", "sparse", "--always-train", ""]),
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
+    # LoRA r=8 without the CLI's default input dropout (0.1): each adapter then keeps no copy of its input
+    "lora-nodropout": ("lora", [*LORA8, "--lora-dropout", "0"]),
 }
 # Each family's usual rate, then two half-decades up: the first grids, centred on the usual rate, all picked
 # their upper edge at 200 steps, so the search must reach above it. A grid whose best is again its upper edge
@@ -199,6 +202,40 @@ def run_sweep(args, arms: list[str]) -> None:
 
 
 LOGGING_STEPS = 10  # --logging-steps of every run (see command)
+
+
+def memory_probe(args, arms: list[str]) -> tuple[str, dict]:
+    """Each trained arm's training peak RSS at every --probe-batch-sizes, from 3 steps of its command.
+
+    The suite's batches are grouped by length with the longest first, so 3 steps reach the full run's longest
+    batch. glibc's mmap threshold is fixed at 1 MiB (as in benchmarks/memory.py): freed buffers go back to the
+    system, and the peak is what a step holds, not what the allocator's history kept. The slope between two
+    batch sizes is the memory each extra sequence costs, which is where the arms differ.
+    """
+    sizes = [int(b) for b in args.probe_batch_sizes.split(",")]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    peaks: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        if ARMS[arm][0] is None:
+            continue
+        for size in sizes:
+            out = Path(tempfile.mkdtemp(prefix=f"memory.{arm}.b{size}.", dir=args.scratch))
+            line = command(args, arm, GRIDS[ARMS[arm][0]][0], 0, out) + [
+                "--max-steps", "3", "--per-device-train-batch-size", str(size), "--max-eval-samples", "2",
+                "--per-device-eval-batch-size", "2"]
+            with open(out / "train.log", "w") as log:
+                subprocess.run(line, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+            peaks.setdefault(arm, {})[size] = json.loads((out / "results.json").read_text())["train_peak_rss_mb"]
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  memory {arm} batch {size}: {peaks[arm][size]:.0f} MB", flush=True)
+    low, high = min(sizes), max(sizes)
+    slope = {arm: (p[high] - p[low]) / (high - low) for arm, p in peaks.items()}
+    rows = ["| arm | " + " | ".join(f"peak MB, batch {b}" for b in sizes) + " | MB per extra sequence |",
+            "|" + " --- |" * (len(sizes) + 2)]
+    rows += [f"| {arm} | " + " | ".join(f"{p[b]:.0f}" for b in sizes) + f" | {slope[arm]:.0f} |"
+             for arm, p in peaks.items()]
+    return "\n".join(rows), {"batch_sizes": sizes, "peak_rss_mb": peaks, "mb_per_sequence": slope,
+                             "steps": 3, "malloc_mmap_threshold": 1048576}
 
 
 def loss_curve(args, arm: str, lr: float | None, seed: int) -> list[tuple[int, float]]:
@@ -488,6 +525,9 @@ def main() -> None:
     parser.add_argument("--scratch", default=tempfile.gettempdir(), help="where run folders live until their file is written")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="2 steps on a few examples per arm: checks every arm runs")
+    parser.add_argument("--probe-batch-sizes", default="",
+                        help="instead of the sweep: each arm's training peak RSS at these batch sizes (e.g. 4,8), "
+                             "3 steps each, written to OUT/memory_probe.json")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: runs at a time must be at least 1")
@@ -495,6 +535,12 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    if args.probe_batch_sizes:
+        Path(args.scratch).mkdir(parents=True, exist_ok=True)
+        markdown, probe = memory_probe(args, arms)
+        print(markdown)
+        write_json(Path(args.out) / "memory_probe.json", {"provenance": provenance(sys.argv), **probe})
+        return
     if not args.summary_only:
         run_sweep(args, arms)
     # the summary covers every arm with results, not only this invocation's: running the sweep in pieces
