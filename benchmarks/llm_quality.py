@@ -419,10 +419,19 @@ def plot_loss_curves(args, arms: list[str], path: Path) -> None:
     plt.close(figure)
 
 
+def measured_on(run: dict) -> str:
+    """The machine a run file was measured on, in words: its GPU, or its CPU."""
+    machine = run["provenance"]["machine"]
+    return machine.get("cuda") or f"{machine['cpu_count']}-core {machine['processor']} CPU"
+
+
 def summary(args, arms: list[str]) -> tuple[str, dict]:
+    """One row per arm at its chosen rate. The suite's runs may come from more than one machine (the CPU here,
+    a lent GPU): accuracy does not depend on it, step time and peak memory do, so an arm whose runs were
+    measured on different machines shows no step time or peak (each run file keeps its own)."""
     lines = ["| arm | lr (chosen on validation) | seeds | validation acc | test acc | test acc_norm | trainable params | "
-             "step s | train peak RSS MB | optimizer state MB | mask/probe s |",
-             "|" + " --- |" * 11]
+             "step s | train peak RSS MB | optimizer state MB | mask/probe s | measured on |",
+             "|" + " --- |" * 12]
     table = {}
     for arm in arms:
         lr = chosen_lr(args, arm)
@@ -446,12 +455,16 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
         table[arm] = {"lr": lr, "seeds": len(runs), "validation_acc": val, "test_acc": test, "test_acc_norm": norm,
                       "trainable_params": runs[0]["trainable_params"], "step_seconds": steps, "train_peak_rss_mb": peak,
                       "optimizer_state_mb": optimizer, "mask_seconds": mask,
-                      "commits": sorted({r["provenance"]["commit"] for r in runs})}
+                      "commits": sorted({r["provenance"]["commit"] for r in runs}),
+                      "machines": (machines := sorted({measured_on(r) for r in runs}))}
         cell = lambda m: f"{m[0]:.2f} ± {m[1]:.2f}"  # noqa: E731
         trainable = f"{runs[0]['trainable_params']:,}" if runs[0].get("train_steps") else "0 (no training)"
+        one_machine = len(machines) == 1
+        step = f"{statistics.median(steps) if steps else 0:.2f}" if one_machine else "—"
+        peak_cell = f"{statistics.median(peak):.0f}" if one_machine else "—"
         lines.append(f"| {arm} | {lr if lr is not None else '—'} | {len(runs)} | {cell(val)} | {cell(test)} | {cell(norm)} | "
-                     f"{trainable} | {statistics.median(steps) if steps else 0:.2f} | "
-                     f"{statistics.median(peak):.0f} | {statistics.median(optimizer):.1f} | {statistics.median(mask):.0f} |")
+                     f"{trainable} | {step} | {peak_cell} | {statistics.median(optimizer):.1f} | "
+                     f"{statistics.median(mask):.0f} | {'; '.join(machines)} |")
     return "\n".join(lines), table
 
 

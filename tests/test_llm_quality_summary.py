@@ -1,0 +1,40 @@
+"""benchmarks/llm_quality.py's summary row: an arm measured on two machines shows no step time or peak."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_quality.py"
+CPU = {"cuda": None, "cpu_count": 2, "processor": "x86_64"}
+GPU = {"cuda": "NVIDIA H200", "cpu_count": 16, "processor": "x86_64"}
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("llm_quality_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(machine: dict, step_seconds: float, peak: float) -> dict:
+    metrics = {"acc": 0.5, "acc_norm": 0.5, "answer_nll": 1.0}
+    return {"metrics": {"validation": metrics, "test": metrics}, "trainable_params": 10, "train_seconds":
+            200 * step_seconds, "train_steps": 200, "train_peak_rss_mb": peak, "optimizer_state_bytes": 0,
+            "provenance": {"commit": "c", "machine": machine}}
+
+
+def test_step_time_and_peak_are_shown_only_for_an_arm_measured_on_one_machine(tmp_path):
+    module = _load()
+    files = {"lora_lr0.001_seed0.json": _run(CPU, 7.0, 12000), "lora_lr0.001_seed1.json": _run(GPU, 0.2, 3000),
+             "full_lr0.0001_seed0.json": _run(CPU, 9.0, 8000), "full_lr0.0001_seed1.json": _run(CPU, 11.0, 9000)}
+    for name, run in files.items():
+        (tmp_path / name).write_text(json.dumps(run))
+
+    markdown, table = module.summary(argparse.Namespace(out=str(tmp_path)), ["lora", "full"])
+
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in markdown.splitlines()[2:]}
+    assert rows["lora"][7:9] == ["—", "—"]  # 7 s on the CPU and 0.2 s on a GPU have no meaningful median
+    assert rows["lora"][-1] == "2-core x86_64 CPU; NVIDIA H200 |"
+    assert rows["full"][7:9] == ["10.00", "8500"]
+    assert table["lora"]["machines"] == ["2-core x86_64 CPU", "NVIDIA H200"]
