@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -493,6 +494,42 @@ def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+def _most_frequent_share(answers: list[str]) -> tuple[str, float]:
+    text, count = Counter(answers).most_common(1)[0]
+    return text, count / len(answers)
+
+
+def answer_concentration(args, arms: list[str]) -> tuple[str, dict]:
+    """Per task of a suite: the share of the test questions that each run answers with its most frequent answer
+    (1.00: the same answer to every question), beside the accuracy of always giving the most frequent right
+    answer. On a task whose options are the same words for every question (winowhy's correct / incorrect), a run
+    that answers one of them throughout has learned a prior, not the task, and its accuracy is that answer's
+    share: the per-task table cannot tell this from learning, so it is shown here."""
+    questions = _split_questions(args.data_dir, 0, getattr(args, "task", "social_iqa"))["test"]
+    tasks = list(dict.fromkeys(q.task for q in questions))
+    if len(tasks) < 2:
+        return "", {}
+    by_task = {task: [i for i, q in enumerate(questions) if q.task == task] for task in tasks}
+    table = {"always the most frequent right answer": {
+        task: _most_frequent_share([questions[i].options[questions[i].answer].strip() for i in idx])
+        for task, idx in by_task.items()}}
+    for arm in arms:
+        runs = _runs_at_chosen_rate(args, arm) if arm != "zero-shot" else \
+            [r for r in [_existing(args, arm, None, 0)] if r is not None]
+        for run in runs:
+            scores = (run.get("option_log_likelihoods") or {}).get("test")
+            if scores is None or run["data_split"]["seed"] != 0 or len(scores) != len(questions):
+                continue
+            chosen = [questions[i].options[max(range(len(row)), key=row.__getitem__)].strip()
+                      for i, row in enumerate(scores)]  # ties go to the first option, as answer_hits does
+            name = run_name(arm, run.get("learning_rate") if arm != "zero-shot" else None, run["seed"])
+            table[name] = {task: _most_frequent_share([chosen[i] for i in idx]) for task, idx in by_task.items()}
+    lines = ["| run | " + " | ".join(tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{share:.2f} ('{text}')" for text, share in cells.values()) + " |"
+              for name, cells in table.items()]
+    return "\n".join(lines), table
+
+
 def grid_table(args, arms: list[str]) -> tuple[str, dict]:
     """Validation accuracy (seed 0) at every grid point run so far, and at the points outside the grid: the
     learning-rate search behind the table."""
@@ -563,6 +600,11 @@ def main() -> None:
     task_markdown, per_task = per_task_table(args, reported)
     if task_markdown:
         markdown += "\n\nTest accuracy per task of the suite (acc, mean ± std over seeds):\n\n" + task_markdown
+    concentration_markdown, concentration = answer_concentration(args, reported) if not args.smoke else ("", {})
+    if concentration_markdown:
+        markdown += "\n\nShare of each task's test questions given the run's most frequent answer (1.00: one answer " \
+            "to every question; the first row is the accuracy of always giving the most frequent right answer):\n\n" \
+            + concentration_markdown
     grid_markdown, grid = grid_table(args, reported)
     markdown += "\n\nValidation accuracy at each learning rate (seed 0; the chosen rate is the best one run):\n\n" + grid_markdown
     comparison_markdown, compared = comparisons(args, reported)
@@ -582,6 +624,7 @@ def main() -> None:
         (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
                                                                  "validation_grid": grid, "comparisons": compared, "paired": paired,
                                                                  "per_task": per_task, "task": args.task,
+                                                                 "answer_concentration": concentration,
                                                                  "training_loss": converged},
                                                                 indent=2) + "\n")
         if converged:

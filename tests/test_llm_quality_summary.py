@@ -38,3 +38,27 @@ def test_step_time_and_peak_are_shown_only_for_an_arm_measured_on_one_machine(tm
     assert rows["lora"][-1] == "2-core x86_64 CPU; NVIDIA H200 |"
     assert rows["full"][7:9] == ["10.00", "8500"]
     assert table["lora"]["machines"] == ["2-core x86_64 CPU", "NVIDIA H200"]
+
+
+def test_answer_concentration_flags_a_run_that_gives_one_answer_to_every_question(tmp_path, monkeypatch):
+    from sparsepeft.data.multiple_choice import ChoiceExample
+
+    module = _load()
+    binary = [ChoiceExample(f"p{i}", ("yes", "no"), int(i % 4 == 0), "", "binary") for i in range(8)]  # 2 of 8 'no'
+    varied = [ChoiceExample(f"q{i}", (f"a{i}", f"b{i}", f"c{i}"), i % 3, "", "varied") for i in range(6)]
+    monkeypatch.setattr(module, "_split_questions", lambda data_dir, seed, task: {"test": binary + varied})
+    always_yes = [[0.0, -1.0]] * 8 + [[-1.0, 0.0, -2.0]] * 6  # 'yes' throughout; the middle option of each
+    mixed = [[0.0, -1.0] if i % 2 else [-1.0, 0.0] for i in range(8)] + [[-1.0, 0.0, -2.0]] * 6
+    for seed, scores in ((0, always_yes), (1, mixed)):
+        run = {"learning_rate": 1e-3, "seed": seed, "data_split": {"seed": 0}, "option_log_likelihoods": {"test": scores},
+               "metrics": {"validation": {"acc": 0.5, "acc_norm": 0.5, "answer_nll": 1.0}}}
+        (tmp_path / f"lora_lr0.001_seed{seed}.json").write_text(json.dumps(run))
+
+    markdown, table = module.answer_concentration(
+        argparse.Namespace(out=str(tmp_path), data_dir="d", task="binary,varied"), ["lora"])
+
+    assert table["always the most frequent right answer"]["binary"] == ("yes", 0.75)
+    assert table["lora_lr0.001_seed0"]["binary"] == ("yes", 1.0)
+    assert table["lora_lr0.001_seed1"]["binary"][1] == 0.5  # half and half
+    assert table["lora_lr0.001_seed0"]["varied"][1] == 1 / 6  # a different text for every question
+    assert "| lora_lr0.001_seed0 | 1.00 ('yes') | 0.17 ('b0') |" in markdown
