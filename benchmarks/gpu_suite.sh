@@ -23,6 +23,7 @@
 # files into OUT/llm_suite.tar (a device call returns at most 8 files); `tar -xf llm_suite.tar -C docs/results`
 # unpacks it here. Every finished run is one file, and `run` starts from the docs/results/llm_suite/ that
 # travels with the tree, so a later call (the model staged again if the machine went back) resumes.
+# STEPS=400 runs the same protocol for 400 steps (one epoch of the union) into llm_suite_steps400/ instead.
 set -u
 ACTION=${1:?usage: gpu_suite.sh prepare | stage | run OUT_DIR [SECONDS]}
 PY=${PYTHON:-python3}
@@ -79,8 +80,10 @@ run)
     OUT=${2:?usage: gpu_suite.sh run OUT_DIR [SECONDS]}
     BUDGET=${3:-540}
     JOBS=${JOBS:-8}
-    mkdir -p "$OUT/llm_suite"
-    [ -d docs/results/llm_suite ] && cp -r docs/results/llm_suite/. "$OUT/llm_suite/"  # finished runs: skipped
+    STEPS=${STEPS:-200}
+    NAME=llm_suite; [ "$STEPS" != 200 ] && NAME=llm_suite_steps$STEPS
+    mkdir -p "$OUT/$NAME"
+    [ -d docs/results/$NAME ] && cp -r docs/results/$NAME/. "$OUT/$NAME/"  # finished runs: skipped
     export PYTHONPATH=${PYTHONPATH:-src}
     export SPARSEPEFT_COMMIT=${SPARSEPEFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # no .git there: pass it
     echo "$SPARSEPEFT_COMMIT" > "$OUT/commit.txt"
@@ -90,14 +93,14 @@ run)
     # each job gets its share of the cores: JOBS processes at the default thread count would oversubscribe them
     export OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
     timeout $(( BUDGET - SECONDS - 20 )) $PY benchmarks/llm_quality.py --model "$SMOLLM2" --task $SUITE \
-        --data-dir "$DATA" --max-seq-length 256 --arms "$ARMS" --phase all --jobs "$JOBS" --out "$OUT/llm_suite" \
+        --data-dir "$DATA" --max-seq-length 256 --arms "$ARMS" --phase all --jobs "$JOBS" --out "$OUT/$NAME" --steps "$STEPS" \
         --scratch /tmp/suite_scratch ${SMOKE:+--smoke} > "$OUT/sweep.log" 2>&1
     echo "sweep: exit $? after $SECONDS s" | tee -a "$OUT/steps.txt"
     # the summary over what finished (the sweep's own ends its run; a timeout cuts it)
-    $PY benchmarks/llm_quality.py --task $SUITE --data-dir "$DATA" --arms "$ARMS" --out "$OUT/llm_suite" --summary-only \
+    $PY benchmarks/llm_quality.py --task $SUITE --data-dir "$DATA" --arms "$ARMS" --out "$OUT/$NAME" --summary-only \
         ${SMOKE:+--smoke} > "$OUT/summary.log" 2>&1
-    ls "$OUT/llm_suite"/*.json 2>/dev/null | wc -l | sed 's/$/ run files/' | tee -a "$OUT/steps.txt"
-    tar -cf "$OUT/llm_suite.tar" -C "$OUT" llm_suite && rm -rf "$OUT/llm_suite"
+    ls "$OUT/$NAME"/*.json 2>/dev/null | wc -l | sed 's/$/ run files/' | tee -a "$OUT/steps.txt"
+    tar -cf "$OUT/$NAME.tar" -C "$OUT" "$NAME" && rm -rf "$OUT/$NAME"
     ;;
 *)
     echo "unknown action $ACTION: prepare | stage | run OUT_DIR [SECONDS]" >&2
