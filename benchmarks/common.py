@@ -49,7 +49,6 @@ def provenance(command: list[str] | None = None) -> dict:
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-
 def mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
     """Exact McNemar test of two runs on the same questions: the ones only one of them gets right, against a
     fair coin. ``diff`` is the accuracy difference in points."""
@@ -61,6 +60,7 @@ def mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
     return {"diff": 100 * (only_ours - only_theirs) / len(ours), "only_arm_right": only_ours,
             "only_reference_right": only_theirs, "questions": len(ours),
             "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0}
+
 
 def rss_mb(field: str = "VmRSS:") -> float:
     """Current (VmRSS:) or peak (VmHWM:) resident memory of this process, from /proc (Linux)."""

@@ -296,8 +296,11 @@ def _pairs(arms: list[str]) -> list[tuple[str, str]]:
 
 
 def _runs_at_chosen_rate(args, arm: str) -> list[dict]:
+    """The runs behind an arm's row: its seeds at the chosen rate, or zero-shot's one run (nothing trains, so
+    there are no seeds: its file would otherwise count once per seed)."""
     lr = chosen_lr(args, arm)
-    return [r for seed in (0, 1, 2) if (r := _existing(args, arm, lr, seed)) is not None]
+    seeds = (0, 1, 2) if lr is not None else (0,)
+    return [r for seed in seeds if (r := _existing(args, arm, lr, seed)) is not None]
 
 
 def _seed_values(args, arm: str, split: str, metric: str) -> list[float]:
@@ -437,8 +440,6 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
     for arm in arms:
         lr = chosen_lr(args, arm)
         runs = _runs_at_chosen_rate(args, arm)
-        if arm == "zero-shot":
-            runs = [r for r in [_existing(args, arm, None, 0)] if r is not None]
         if not runs:
             continue
 
@@ -474,8 +475,7 @@ def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
     tasks: list[str] = []
     table: dict = {}
     for arm in arms:
-        runs = _runs_at_chosen_rate(args, arm) if arm != "zero-shot" else \
-            [r for r in [_existing(args, arm, None, 0)] if r is not None]
+        runs = _runs_at_chosen_rate(args, arm)
         per_run = [r["metrics"]["test"].get("per_task") for r in runs]
         if not runs or not all(per_run):
             continue
@@ -505,6 +505,8 @@ def answer_concentration(args, arms: list[str]) -> tuple[str, dict]:
     answer. On a task whose options are the same words for every question (winowhy's correct / incorrect), a run
     that answers one of them throughout has learned a prior, not the task, and its accuracy is that answer's
     share: the per-task table cannot tell this from learning, so it is shown here."""
+    from sparsepeft.data.multiple_choice import chosen_options
+
     questions = _split_questions(args.data_dir, 0, getattr(args, "task", "social_iqa"))["test"]
     tasks = list(dict.fromkeys(q.task for q in questions))
     if len(tasks) < 2:
@@ -514,14 +516,12 @@ def answer_concentration(args, arms: list[str]) -> tuple[str, dict]:
         task: _most_frequent_share([questions[i].options[questions[i].answer].strip() for i in idx])
         for task, idx in by_task.items()}}
     for arm in arms:
-        runs = _runs_at_chosen_rate(args, arm) if arm != "zero-shot" else \
-            [r for r in [_existing(args, arm, None, 0)] if r is not None]
+        runs = _runs_at_chosen_rate(args, arm)
         for run in runs:
             scores = (run.get("option_log_likelihoods") or {}).get("test")
             if scores is None or run["data_split"]["seed"] != 0 or len(scores) != len(questions):
                 continue
-            chosen = [questions[i].options[max(range(len(row)), key=row.__getitem__)].strip()
-                      for i, row in enumerate(scores)]  # ties go to the first option, as answer_hits does
+            chosen = [q.options[option].strip() for q, option in zip(questions, chosen_options(scores))]
             name = run_name(arm, run.get("learning_rate") if arm != "zero-shot" else None, run["seed"])
             table[name] = {task: _most_frequent_share([chosen[i] for i in idx]) for task, idx in by_task.items()}
     lines = ["| run | " + " | ".join(tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
@@ -621,12 +621,10 @@ def main() -> None:
     if not args.smoke:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(markdown + "\n")
-        (Path(args.out) / "summary.json").write_text(json.dumps({"provenance": provenance(), "table": table,
-                                                                 "validation_grid": grid, "comparisons": compared, "paired": paired,
-                                                                 "per_task": per_task, "task": args.task,
-                                                                 "answer_concentration": concentration,
-                                                                 "training_loss": converged},
-                                                                indent=2) + "\n")
+        write_json(Path(args.out) / "summary.json", {
+            "provenance": provenance(), "table": table, "validation_grid": grid, "comparisons": compared,
+            "paired": paired, "per_task": per_task, "task": args.task, "answer_concentration": concentration,
+            "training_loss": converged})
         if converged:
             plot_loss_curves(args, reported, Path(args.out) / "loss_curves.png")
 

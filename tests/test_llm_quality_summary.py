@@ -27,17 +27,19 @@ def _run(machine: dict, step_seconds: float, peak: float) -> dict:
 def test_step_time_and_peak_are_shown_only_for_an_arm_measured_on_one_machine(tmp_path):
     module = _load()
     files = {"lora_lr0.001_seed0.json": _run(CPU, 7.0, 12000), "lora_lr0.001_seed1.json": _run(GPU, 0.2, 3000),
-             "full_lr0.0001_seed0.json": _run(CPU, 9.0, 8000), "full_lr0.0001_seed1.json": _run(CPU, 11.0, 9000)}
+             "full_lr0.0001_seed0.json": _run(CPU, 9.0, 8000), "full_lr0.0001_seed1.json": _run(CPU, 11.0, 9000),
+             "zero-shot.json": _run(CPU, 0.0, 600)}
     for name, run in files.items():
         (tmp_path / name).write_text(json.dumps(run))
 
-    markdown, table = module.summary(argparse.Namespace(out=str(tmp_path)), ["lora", "full"])
+    markdown, table = module.summary(argparse.Namespace(out=str(tmp_path)), ["zero-shot", "lora", "full"])
 
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in markdown.splitlines()[2:]}
     assert rows["lora"][7:9] == ["—", "—"]  # 7 s on the CPU and 0.2 s on a GPU have no meaningful median
     assert rows["lora"][-1] == "2-core x86_64 CPU; NVIDIA H200 |"
     assert rows["full"][7:9] == ["10.00", "8500"]
     assert table["lora"]["machines"] == ["2-core x86_64 CPU", "NVIDIA H200"]
+    assert table["zero-shot"]["seeds"] == 1  # one untrained run, not one per seed
 
 
 def test_answer_concentration_flags_a_run_that_gives_one_answer_to_every_question(tmp_path, monkeypatch):

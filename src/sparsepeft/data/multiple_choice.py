@@ -323,10 +323,16 @@ def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[
     return {"acc": hits / n, "acc_norm": hits_norm / n, "answer_nll": nll / n}
 
 
+def chosen_options(scores: Sequence[Sequence[float]]) -> list[int]:
+    """Per question, the option with the highest summed log-likelihood (``acc``'s answer; ties go to the first,
+    -1 when the scores are NaN): what a run answered, right or wrong."""
+    return [_argmax(option_scores) for option_scores in scores]
+
+
 def answer_hits(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> list[bool]:
     """Per question: does the highest summed log-likelihood fall on the right option (``acc``)? Two runs scored
     on the same questions are compared question by question through this."""
-    return [_argmax(option_scores) == example.answer for example, option_scores in zip(examples, scores)]
+    return [chosen == example.answer for example, chosen in zip(examples, chosen_options(scores))]
 
 
 def _argmax(values: Sequence[float]) -> int:
