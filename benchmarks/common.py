@@ -62,6 +62,27 @@ def mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
             "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0}
 
 
+def paired_weighted_test(ours: list[bool], theirs: list[bool], weights: list[float], resamples: int = 99_999) -> dict:
+    """Two runs on the same questions, scored by ``sum(weight * hit)`` (a macro-averaged balanced accuracy):
+    the paired permutation test that swaps the two runs' answers question by question (a sign flip of each
+    question's weighted difference; only the questions they disagree on can move it). Exact when those are few
+    enough to enumerate, otherwise ``resamples`` random flips from a fixed seed. With equal weights it is
+    exactly McNemar's test. ``diff`` is the score difference in points."""
+    import numpy
+    from scipy.stats import permutation_test
+
+    differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    ours_w = numpy.array([weights[i] * ours[i] for i in differ], dtype=float)
+    theirs_w = numpy.array([weights[i] * theirs[i] for i in differ], dtype=float)
+    diff = 100 * float(ours_w.sum() - theirs_w.sum())
+    if not differ:
+        return {"diff": 0.0, "disagree": 0, "p": 1.0, "questions": len(ours)}
+    test = permutation_test((ours_w, theirs_w), lambda x, y, axis: numpy.sum(x - y, axis=axis),
+                            permutation_type="samples", vectorized=True, n_resamples=resamples,
+                            rng=numpy.random.default_rng(0))
+    return {"diff": diff, "disagree": len(differ), "p": float(test.pvalue), "questions": len(ours)}
+
+
 def rss_mb(field: str = "VmRSS:") -> float:
     """Current (VmRSS:) or peak (VmHWM:) resident memory of this process, from /proc (Linux)."""
     with open("/proc/self/status") as handle:

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mcnemar, provenance, write_json  # noqa: E402
+from common import mcnemar, paired_weighted_test, provenance, write_json  # noqa: E402
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"  # IST's target set
 LORA8_BUDGET = "lora:r=8,target_modules=" + LORA_TARGETS.replace(",", "+")  # the LoRA arm's trainable count
@@ -77,7 +77,12 @@ ARMS = {  # arm -> (learning-rate family, flags)
 # moves up one more half-decade (full FT: 3e-4 beat 1e-4 and 3e-5). The same three points for every arm.
 GRIDS = {"full": (1e-4, 3e-4, 1e-3), "mask": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2)}
 OFF_GRID = {"full": (1e-5, 3e-5), "mask": (1e-4,), "lora": (3e-4,)}  # lower points a grid moved past: never chosen
-SELECT_ON = "acc"  # validation accuracy (summed log-likelihood), lm-evaluation-harness's `acc`
+# The rate rule's measure: the mean over the tasks of each task's balanced accuracy (balanced_weights in
+# sparsepeft.data.multiple_choice). On social_iqa alone, whose questions each have their own options, it is
+# lm-evaluation-harness's `acc` (summed log-likelihood). On the suite, where every trained run answered one of
+# winowhy's or epistemic_reasoning's two answers to nearly every question, pooled accuracy rose and fell by
+# ~5 points with which constant a run fell to (docs/selection.md); a constant answer scores exactly chance here.
+SELECT_ON = "macro_balanced_acc"
 
 
 def run_name(arm: str, lr: float | None, seed: int) -> str:
@@ -147,9 +152,33 @@ def chosen_lr(args, arm: str) -> float | None:
     if family is None:
         return None
     grid = GRIDS[family]
-    scored = [((v := r["metrics"]["validation"])[SELECT_ON], v["acc_norm"], -v["answer_nll"], lr) for lr in grid
-              if (r := _existing(args, arm, lr, 0)) is not None]
+    scored = [(_score(args, r, "validation"), (v := r["metrics"]["validation"])["acc_norm"], -v["answer_nll"], lr)
+              for lr in grid if (r := _existing(args, arm, lr, 0)) is not None]
     return max(scored)[-1] if scored else grid[0]
+
+
+def _recomputed(args, run: dict, split: str) -> dict | None:
+    """A run's metrics on a split recomputed from its kept option scores with today's metrics (runs made before
+    a metric existed have the scores it needs), or None for runs that kept none."""
+    from sparsepeft.data.multiple_choice import choice_metrics_by_task
+
+    scored = _scored_questions(args, run, split)
+    return choice_metrics_by_task(*scored) if scored is not None else None
+
+
+def _score(args, run: dict, split: str) -> float:
+    """The rate rule's measure (SELECT_ON) of a run on a split. Runs older than its key recompute it from their
+    option scores; social_iqa runs made before option scores were kept use `acc`, which it equals there."""
+    metrics = run["metrics"][split]
+    if SELECT_ON in metrics:
+        return metrics[SELECT_ON]
+    recomputed = _recomputed(args, run, split)
+    if recomputed is not None:
+        return recomputed[SELECT_ON]
+    if getattr(args, "task", "social_iqa") != "social_iqa":
+        raise SystemExit(f"a run of {args.task} (lr {run.get('learning_rate')}, seed {run.get('seed')}) kept neither "
+                         f"{split} {SELECT_ON} nor its option scores: rerun it with the current code")
+    return metrics["acc"]
 
 
 def _existing(args, arm: str, lr: float | None, seed: int) -> dict | None:
@@ -342,9 +371,9 @@ def _split_questions(data_dir: str, seed: int, task: str = "social_iqa") -> dict
     return load_task_data(task, data_dir, split_seed=seed).evaluation
 
 
-def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str]] | None:
-    """Per question: did the run's highest summed log-likelihood fall on the right option (`acc`)? And the task
-    each question comes from ("" outside a suite)."""
+def _scored_questions(args, run: dict, split: str) -> tuple[list, list[list[float]]] | None:
+    """The questions of a run's split and the option scores it kept for them (None for runs that kept none),
+    checked against each other: the scores must give the run's recorded accuracy."""
     scores = (run.get("option_log_likelihoods") or {}).get(split)
     if scores is None:
         return None
@@ -355,7 +384,19 @@ def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str]] | None
     if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
                          "score it against the task file it was trained on")
-    return hits, [question.task for question in questions]
+    return questions, scores
+
+
+def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str], list[float]] | None:
+    """Per question: did the run's highest summed log-likelihood fall on the right option (`acc`)? The task each
+    question comes from ("" outside a suite), and its weight in the macro-averaged balanced accuracy."""
+    from sparsepeft.data.multiple_choice import answer_hits, balanced_weights
+
+    scored = _scored_questions(args, run, split)
+    if scored is None:
+        return None
+    questions, scores = scored
+    return answer_hits(questions, scores), [q.task for q in questions], balanced_weights(questions)
 
 
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
@@ -367,6 +408,8 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     pooled one (keys ending in the task's name)."""
     lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    macro_lines = ["| arm | against | seed | split | macro-balanced diff | questions they disagree on | "
+                   "paired permutation p |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table = {}
     floor = [(arm, "zero-shot") for arm in arms if ARMS[arm][0] is not None] if "zero-shot" in arms else []
     for arm, reference in _pairs(arms) + floor:
@@ -382,19 +425,28 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
                 against = _correct(args, other, split) if other is not None else None
                 if ours is None or against is None:
                     continue
-                (hits, tasks), (other_hits, _) = ours, against
+                (hits, tasks, weights), (other_hits, _, _) = ours, against
+                key = f"{arm}_vs_{reference}_seed{run['seed']}_{split}"
+                if len(set(tasks)) > 1:  # a suite: the headline first, then McNemar pooled and per task
+                    entry = paired_weighted_test(hits, other_hits, weights)
+                    table[f"{key}_macro"] = entry
+                    macro_lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {entry['diff']:+.2f} | "
+                                       f"{entry['disagree']} | {entry['p']:.3f} |")
                 groups = {"": range(len(hits))}  # pooled, then each task of a suite
                 if len(set(tasks)) > 1:
                     groups |= {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
                 for task, chosen in groups.items():
                     entry = mcnemar([hits[i] for i in chosen], [other_hits[i] for i in chosen])
-                    table[f"{arm}_vs_{reference}_seed{run['seed']}_{split}" + (f"_{task}" if task else "")] = entry
+                    table[key + (f"_{task}" if task else "")] = entry
                     lines.append(f"| {arm} | {reference} | {run['seed']} | {split}{f' ({task})' if task else ''} | "
                                  f"{entry['diff']:+.2f} | {entry['only_arm_right']} / {entry['only_reference_right']} | "
                                  f"{entry['mcnemar_p']:.3f} |")
     if not table:
         lines.append("| (no pair of runs at a shared seed kept its option scores: runs before 027d6d5 did not) "
                      "| | | | | | |")
+    if len(macro_lines) > 2:
+        lines = macro_lines + ["", "Accuracy, pooled and per task (exact McNemar test on the questions only one of "
+                                   "the two runs gets right):", ""] + lines
     return "\n".join(lines), table
 
 
@@ -433,9 +485,11 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
     """One row per arm at its chosen rate. The suite's runs may come from more than one machine (the CPU here,
     a lent GPU): accuracy does not depend on it, step time and peak memory do, so an arm whose runs were
     measured on different machines shows no step time or peak (each run file keeps its own)."""
-    lines = ["| arm | lr (chosen on validation) | seeds | validation acc | test acc | test acc_norm | trainable params | "
+    suite = "," in getattr(args, "task", "social_iqa")  # the rate rule's measure differs from acc only on a suite: shown there
+    lines = ["| arm | lr (chosen on validation) | seeds | " + ("validation macro-bal | test macro-bal | " * suite)
+             + "validation acc | test acc | test acc_norm | trainable params | "
              "step s | train peak RSS MB | optimizer state MB | mask/probe s | measured on |",
-             "|" + " --- |" * 12]
+             "|" + " --- |" * (12 + 2 * suite)]
     table = {}
     for arm in arms:
         lr = chosen_lr(args, arm)
@@ -447,6 +501,7 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
             mean = statistics.mean(values)
             return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+        macro = {split: stat([100 * _score(args, r, split) for r in runs]) for split in ("validation", "test")}
         val = stat([100 * r["metrics"]["validation"]["acc"] for r in runs])
         test = stat([100 * r["metrics"]["test"]["acc"] for r in runs])
         norm = stat([100 * r["metrics"]["test"]["acc_norm"] for r in runs])
@@ -454,7 +509,8 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
         peak = [r["train_peak_rss_mb"] for r in runs]
         optimizer = [r.get("optimizer_state_bytes", 0) / 2**20 for r in runs]
         mask = [r.get("mask_seconds") or (r.get("layerwise") or {}).get("probe_seconds") or 0.0 for r in runs]
-        table[arm] = {"lr": lr, "seeds": len(runs), "validation_acc": val, "test_acc": test, "test_acc_norm": norm,
+        table[arm] = {"lr": lr, "seeds": len(runs), "validation_macro_balanced_acc": macro["validation"],
+                      "test_macro_balanced_acc": macro["test"], "validation_acc": val, "test_acc": test, "test_acc_norm": norm,
                       "trainable_params": runs[0]["trainable_params"], "step_seconds": steps, "train_peak_rss_mb": peak,
                       "optimizer_state_mb": optimizer, "mask_seconds": mask,
                       "commits": sorted({r["provenance"]["commit"] for r in runs}),
@@ -464,34 +520,55 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
         one_machine = len(machines) == 1
         step = f"{statistics.median(steps) if steps else 0:.2f}" if one_machine else "—"
         peak_cell = f"{statistics.median(peak):.0f}" if one_machine else "—"
-        lines.append(f"| {arm} | {lr if lr is not None else '—'} | {len(runs)} | {cell(val)} | {cell(test)} | {cell(norm)} | "
-                     f"{trainable} | {step} | {peak_cell} | {statistics.median(optimizer):.1f} | "
+        macro_cells = f"{cell(macro['validation'])} | {cell(macro['test'])} | " if suite else ""
+        lines.append(f"| {arm} | {lr if lr is not None else '—'} | {len(runs)} | {macro_cells}"
+                     f"{cell(val)} | {cell(test)} | {cell(norm)} | {trainable} | {step} | {peak_cell} | {statistics.median(optimizer):.1f} | "
                      f"{statistics.median(mask):.0f} | {'; '.join(machines)} |")
     return "\n".join(lines), table
 
 
+def _test_per_task(args, run: dict) -> dict | None:
+    """A suite run's test metrics per task, with each task's balanced accuracy (recomputed from the kept option
+    scores for runs older than it)."""
+    per_task = run["metrics"]["test"].get("per_task")
+    if not per_task or not all("balanced_acc" in m for m in per_task.values()):
+        per_task = (_recomputed(args, run, "test") or {}).get("per_task", per_task)
+    return per_task
+
+
 def per_task_table(args, arms: list[str]) -> tuple[str, dict]:
-    """A suite's test accuracy per task (mean ± std over the seeds at each arm's chosen rate), beside the pooled."""
+    """A suite's test scores per task (mean ± std over the seeds at each arm's chosen rate): accuracy beside the
+    pooled one, then balanced accuracy beside their mean (the headline, SELECT_ON)."""
     tasks: list[str] = []
-    table: dict = {}
+    table: dict = {"acc": {}, "balanced_acc": {}}
     for arm in arms:
         runs = _runs_at_chosen_rate(args, arm)
-        per_run = [r["metrics"]["test"].get("per_task") for r in runs]
+        per_run = [_test_per_task(args, r) for r in runs]
         if not runs or not all(per_run):
             continue
         for task in dict.fromkeys(task for p in per_run for task in p):  # a --smoke subset can miss a task
-            values = [100 * p[task]["acc"] for p in per_run if task in p]
-            table.setdefault(arm, {})[task] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            for metric, cells in table.items():
+                values = [100 * p[task][metric] for p in per_run if task in p]
+                cells.setdefault(arm, {})[task] = (statistics.mean(values),
+                                                   statistics.stdev(values) if len(values) > 1 else 0.0)
             tasks += [task] if task not in tasks else []
-        pooled = [100 * r["metrics"]["test"]["acc"] for r in runs]
-        table[arm]["pooled"] = (statistics.mean(pooled), statistics.stdev(pooled) if len(pooled) > 1 else 0.0)
-    if not table:
+        for metric, overall in (("acc", [100 * r["metrics"]["test"]["acc"] for r in runs]),
+                                ("balanced_acc", [100 * _score(args, r, "test") for r in runs])):
+            table[metric][arm]["all"] = (statistics.mean(overall), statistics.stdev(overall) if len(overall) > 1 else 0.0)
+    if not table["acc"]:
         return "", {}
-    lines = ["| arm | " + " | ".join(tasks) + " | pooled |", "|" + " --- |" * (len(tasks) + 2)]
-    for arm, cells in table.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{cells[t][0]:.2f} ± {cells[t][1]:.2f}" if t in cells else "—"
-                                              for t in [*tasks, "pooled"]) + " |")
-    return "\n".join(lines), table
+    sections = []
+    for metric, last in (("acc", "pooled"), ("balanced_acc", "mean over tasks (headline)")):
+        lines = [f"| arm | " + " | ".join(tasks) + f" | {last} |", "|" + " --- |" * (len(tasks) + 2)]
+        for arm, cells in table[metric].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{cells[t][0]:.2f} ± {cells[t][1]:.2f}" if t in cells else "—"
+                                                  for t in [*tasks, "all"]) + " |")
+        sections.append("\n".join(lines))
+    markdown = sections[0] + "\n\nBalanced accuracy per task (each right answer weighs the same on a task whose " \
+        "questions all offer the same answers, so one answer to every question scores chance; plain accuracy on " \
+        "a task whose questions have their own options) and their mean, the suite's headline and rate rule:\n\n" \
+        + sections[1]
+    return markdown, table
 
 
 def _most_frequent_share(answers: list[str]) -> tuple[str, float]:
@@ -544,7 +621,7 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
         for arm in members:
             runs = {lr: _existing(args, arm, lr, 0) for lr in (*grid, *OFF_GRID[family])}
             table[arm] = {f"{lr:g}": run["metrics"]["validation"] if run else None for lr, run in runs.items()}
-            cells = [f"{100 * run['metrics']['validation'][SELECT_ON]:.2f}" if run else "not run" for run in runs.values()]
+            cells = [f"{100 * _score(args, run, 'validation'):.2f}" if run else "not run" for run in runs.values()]
             cells.insert(len(grid), f"{chosen_lr(args, arm):g}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines[1:]), table
@@ -612,8 +689,10 @@ def main() -> None:
         "(percentage points; Welch's t and two-sided p over training seeds):\n\n" + comparison_markdown
     # a --smoke run scores a few questions, not its split's: nothing to pair question by question
     paired_markdown, paired = paired_comparisons(args, reported) if not args.smoke else ("", {})
-    markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " \
-        "(exact McNemar test on the questions only one of the two runs gets right):\n\n" + paired_markdown
+    markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " + (
+        "(the suite's headline, macro-averaged balanced accuracy: a paired permutation test that swaps the two runs' "
+        "answers question by question):" if "," in args.task else
+        "(exact McNemar test on the questions only one of the two runs gets right):") + "\n\n" + paired_markdown
     convergence_markdown, converged = convergence(args, reported)
     markdown += "\n\nTraining loss at each arm's chosen rate (runs whose log was kept; see convergence()):\n\n" \
         + convergence_markdown

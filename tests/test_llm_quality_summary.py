@@ -53,7 +53,8 @@ def test_answer_concentration_flags_a_run_that_gives_one_answer_to_every_questio
     mixed = [[0.0, -1.0] if i % 2 else [-1.0, 0.0] for i in range(8)] + [[-1.0, 0.0, -2.0]] * 6
     for seed, scores in ((0, always_yes), (1, mixed)):
         run = {"learning_rate": 1e-3, "seed": seed, "data_split": {"seed": 0}, "option_log_likelihoods": {"test": scores},
-               "metrics": {"validation": {"acc": 0.5, "acc_norm": 0.5, "answer_nll": 1.0}}}
+               "metrics": {"validation": {"acc": 0.5, "acc_norm": 0.5, "answer_nll": 1.0,
+                                              "macro_balanced_acc": 0.5}}}
         (tmp_path / f"lora_lr0.001_seed{seed}.json").write_text(json.dumps(run))
 
     markdown, table = module.answer_concentration(

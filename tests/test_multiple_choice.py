@@ -8,7 +8,7 @@ import torch
 from conftest import WORDS
 from sparsepeft.cli.main import main
 from sparsepeft.data import DataError
-from sparsepeft.data.multiple_choice import (choice_metrics, encode_choices, load_multiple_choice,
+from sparsepeft.data.multiple_choice import (choice_metrics, choice_metrics_by_task, encode_choices, load_multiple_choice,
                                              option_log_likelihoods, read_bigbench, split_examples,
                                              training_features)
 
@@ -207,7 +207,7 @@ def test_cli_trains_and_scores_multiple_choice_end_to_end(tiny_llama_lm_dir, tmp
     lora = json.loads((tmp_path / "lora" / "results.json").read_text())
     assert set(zero["metrics"]) == {"validation", "test"} and zero["data_split"]["sizes"]["test"] == 8
     for split in ("validation", "test"):
-        assert {"acc", "acc_norm", "answer_nll"} == set(lora["metrics"][split])
+        assert {"acc", "acc_norm", "answer_nll", "macro_balanced_acc"} == set(lora["metrics"][split])
     assert zero["train_steps"] == 0 and lora["train_steps"] == 30
     # each question's option log-likelihoods are kept, in the split's order: they give back the metrics, and two
     # runs can be compared question by question
@@ -216,7 +216,7 @@ def test_cli_trains_and_scores_multiple_choice_end_to_end(tiny_llama_lm_dir, tmp
         for split in ("validation", "test"):
             scores = run["option_log_likelihoods"][split]
             assert len(scores) == len(parts[split]) and all(len(s) == 3 for s in scores)
-            assert choice_metrics(parts[split], scores) == pytest.approx(run["metrics"][split], abs=0)
+            assert choice_metrics_by_task(parts[split], scores) == pytest.approx(run["metrics"][split], abs=0)
     assert zero["option_log_likelihoods"]["test"] != lora["option_log_likelihoods"]["test"]
     # training on the answers lowers their negative log-likelihood on held-out questions
     assert lora["metrics"]["test"]["answer_nll"] < zero["metrics"]["test"]["answer_nll"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -297,16 +298,54 @@ def load_suite(files: dict[str, str | Path], split_seed: int = 0) -> MultipleCho
 
 def choice_metrics_by_task(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict:
     """:func:`choice_metrics` of all the questions, and, when they come from several tasks, of each task's
-    (``per_task``: its metrics and question count)."""
+    (``per_task``: its metrics, its ``balanced_acc`` and question count); and ``macro_balanced_acc``, the mean
+    of the tasks' balanced accuracies (:func:`balanced_weights`), which a constant answer cannot move."""
     metrics: dict = choice_metrics(examples, scores)
+    hits = answer_hits(examples, scores)
+    weights = balanced_weights(examples)
+    metrics["macro_balanced_acc"] = sum(w * hit for w, hit in zip(weights, hits))
     tasks = list(dict.fromkeys(e.task for e in examples))
     if len(tasks) > 1:
         metrics["per_task"] = {}
         for task in tasks:
             chosen = [i for i, e in enumerate(examples) if e.task == task]
             metrics["per_task"][task] = {**choice_metrics([examples[i] for i in chosen], [scores[i] for i in chosen]),
+                                         "balanced_acc": len(tasks) * sum(weights[i] * hits[i] for i in chosen),
                                          "questions": len(chosen)}
     return metrics
+
+
+def has_fixed_answers(examples: Sequence[ChoiceExample]) -> bool:
+    """Do all these questions offer the same answers (winowhy's correct / incorrect)? Then a run can answer
+    one of them throughout without reading the question, and its accuracy is that answer's share."""
+    return len({frozenset(option.strip() for option in e.options) for e in examples}) == 1
+
+
+def balanced_weights(examples: Sequence[ChoiceExample]) -> list[float]:
+    """Each question's weight in the macro-averaged balanced accuracy, so that the score is
+    ``sum(weight * hit)`` (one number per run, and a paired test between runs can flip hits question by question).
+
+    Every task weighs the same. Within a task whose questions all offer the same answers, each right answer
+    weighs the same (balanced accuracy, scikit-learn's ``balanced_accuracy_score`` over the right answers'
+    texts): a run that gives one answer to every question scores exactly chance, whichever answer it is.
+    Within a task whose questions each have their own options (social_iqa), no answer can be repeated
+    blindly and every question weighs the same (plain accuracy). On one such task the score is ``acc``.
+    """
+    by_task: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_task.setdefault(example.task, []).append(i)
+    weights = [0.0] * len(examples)
+    for members in by_task.values():
+        task_examples = [examples[i] for i in members]
+        if has_fixed_answers(task_examples):
+            right = [e.options[e.answer].strip() for e in task_examples]
+            counts = Counter(right)
+            for i, text in zip(members, right):
+                weights[i] = 1.0 / (len(by_task) * len(counts) * counts[text])
+        else:
+            for i in members:
+                weights[i] = 1.0 / (len(by_task) * len(members))
+    return weights
 
 
 def choice_metrics(examples: Sequence[ChoiceExample], scores: Sequence[Sequence[float]]) -> dict[str, float]:

@@ -1,0 +1,149 @@
+"""The suite's headline: the mean over tasks of each task's balanced accuracy, which a constant answer cannot
+move; its paired permutation test; and the LLM benchmark's rate rule, which now chooses on it."""
+
+import argparse
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import balanced_accuracy_score
+
+from sparsepeft.data.multiple_choice import (ChoiceExample, answer_hits, balanced_weights, choice_metrics_by_task,
+                                             chosen_options)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def llm_quality():
+    spec = importlib.util.spec_from_file_location("llm_quality", BENCHMARKS / "llm_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _binary(n: int, yes_share: float, rng: random.Random, task: str = "binary") -> list[ChoiceExample]:
+    """Questions that all offer the same two answers, 'yes' right on about ``yes_share`` of them."""
+    return [ChoiceExample(f"b{i}", ("yes", "no"), 0 if rng.random() < yes_share else 1, task=task) for i in range(n)]
+
+
+def _free(n: int, rng: random.Random, task: str = "free") -> list[ChoiceExample]:
+    """Questions with their own three options each (social_iqa's kind)."""
+    return [ChoiceExample(f"f{i}", tuple(f"option {i}-{k}" for k in range(3)), rng.randrange(3), task=task)
+            for i in range(n)]
+
+
+def _scores_answering(examples, answers: list[int]) -> list[list[float]]:
+    return [[0.0 if k == a else -1.0 - k for k in range(len(e.options))] for e, a in zip(examples, answers)]
+
+
+def test_one_answer_to_every_question_scores_exactly_chance_whichever_it_is():
+    rng = random.Random(0)
+    examples = _binary(40, 0.8, rng) + _free(30, rng)
+    for constant in (0, 1):  # 'yes' is right on ~80%: plain accuracy would be ~0.8 or ~0.2
+        answers = [constant] * 40 + [e.answer for e in examples[40:]]  # and every free question right
+        metrics = choice_metrics_by_task(examples, _scores_answering(examples, answers))
+        assert metrics["per_task"]["binary"]["balanced_acc"] == pytest.approx(0.5)
+        assert metrics["per_task"]["free"]["balanced_acc"] == pytest.approx(1.0)
+        assert metrics["macro_balanced_acc"] == pytest.approx(0.75)
+    assert metrics["per_task"]["binary"]["acc"] != pytest.approx(0.5)
+
+
+def test_balanced_accuracy_agrees_with_scikit_learn_and_is_accuracy_where_options_differ():
+    rng = random.Random(1)
+    examples = _binary(50, 0.7, rng, "a") + _free(45, rng, "b") + _binary(35, 0.3, rng, "c")
+    answers = [rng.randrange(len(e.options)) for e in examples]
+    scores = _scores_answering(examples, answers)
+    metrics = choice_metrics_by_task(examples, scores)
+    chosen = chosen_options(scores)
+    for task in ("a", "b", "c"):
+        members = [i for i, e in enumerate(examples) if e.task == task]
+        hits = [answer_hits([examples[i]], [scores[i]])[0] for i in members]
+        right = [examples[i].options[examples[i].answer] for i in members]
+        picked = [examples[i].options[chosen[i]] for i in members]
+        expected = balanced_accuracy_score(right, picked) if task != "b" else sum(hits) / len(hits)
+        assert metrics["per_task"][task]["balanced_acc"] == pytest.approx(expected)
+    mean = sum(metrics["per_task"][t]["balanced_acc"] for t in ("a", "b", "c")) / 3
+    assert metrics["macro_balanced_acc"] == pytest.approx(mean)
+    assert sum(balanced_weights(examples)) == pytest.approx(1.0)
+
+
+def test_on_one_task_with_its_own_options_per_question_the_headline_is_acc():
+    rng = random.Random(2)
+    examples = _free(60, rng, "")
+    scores = _scores_answering(examples, [rng.randrange(3) for _ in examples])
+    metrics = choice_metrics_by_task(examples, scores)
+    assert metrics["macro_balanced_acc"] == pytest.approx(metrics["acc"])
+    assert "per_task" not in metrics
+
+
+def test_paired_weighted_test_is_mcnemar_with_equal_weights_and_antisymmetric():
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import paired_weighted_test
+
+    rng = random.Random(3)
+    ours = [rng.random() < 0.6 for _ in range(40)]
+    theirs = [rng.random() < 0.45 for _ in range(40)]
+    only_ours = sum(a and not b for a, b in zip(ours, theirs))
+    only_theirs = sum(b and not a for a, b in zip(ours, theirs))
+    entry = paired_weighted_test(ours, theirs, [1 / 40] * 40)
+    assert entry["p"] == pytest.approx(binomtest(only_ours, only_ours + only_theirs, 0.5).pvalue)
+    assert entry["diff"] == pytest.approx(100 * (only_ours - only_theirs) / 40)
+    weights = [rng.random() for _ in range(40)]
+    forward, backward = paired_weighted_test(ours, theirs, weights), paired_weighted_test(theirs, ours, weights)
+    assert backward["diff"] == pytest.approx(-forward["diff"]) and backward["p"] == pytest.approx(forward["p"])
+    assert paired_weighted_test(ours, ours, weights) == {"diff": 0.0, "disagree": 0, "p": 1.0, "questions": 40}
+
+
+def _suite_files(data: Path, rng: random.Random) -> None:
+    """A two-task suite on disk: one task whose questions offer the same two answers, 'no' right on ~85% of
+    them, and one whose questions have their own options."""
+    tasks = {"fixed": [{"input": f"fixed {i}", "target_scores": {"yes": int(yes), "no": int(not yes)}}
+                       for i, yes in enumerate(rng.random() < 0.15 for _ in range(200))],
+             "free": [{"input": f"free {i}", "target_scores": {f"option {i}-{k}": int(k == i % 3) for k in range(3)}}
+                      for i in range(150)]}
+    for name, examples in tasks.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "task.json").write_text(json.dumps({"canary": "written by the test", "examples": examples}))
+
+
+def test_the_suites_rate_rule_prefers_learning_over_the_majority_answer(tmp_path, llm_quality):
+    """At 1e-3 the run answers 'no' (right on ~85%) to every fixed question: high accuracy, chance balanced. At
+    3e-3 it gets every 'yes' right and 3 of 5 'no': lower accuracy, balanced ~0.8. Both get the same half of
+    the free task right. Pooled accuracy (the old rule) chose 1e-3; the headline chooses 3e-3."""
+    from sparsepeft.data.multiple_choice import choice_metrics
+    from sparsepeft.experiments.pipeline import load_task_data
+
+    rng = random.Random(4)
+    data = tmp_path / "data"
+    _suite_files(data, rng)
+    suite = "fixed,free"
+    questions = load_task_data(suite, str(data), split_seed=0).evaluation
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def answer(q, i, lr):
+        if q.task == "fixed":
+            no = q.options.index("no")
+            return no if lr == 1e-3 or (q.answer == no and i % 5 < 3) else 1 - no
+        return q.answer if i % 2 == 0 else (q.answer + 1) % 3
+
+    for lr in (1e-3, 3e-3):
+        scores = {split: _scores_answering(items, [answer(q, i, lr) for i, q in enumerate(items)])
+                  for split, items in questions.items()}
+        metrics = {split: choice_metrics(items, scores[split]) for split, items in questions.items()}  # older runs:
+        run = {"method": "lora", "seed": 0, "learning_rate": lr, "data_split": {"seed": 0},  # no headline kept
+               "metrics": metrics, "option_log_likelihoods": scores}
+        (out / f"lora_lr{lr:g}_seed0.json").write_text(json.dumps(run))
+    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    runs = {lr: json.loads((out / f"lora_lr{lr:g}_seed0.json").read_text()) for lr in (1e-3, 3e-3)}
+    assert runs[1e-3]["metrics"]["validation"]["acc"] > runs[3e-3]["metrics"]["validation"]["acc"]
+    assert llm_quality._score(args, runs[1e-3], "validation") < llm_quality._score(args, runs[3e-3], "validation")
+    assert llm_quality.chosen_lr(args, "lora") == 3e-3
+    markdown, table = llm_quality.per_task_table(args, ["lora"])
+    assert table["balanced_acc"]["lora"]["all"][0] == pytest.approx(100 * llm_quality._score(args, runs[3e-3], "test"))
+    assert "mean over tasks (headline)" in markdown
