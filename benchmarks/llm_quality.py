@@ -9,7 +9,8 @@ social_iqa (three-way multiple choice), the LLM track of docs/llm.md.
 Protocol (the same for every arm): the fixed split of the file (seed 0: 1369 train / 195 validation /
 390 test questions), prompt -> correct option with the loss on the answer tokens, --steps optimizer steps
 of batch --batch-size (default 200 x 16 = 3200 examples, 2.3 epochs), linear decay after 20 warm-up steps,
-sequences cut to 128 tokens. Each arm's learning rate is chosen on validation accuracy (seed 0) from a
+sequences cut to 128 tokens. Each arm's learning rate is chosen on validation (seed 0, SELECT_ON: the mean
+over the tasks of each task's balanced accuracy, which on social_iqa alone is its accuracy) from a
 three-point grid that starts at its family's usual value and goes two half-decades up (the first grids,
 centred on the usual value, all picked their upper edge at 200 steps); a grid whose best point is again
 its upper edge moves up by one more half-decade, still three points (full FT: 3e-4 beat 1e-4). Test

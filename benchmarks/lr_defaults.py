@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -92,9 +93,28 @@ def choose(by_task: dict[str, dict[float, float]], ladder: tuple, bars: dict[str
 
 
 def _label(task: str, points: dict) -> str:
-    """A table row: the task and its runs' step count, which tells two protocols' rows apart."""
-    steps = sorted({r["train_steps"] for r in points.values()})
-    return f"minilm/{task}" + (f" ({'/'.join(map(str, steps))} steps)" if steps else "")
+    """A table row: the task, its runs' step count (which tells two protocols' rows apart) and, where more than
+    one seed ran, how many."""
+    runs = [r for by_seed in points.values() for r in by_seed.values()]
+    steps = sorted({r["train_steps"] for r in runs})
+    seeds = max((len(by_seed) for by_seed in points.values()), default=0)
+    notes = ([f"{'/'.join(map(str, steps))} steps"] if steps else []) + ([f"{seeds} seeds"] if seeds > 1 else [])
+    return f"minilm/{task}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _mean_curve(task: str, by_seed: dict) -> list[float]:
+    """The validation curve averaged over the seeds that logged one (epoch by epoch)."""
+    curves = [c for r in by_seed.values() if (c := curve(task, r))]
+    return [sum(c[i] for c in curves) / len(curves) for i in range(min(map(len, curves)))] if curves else []
+
+
+def _cell(points: dict, spread: dict, lr: float, top: float) -> str:
+    """A rate's mean score, its ratio to the task's best and, over several seeds, their standard deviation."""
+    if lr not in points:
+        return "—"
+    values = spread.get(lr, [])
+    std = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{points[lr]:.3f}{std} ({points[lr] / top:.2f})" if top > 0 else f"{points[lr]:.3f}{std}"
 
 
 def main() -> None:
@@ -110,8 +130,11 @@ def main() -> None:
                         "splitting a sweep); the table still needs every point")
     parser.add_argument("--also", default="", help="TASK@FOLDER,...: finished runs of another protocol's sweep "
                         "(nothing is trained), shown and chosen on beside this one's, labelled with their step count")
+    parser.add_argument("--seeds", default="", help="train and tabulate these seeds (e.g. 0,1,2): each cell is "
+                        "their mean ± std and the choice is made on the means; default: --seed alone")
     parser.add_argument("--write")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [args.seed]
     only = {float(r) for r in args.rates.split(",") if r}
     families = args.families.split(",")
     measured: dict = {f: {} for f in families}
@@ -123,23 +146,35 @@ def main() -> None:
         for task in args.tasks.split(","):
             run_args = argparse.Namespace(**vars(args), task=task)
             run_args.out = str(Path(args.out) / task)
-            points: dict = {}
-            for lr in GRIDS[family]:
-                run_args.summary_only = args.summary_only or bool(only and lr not in only)
-                _run_point(run_args, arm, lr, points)
+            points: dict = {}  # lr -> seed -> result
+            for seed in seeds:
+                run_args.seed = seed
+                for lr in GRIDS[family]:
+                    run_args.summary_only = args.summary_only or bool(only and lr not in only)
+                    one: dict = {}
+                    _run_point(run_args, arm, lr, one)
+                    if lr in one:
+                        points.setdefault(lr, {})[seed] = one[lr]
             rows.append((family, task, points))
         for spec in filter(None, args.also.split(",")):  # another protocol's finished runs: read, never trained
             task, folder = spec.split("@")
             other = argparse.Namespace(**{**vars(args), "summary_only": True, "out": str(Path(folder) / task)},
                                        task=task)
             points = {}
-            for lr in GRIDS[family]:
-                _run_point(other, arm, lr, points)
+            for seed in seeds:
+                other.seed = seed
+                for lr in GRIDS[family]:
+                    one = {}
+                    _run_point(other, arm, lr, one)
+                    if lr in one:
+                        points.setdefault(lr, {})[seed] = one[lr]
             rows.append((family, task, points))
+    spread: dict = {f: {} for f in families}  # every seed's score, behind each mean
     for family, task, points in rows:
         label = _label(task, points)
-        measured[family][label] = {lr: score(task, r) for lr, r in points.items()}
-        curves[family][label] = {lr: curve(task, r) for lr, r in points.items()}
+        spread[family][label] = {lr: [score(task, r) for r in by_seed.values()] for lr, by_seed in points.items()}
+        measured[family][label] = {lr: statistics.mean(values) for lr, values in spread[family][label].items()}
+        curves[family][label] = {lr: _mean_curve(task, by_seed) for lr, by_seed in points.items()}
         task_of[label] = task
     for family in families:
         social = llm_points(Path(args.llm), family)
@@ -153,15 +188,16 @@ def main() -> None:
         ladder = GRIDS[family]
         chosen, detail = choose(measured[family], ladder, bars)
         summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family],
-                           "validation_curves": curves[family], "chance_bars": bars, **detail}
-        lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score relative to the "
+                           "by_task_seeds": spread[family], "seeds": seeds, "validation_curves": curves[family], "chance_bars": bars, **detail}
+        over = f" (mean ± std over seeds {','.join(map(str, seeds))} where they ran)" if len(seeds) > 1 else ""
+        lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score{over} relative to the "
                   f"task's best rate; chosen: {chosen}" + ("; ↑: above chance and still rising (the last "
                   "epoch added more than 0.005 on validation)" if any(c for t in curves[family].values() for c in t.values()) else ""), "",
                   "| task | " + " | ".join(f"{lr:g}" for lr in ladder) + " | chance bar | in the choice |",
                   "|" + " --- |" * (len(ladder) + 3)]
         for task, pts in sorted(measured[family].items()):
             top = max(pts.values()) if pts else 0
-            cells = [("—" if lr not in pts else f"{pts[lr]:.3f} ({pts[lr] / top:.2f})" if top > 0 else f"{pts[lr]:.3f}")
+            cells = [_cell(pts, spread[family].get(task, {}), lr, top)
                      + (" ↑" if lr in pts and pts[lr] > bars.get(task, float("-inf"))
                         and still_rising(curves[family].get(task, {}).get(lr, [])) else "") for lr in ladder]
             bar = f"{bars[task]:.3f}" if task in bars else "—"

@@ -75,3 +75,34 @@ def test_a_sweep_creates_its_scratch_folder(tmp_path, monkeypatch):
     with pytest.raises(Reached):
         llm_quality.run_one(args, "lora", 1e-3, 0)
     assert len(list(scratch.iterdir())) == 1  # the run's folder, inside the scratch folder it created
+
+
+def test_seeds_are_averaged_before_the_choice(lr_defaults, tmp_path, monkeypatch):
+    """--seeds: each cell is the mean over the seeds (their spread kept), and the default is chosen on the means.
+    Seed 0 alone would choose 3e-4 on 'stsb'; seeds 1 and 2 put 1e-3 ahead on the mean."""
+    import json
+
+    scores = {0: {3e-4: 0.80, 1e-3: 0.70, 3e-3: 0.01, 1e-2: 0.02},
+              1: {3e-4: 0.60, 1e-3: 0.81, 3e-3: 0.60, 1e-2: 0.03},
+              2: {3e-4: 0.62, 1e-3: 0.80, 3e-3: 0.02, 1e-2: 0.01}}
+
+    def fake_point(args, arm, lr, points):
+        points[lr] = {"train_steps": 540, "metrics": {"validation": {"pearson": scores[args.seed][lr]}},
+                      "validation_log": [{"pearson": scores[args.seed][lr] - 0.1}, {"pearson": scores[args.seed][lr]}]}
+
+    monkeypatch.setattr(lr_defaults, "_run_point", fake_point)
+    monkeypatch.setattr(lr_defaults, "chance_bar", lambda task, glue_dir: 0.05)
+    monkeypatch.setattr(lr_defaults, "GRIDS", {"lora": (3e-4, 1e-3, 3e-3, 1e-2)})
+    out = tmp_path / "table.json"
+    for seeds, expected in (("0", 3e-4), ("0,1,2", 1e-3)):
+        monkeypatch.setattr(sys, "argv", ["lr_defaults.py", "--families", "lora", "--tasks", "stsb", "--seeds", seeds,
+                                          "--llm", str(tmp_path / "none"), "--summary-only", "--write", str(out)])
+        lr_defaults.main()
+        family = json.loads(out.read_text())["families"]["lora"]
+        assert family["chosen"] == expected
+    label = "minilm/stsb (540 steps, 3 seeds)"
+    assert family["by_task"][label]["0.001"] == pytest.approx((0.70 + 0.81 + 0.80) / 3)
+    assert family["by_task_seeds"][label]["0.003"] == [0.01, 0.60, 0.02]
+    assert family["validation_curves"][label]["0.001"] == pytest.approx([(0.70 + 0.81 + 0.80) / 3 - 0.1,
+                                                                         (0.70 + 0.81 + 0.80) / 3])
+    assert "0.770 ± 0.061 (1.00)" in json.loads(out.read_text())["markdown"]
