@@ -19,10 +19,14 @@ Two parts, one result file per run under --out (a run whose file exists is skipp
     python benchmarks/scale.py --part selection
     python benchmarks/scale.py --part model --sizes 134m,374m,1.1b
     python benchmarks/scale.py --part precision        # bf16-autocast Fisher vs float32 on real models
+    python benchmarks/scale.py --part order --fisher-samples 64 --batch-size 8 --repeats 2   # batching by length
     python benchmarks/scale.py --part summary          # docs/results/scale_cpu.json and the table
 
 * ``precision``: the Fisher under bf16 autocast against the float32 Fisher, on MiniLM (SST-2) and SmolLM2-135M
   (social_iqa), same samples: overlap of the 0.5% masks they select, and the time of each pass.
+* ``order``: the Fisher pass over the same draw of samples, batched in draw order (as before) and longest first
+  (as now), on SmolLM2-135M (the commonsense suite, where timedial's long prompts sit among short ones) and
+  MiniLM (SST-2): time of each pass, tokens computed with padding, and the overlap of the masks they select.
 * ``cli``: ``sparsepeft train --method fish`` on SmolLM2-135M (social_iqa) and MiniLM (SST-2) for a few steps with
   the default (planned) Fisher batch: the mask phase's peak against the training phase's, from results.json.
 """
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -414,6 +419,16 @@ def summarize(out: Path, target: Path) -> None:
             lines.append(f"| {r['model']} ({r['task']}) | {r['samples']} | {r['selected']:,} | {100 * r['overlap']:.1f}% | "
                          f"{100 * r['overlap_ranked']:.1f}% | {r['fp32_fisher_seconds']:.1f} | "
                          f"{r['bf16_fisher_seconds']:.1f} |")
+    order = [r for r in runs if r["part"] == "order"]
+    if order:
+        lines += ["", "| model (task) | Fisher samples x batch | tokens | padded tokens, draw order → longest first | "
+                  "Fisher s, draw order → longest first | speed-up | same mask entries |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in order:
+            pad, sec = r["padded_tokens"], r["median_seconds"]
+            lines.append(f"| {r['model']} ({r['task']}) | {r['samples']} x {r['batch_size']} | {r['tokens']:,} | "
+                         f"{pad['draw_order']:,} → {pad['longest_first']:,} | {sec['draw_order']:.1f} → "
+                         f"{sec['longest_first']:.1f} | {r['speedup']:.2f}x | {100 * r['same_mask_entries']:.2f}% |")
     cli = [r for r in runs if r["part"] == "cli"]
     if cli:
         lines += ["", "| CLI run (train --method fish) | train batch x length | Fisher batch plan | mask phase peak RSS "
@@ -425,7 +440,7 @@ def summarize(out: Path, target: Path) -> None:
                          f"{r['train_peak_rss_mb']:,.0f} | {r['mask_peak_rss_mb'] / r['train_peak_rss_mb']:.2f} |")
     table = "\n".join(lines)
     write_json(target, {"selection": selection, "models": models, "lora_fish_step": step_runs,
-                        "precision": precision, "cli": cli, "table": table,
+                        "precision": precision, "order": order, "cli": cli, "table": table,
                         **provenance()})
     print(table)
 
@@ -469,6 +484,67 @@ def run_precision(out: Path, models: str, samples: int, batch_size: int, data_ro
         print(json.dumps(result))
 
 
+ORDER_RUNS = {  # model, task, data folder, sequence length
+    "suite": ("smollm2-135m", "social_iqa,winowhy,timedial,epistemic_reasoning", "bigbench", 256),
+    "minilm": ("minilm", "sst2", "glue", 64),
+}
+
+
+def _padded_tokens(lengths: list[int], batch_size: int) -> int:
+    """Tokens a pass computes when each batch pads to its longest sample."""
+    return sum(max(lengths[k:k + batch_size]) * len(lengths[k:k + batch_size]) for k in range(0, len(lengths), batch_size))
+
+
+def run_order(out: Path, models: str, samples: int, batch_size: int, data_root: Path, repeats: int) -> None:
+    """The same draw of Fisher samples batched in draw order (as before) and longest first (as now): time of each
+    pass (interleaved, median of ``repeats``), tokens computed with padding, the largest difference between the
+    two Fishers and the overlap of the 0.5% masks they select."""
+    from torch.utils.data import DataLoader, Subset
+
+    from sparsepeft import estimate_fisher, select_mask
+    from sparsepeft.cli.train import _collator
+    from sparsepeft.experiments.pipeline import featurize, load_model_and_tokenizer, load_task_data
+    from sparsepeft.importance.fisher import _longest_first
+
+    for key in models.split(","):
+        path = out / f"order_{key}.json"
+        if path.exists():
+            continue
+        name, task_name, folder, max_length = ORDER_RUNS[key]
+        task = load_task_data(task_name, str(data_root / folder))
+        model, tokenizer = load_model_and_tokenizer(name, task)
+        train, _ = featurize(task, tokenizer, max_length, None, 1, 0)
+        collate = _collator(task, tokenizer, model)
+        draw = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:samples].tolist()
+        orders = {"draw_order": draw, "longest_first": _longest_first(train, draw)}
+        lengths = {label: [len(train[i]["input_ids"]) for i in idx] for label, idx in orders.items()}
+        seconds: dict[str, list[float]] = {label: [] for label in orders}
+        fishers = {}
+        for _ in range(repeats):
+            for label, idx in orders.items():
+                batches = DataLoader(Subset(train, idx), batch_size=batch_size, shuffle=False, collate_fn=collate)
+                start = time.perf_counter()
+                fishers[label] = estimate_fisher(model, batches, num_samples=samples, batch_size=batch_size,
+                                                 progress=False)
+                seconds[label].append(time.perf_counter() - start)
+        a, b = fishers["longest_first"], fishers["draw_order"]
+        largest = max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)) for n in b)
+        masks = {label: select_mask(f, 0.005, model=model) for label, f in fishers.items()}
+        x, y = masks["longest_first"], masks["draw_order"]
+        common = sum(int(torch.isin(x.indices[n], y.indices[n]).sum()) for n in x.indices if n in y.indices)
+        result = {"part": "order", "model": name, "task": task_name, "samples": samples, "batch_size": batch_size,
+                  "max_length": max_length, "repeats": repeats, "seconds": seconds,
+                  "median_seconds": {label: statistics.median(v) for label, v in seconds.items()},
+                  "tokens": sum(lengths["draw_order"]),
+                  "padded_tokens": {label: _padded_tokens(v, batch_size) for label, v in lengths.items()},
+                  "largest_relative_difference": largest, "mask_entries": y.num_selected,
+                  "same_mask_entries": common / y.num_selected}
+        result["speedup"] = result["median_seconds"]["draw_order"] / result["median_seconds"]["longest_first"]
+        write_json(path, {**result, **provenance()})
+        print(json.dumps({k: result[k] for k in ("model", "median_seconds", "padded_tokens", "speedup",
+                                                 "same_mask_entries")}))
+
+
 CLI_RUNS = {  # model, task, data folder, training batch, sequence length
     "smollm2": ("smollm2-135m", "social_iqa", "bigbench", 8, 256),
     "minilm": ("minilm", "sst2", "glue", 32, 64),
@@ -503,7 +579,8 @@ def run_cli(out: Path, models: str, samples: int, data_root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "cli", "lora-fish-step", "summary"],
+    parser.add_argument("--part", choices=["selection", "model", "one", "precision", "order", "cli", "lora-fish-step",
+                                           "summary"],
                         required=True)
     parser.add_argument("--models", default="minilm,smollm2", help="precision: which real models")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -532,6 +609,8 @@ def main() -> None:
         run_models(out, args)
     elif args.part == "precision":
         run_precision(out, args.models, args.fisher_samples, args.batch_size, Path(args.data_root))
+    elif args.part == "order":
+        run_order(out, args.models, args.fisher_samples, args.batch_size, Path(args.data_root), args.repeats)
     elif args.part == "cli":
         run_cli(out, args.models, args.fisher_samples, Path(args.data_root))
     elif args.part == "lora-fish-step":

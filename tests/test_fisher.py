@@ -321,3 +321,29 @@ def test_the_fisher_logs_two_lines_instead_of_a_bar_when_stderr_is_not_a_termina
     lines = [r.getMessage() for r in caplog.records if r.name.endswith("fisher")]
     assert lines[0] == "Fisher: 8 samples in batches of 2 ..." and lines[1].startswith("Fisher: 8 samples in ")
     assert "Fisher:" not in capsys.readouterr().err  # no tqdm bar in a log
+
+
+def test_the_drawn_samples_are_batched_longest_first_and_the_fisher_is_unchanged():
+    """A random batch pads every sample to its longest: the suite's Fisher pass (timedial's long prompts among
+    short ones) padded nearly every batch of 8 to 256 tokens. The same samples are drawn (seeded), then batched
+    in order of length; the Fisher is still the per-sample loop's."""
+    from sparsepeft.data.collate import collator_for
+
+    model = make_model("llama-lm")
+    examples = make_examples(40, lengths=(2, 30), lm=True)
+    collate = collator_for(model)
+    batches = []
+
+    def recording(features):
+        batches.append([len(f["input_ids"]) for f in features])
+        return collate(features)
+
+    fisher = estimate_fisher(model, examples, num_samples=24, batch_size=5, progress=False, collate_fn=recording)
+    lengths = [n for batch in batches for n in batch]
+    assert lengths == sorted(lengths, reverse=True)
+    drawn = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:24].tolist()
+    assert sorted(lengths) == sorted(len(examples[i]["input_ids"]) for i in drawn)
+    padded = sum(max(batch) * len(batch) for batch in batches)
+    in_draw_order = [[len(examples[i]["input_ids"]) for i in drawn[k:k + 5]] for k in range(0, 24, 5)]
+    assert padded < sum(max(batch) * len(batch) for batch in in_draw_order)
+    assert relative_error(fisher, loop_fisher(model, [examples[i] for i in drawn], "lm")) < 1e-4

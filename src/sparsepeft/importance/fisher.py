@@ -262,8 +262,25 @@ def _make_loader(data, num_samples: int, batch_size: int, collate_fn, seed: int,
         if not indices:
             raise ValueError(f"{num_samples} Fisher samples cannot be shared by {world_size()} processes: rank {rank()} "
                              "gets none. Use more samples or fewer processes.")
+    indices = _longest_first(data, indices)
     loader = DataLoader(Subset(data, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     return loader, len(indices)
+
+
+def _longest_first(data, indices: list[int]) -> list[int]:
+    """The drawn samples ordered longest first (ties in draw order). A batch pads every sample to its longest,
+    and a random batch of a corpus with a few long prompts (a suite with timedial's) nearly always holds one:
+    in order of length, each batch holds samples of like length and pads little. The Fisher is a sum over
+    the samples, so the order changes nothing but float summation order; the largest batch comes first, so a
+    batch too large for the memory fails at once. Samples without ``input_ids`` keep their draw order."""
+    lengths = []
+    for i in indices:
+        item = data[i]
+        ids = item.get("input_ids") if isinstance(item, Mapping) else None
+        if ids is None:
+            return indices
+        lengths.append(len(ids))
+    return [i for _, i in sorted(zip(lengths, indices), key=lambda pair: -pair[0])]
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
