@@ -147,3 +147,33 @@ def test_the_suites_rate_rule_prefers_learning_over_the_majority_answer(tmp_path
     markdown, table = llm_quality.per_task_table(args, ["lora"])
     assert table["balanced_acc"]["lora"]["all"][0] == pytest.approx(100 * llm_quality._score(args, runs[3e-3], "test"))
     assert "mean over tasks (headline)" in markdown
+
+
+def test_a_suites_seed_comparison_is_on_the_headline(tmp_path, llm_quality):
+    """Welch's t over seeds compares the suite's headline (and accuracy beside it), not pooled accuracy alone."""
+    from sparsepeft.experiments.pipeline import load_task_data
+
+    data = tmp_path / "data"
+    _suite_files(data, random.Random(5))
+    suite = "fixed,free"
+    questions = load_task_data(suite, str(data), split_seed=0).evaluation
+    out = tmp_path / "out"
+    out.mkdir()
+    for arm, lr, right_share in (("lora", 3e-3, 0.5), ("full", 3e-4, 0.8)):
+        for seed in (0, 1):
+            rng = random.Random(seed)
+            scores = {split: _scores_answering(items, [q.answer if rng.random() < right_share else
+                                                       (q.answer + 1) % len(q.options) for q in items])
+                      for split, items in questions.items()}
+            metrics = {split: choice_metrics_by_task(items, scores[split]) for split, items in questions.items()}
+            run = {"method": arm, "seed": seed, "learning_rate": lr, "data_split": {"seed": 0}, "metrics": metrics,
+                   "option_log_likelihoods": scores}
+            (out / f"{arm}_lr{lr:g}_seed{seed}.json").write_text(json.dumps(run))
+    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    markdown, table = llm_quality.comparisons(args, ["full", "lora"])
+    entry = table["full_vs_lora"]
+    assert set(entry) == {"validation_macro_balanced_acc", "test_macro_balanced_acc", "test_acc"}
+    headline = {arm: [100 * json.loads((out / f"{arm}_lr{lr:g}_seed{s}.json").read_text())["metrics"]["test"]
+                      ["macro_balanced_acc"] for s in (0, 1)] for arm, lr in (("full", 3e-4), ("lora", 3e-3))}
+    assert entry["test_macro_balanced_acc"]["diff"] == pytest.approx(sum(headline["full"]) / 2 - sum(headline["lora"]) / 2)
+    assert "test macro-bal: diff (t, p)" in markdown
