@@ -77,8 +77,9 @@ class DataArguments:
     task: Optional[str] = field(default=None, metadata={
         "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), 'demo' (the packaged set), a "
                 "BIG-bench task folder under --data-dir (DIR/NAME/task.json), or several of those comma-separated: a "
-                "suite trained on the union of their training parts, each task's accuracy reported and the pooled "
-                "one (social_iqa,winowhy,timedial,epistemic_reasoning)."})
+                "suite trained on the union of their training parts, each task's accuracy and balanced accuracy reported, "
+                "the pooled accuracy, and macro_balanced_acc, their balanced accuracies' mean, which one answer "
+                "given to every question cannot raise above chance (social_iqa,winowhy,timedial,epistemic_reasoning)."})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "Local GLUE folder (TASK/train.tsv, TASK/dev.tsv). Without it, GLUE is read from the hub."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Your own training file (.csv/.tsv/.json/.jsonl)."})
@@ -88,7 +89,7 @@ class DataArguments:
     task_type: str = field(default="auto", metadata={
         "help": "For your files: classification, regression, auto, causal-lm (prompt/response pairs trained with "
                 "a response-only loss; reports loss and exact match) or multiple-choice (BIG-bench JSON: trained on "
-                "prompt -> correct option, scored by option log-likelihood; reports acc and acc_norm).",
+                "prompt -> correct option, scored by option log-likelihood; reports acc, acc_norm and macro_balanced_acc).",
         "choices": ["auto", "classification", "regression", "causal-lm", "multiple-choice"]})
     split_seed: int = field(default=0, metadata={
         "help": "multiple-choice: seed of the fixed train/validation/test split (70/10/20) of a file without one; "
