@@ -28,7 +28,7 @@ def test_help_states_the_default_learning_rates(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "full 5e-05, fish/random 0.002, lora 0.001, other PEFT methods 0.001, shira 0.003" in out
-    assert "SST-2 and STS-B and SmolLM2 on social_iqa" in out  # which tasks LoRA's rate comes from
+    assert "SST-2 and STS-B (two seeds) and SmolLM2 on social_iqa" in out  # which tasks LoRA's rate comes from
     from sparsepeft.cli.arguments import SparseArguments
 
     assert SparseArguments(method="shira").default_learning_rate == 3e-3
