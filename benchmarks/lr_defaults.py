@@ -188,7 +188,8 @@ def main() -> None:
         ladder = GRIDS[family]
         chosen, detail = choose(measured[family], ladder, bars)
         summary[family] = {"arm": ARMS[METHODS[family]][1], "ladder": ladder, "by_task": measured[family],
-                           "by_task_seeds": spread[family], "seeds": seeds, "validation_curves": curves[family], "chance_bars": bars, **detail}
+                           "by_task_seeds": spread[family], "seeds": seeds, "validation_curves": curves[family],
+                           "chance_bars": bars, **detail}
         over = f" (mean ± std over seeds {','.join(map(str, seeds))} where they ran)" if len(seeds) > 1 else ""
         lines += ["", f"**{family}** ({' '.join(ARMS[METHODS[family]][1])}): validation score{over} relative to the "
                   f"task's best rate; chosen: {chosen}" + ("; ↑: above chance and still rising (the last "
