@@ -451,20 +451,27 @@ PRECISION_RUNS = {  # model, task, data folder under ../shared/data, sequence le
 }
 
 
-def run_precision(out: Path, models: str, samples: int, batch_size: int, data_root: Path) -> None:
-    from sparsepeft import estimate_fisher, select_mask
+def _real_model_and_data(run: tuple, data_root: Path):
+    """A packaged model, its task's training features and the CLI's collator for them: (model, train, collate)."""
     from sparsepeft.cli.train import _collator
     from sparsepeft.experiments.pipeline import featurize, load_model_and_tokenizer, load_task_data
+
+    name, task_name, folder, max_length = run
+    task = load_task_data(task_name, str(data_root / folder))
+    model, tokenizer = load_model_and_tokenizer(name, task)
+    train, _ = featurize(task, tokenizer, max_length, None, 1, 0)
+    return model, train, _collator(task, tokenizer, model)
+
+
+def run_precision(out: Path, models: str, samples: int, batch_size: int, data_root: Path) -> None:
+    from sparsepeft import estimate_fisher, select_mask
 
     for key in models.split(","):
         path = out / f"precision_{key}.json"
         if path.exists():
             continue
-        name, task_name, folder, max_length = PRECISION_RUNS[key]
-        task = load_task_data(task_name, str(data_root / folder))
-        model, tokenizer = load_model_and_tokenizer(name, task)
-        train, _ = featurize(task, tokenizer, max_length, None, 1, 0)
-        collate = _collator(task, tokenizer, model)
+        name, task_name, _, max_length = PRECISION_RUNS[key]
+        model, train, collate = _real_model_and_data(PRECISION_RUNS[key], data_root)
         result = {"part": "precision", "model": name, "task": task_name, "samples": samples, "max_length": max_length}
         masks = {}
         for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -502,19 +509,14 @@ def run_order(out: Path, models: str, samples: int, batch_size: int, data_root: 
     from torch.utils.data import DataLoader, Subset
 
     from sparsepeft import estimate_fisher, select_mask
-    from sparsepeft.cli.train import _collator
-    from sparsepeft.experiments.pipeline import featurize, load_model_and_tokenizer, load_task_data
     from sparsepeft.importance.fisher import _longest_first
 
     for key in models.split(","):
         path = out / f"order_{key}.json"
         if path.exists():
             continue
-        name, task_name, folder, max_length = ORDER_RUNS[key]
-        task = load_task_data(task_name, str(data_root / folder))
-        model, tokenizer = load_model_and_tokenizer(name, task)
-        train, _ = featurize(task, tokenizer, max_length, None, 1, 0)
-        collate = _collator(task, tokenizer, model)
+        name, task_name, _, max_length = ORDER_RUNS[key]
+        model, train, collate = _real_model_and_data(ORDER_RUNS[key], data_root)
         draw = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:samples].tolist()
         orders = {"draw_order": draw, "longest_first": _longest_first(train, draw)}
         lengths = {label: [len(train[i]["input_ids"]) for i in idx] for label, idx in orders.items()}
