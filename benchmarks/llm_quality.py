@@ -86,6 +86,12 @@ OFF_GRID = {"full": (1e-5, 3e-5), "mask": (1e-4,), "lora": (3e-4,)}  # lower poi
 SELECT_ON = "macro_balanced_acc"
 
 
+def is_suite(args) -> bool:
+    """Several tasks (comma-separated): reported per task, batched by length, and headlined by SELECT_ON, which
+    on one task is `acc` (so a single task's tables show accuracy alone)."""
+    return "," in getattr(args, "task", "social_iqa")
+
+
 def run_name(arm: str, lr: float | None, seed: int) -> str:
     return f"{arm}_lr{lr:g}_seed{seed}" if lr is not None else arm
 
@@ -100,7 +106,7 @@ def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]
             "--report-to", "none", "--disable-tqdm", "true", "--output-dir", str(out)]
     if lr is not None:
         line += ["--learning-rate", f"{lr:g}"]
-    if "," in args.task:  # the suite mixes short prompts with timedial's long ones: batches of similar lengths
+    if is_suite(args):  # the suite mixes short prompts with timedial's long ones: batches of similar lengths
         line += ["--train_sampling_strategy", "group_by_length"]  # instead of padding nearly every batch to 256
     line += flags  # zero-shot's --max-steps 0 comes last and wins
     if args.smoke:
@@ -345,7 +351,7 @@ def comparisons(args, arms: list[str]) -> tuple[str, dict]:
     from scipy.stats import ttest_ind
 
     measures = (("validation", "acc"), ("test", "acc"), ("test", "acc_norm"))
-    if "," in getattr(args, "task", "social_iqa"):  # a suite: its headline first (on one task it is acc)
+    if is_suite(args):  # its headline first
         measures = (("validation", SELECT_ON), ("test", SELECT_ON), ("test", "acc"))
     names = {SELECT_ON: "macro-bal"}
     lines = ["| arm | against | " + " | ".join(f"{split} {names.get(metric, metric)}: diff (t, p)"
@@ -491,7 +497,7 @@ def summary(args, arms: list[str]) -> tuple[str, dict]:
     """One row per arm at its chosen rate. The suite's runs may come from more than one machine (the CPU here,
     a lent GPU): accuracy does not depend on it, step time and peak memory do, so an arm whose runs were
     measured on different machines shows no step time or peak (each run file keeps its own)."""
-    suite = "," in getattr(args, "task", "social_iqa")  # the rate rule's measure differs from acc only on a suite: shown there
+    suite = is_suite(args)
     lines = ["| arm | lr (chosen on validation) | seeds | " + ("validation macro-bal | test macro-bal | " * suite)
              + "validation acc | test acc | test acc_norm | trainable params | "
              "step s | train peak RSS MB | optimizer state MB | mask/probe s | measured on |",
@@ -697,7 +703,7 @@ def main() -> None:
     paired_markdown, paired = paired_comparisons(args, reported) if not args.smoke else ("", {})
     markdown += "\n\nThe same comparisons question by question, for runs that kept each option's log-likelihood " + (
         "(the suite's headline, macro-averaged balanced accuracy: a paired permutation test that swaps the two runs' "
-        "answers question by question):" if "," in args.task else
+        "answers question by question):" if is_suite(args) else
         "(exact McNemar test on the questions only one of the two runs gets right):") + "\n\n" + paired_markdown
     convergence_markdown, converged = convergence(args, reported)
     markdown += "\n\nTraining loss at each arm's chosen rate (runs whose log was kept; see convergence()):\n\n" \

@@ -117,6 +117,21 @@ def _cell(points: dict, spread: dict, lr: float, top: float) -> str:
     return f"{points[lr]:.3f}{std} ({points[lr] / top:.2f})" if top > 0 else f"{points[lr]:.3f}{std}"
 
 
+def _points_by_seed(run_args: argparse.Namespace, arm: str, ladder: tuple, seeds: list[int], only: set) -> dict:
+    """{lr: {seed: result}} of every point that ran (or, without --summary-only, now runs); the others left out."""
+    points: dict = {}
+    summary_only = run_args.summary_only
+    for seed in seeds:
+        run_args.seed = seed
+        for lr in ladder:
+            run_args.summary_only = summary_only or bool(only and lr not in only)
+            one: dict = {}
+            _run_point(run_args, arm, lr, one)
+            if lr in one:
+                points.setdefault(lr, {})[seed] = one[lr]
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", default="../shared/data/glue")
@@ -144,31 +159,13 @@ def main() -> None:
     for family in families:  # one task at a time, every rate: a stopped sweep leaves whole tasks behind
         arm = METHODS[family]
         for task in args.tasks.split(","):
-            run_args = argparse.Namespace(**vars(args), task=task)
-            run_args.out = str(Path(args.out) / task)
-            points: dict = {}  # lr -> seed -> result
-            for seed in seeds:
-                run_args.seed = seed
-                for lr in GRIDS[family]:
-                    run_args.summary_only = args.summary_only or bool(only and lr not in only)
-                    one: dict = {}
-                    _run_point(run_args, arm, lr, one)
-                    if lr in one:
-                        points.setdefault(lr, {})[seed] = one[lr]
-            rows.append((family, task, points))
+            run_args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / task)}, task=task)
+            rows.append((family, task, _points_by_seed(run_args, arm, GRIDS[family], seeds, only)))
         for spec in filter(None, args.also.split(",")):  # another protocol's finished runs: read, never trained
             task, folder = spec.split("@")
             other = argparse.Namespace(**{**vars(args), "summary_only": True, "out": str(Path(folder) / task)},
                                        task=task)
-            points = {}
-            for seed in seeds:
-                other.seed = seed
-                for lr in GRIDS[family]:
-                    one = {}
-                    _run_point(other, arm, lr, one)
-                    if lr in one:
-                        points.setdefault(lr, {})[seed] = one[lr]
-            rows.append((family, task, points))
+            rows.append((family, task, _points_by_seed(other, arm, GRIDS[family], seeds, set())))
     spread: dict = {f: {} for f in families}  # every seed's score, behind each mean
     for family, task, points in rows:
         label = _label(task, points)

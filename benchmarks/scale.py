@@ -451,6 +451,11 @@ PRECISION_RUNS = {  # model, task, data folder under ../shared/data, sequence le
 }
 
 
+def _runs_to_do(out: Path, part: str, models: str) -> list[tuple[str, Path]]:
+    """(model key, result file) of each --models entry whose file does not exist yet: a part resumes."""
+    return [(key, out / f"{part}_{key}.json") for key in models.split(",") if not (out / f"{part}_{key}.json").exists()]
+
+
 def _real_model_and_data(run: tuple, data_root: Path):
     """A packaged model, its task's training features and the CLI's collator for them: (model, train, collate)."""
     from sparsepeft.cli.train import _collator
@@ -466,10 +471,7 @@ def _real_model_and_data(run: tuple, data_root: Path):
 def run_precision(out: Path, models: str, samples: int, batch_size: int, data_root: Path) -> None:
     from sparsepeft import estimate_fisher, select_mask
 
-    for key in models.split(","):
-        path = out / f"precision_{key}.json"
-        if path.exists():
-            continue
+    for key, path in _runs_to_do(out, "precision", models):
         name, task_name, _, max_length = PRECISION_RUNS[key]
         model, train, collate = _real_model_and_data(PRECISION_RUNS[key], data_root)
         result = {"part": "precision", "model": name, "task": task_name, "samples": samples, "max_length": max_length}
@@ -511,10 +513,7 @@ def run_order(out: Path, models: str, samples: int, batch_size: int, data_root: 
     from sparsepeft import estimate_fisher, select_mask
     from sparsepeft.importance.fisher import _longest_first
 
-    for key in models.split(","):
-        path = out / f"order_{key}.json"
-        if path.exists():
-            continue
+    for key, path in _runs_to_do(out, "order", models):
         name, task_name, _, max_length = ORDER_RUNS[key]
         model, train, collate = _real_model_and_data(ORDER_RUNS[key], data_root)
         draw = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:samples].tolist()
@@ -554,10 +553,7 @@ CLI_RUNS = {  # model, task, data folder, training batch, sequence length
 
 
 def run_cli(out: Path, models: str, samples: int, data_root: Path) -> None:
-    for key in models.split(","):
-        path = out / f"cli_{key}.json"
-        if path.exists():
-            continue
+    for key, path in _runs_to_do(out, "cli", models):
         name, task, folder, batch, length = CLI_RUNS[key]
         run_dir = out / f"cli_{key}_run"
         command = [sys.executable, "-m", "sparsepeft", "train", "--model", name, "--task", task, "--data-dir",

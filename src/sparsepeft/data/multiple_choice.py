@@ -315,7 +315,7 @@ def choice_metrics_by_task(examples: Sequence[ChoiceExample], scores: Sequence[S
     return metrics
 
 
-def has_fixed_answers(examples: Sequence[ChoiceExample]) -> bool:
+def _has_fixed_answers(examples: Sequence[ChoiceExample]) -> bool:
     """Do all these questions offer the same answers (winowhy's correct / incorrect)? Then a run can answer
     one of them throughout without reading the question, and its accuracy is that answer's share."""
     return len({frozenset(option.strip() for option in e.options) for e in examples}) == 1
@@ -337,7 +337,7 @@ def balanced_weights(examples: Sequence[ChoiceExample]) -> list[float]:
     weights = [0.0] * len(examples)
     for members in by_task.values():
         task_examples = [examples[i] for i in members]
-        if has_fixed_answers(task_examples):
+        if _has_fixed_answers(task_examples):
             right = [e.options[e.answer].strip() for e in task_examples]
             counts = Counter(right)
             for i, text in zip(members, right):
