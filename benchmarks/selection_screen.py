@@ -138,8 +138,8 @@ def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str
 def summarise(results: dict) -> tuple[str, dict]:
     """Each arm at its best rate (dev accuracy x100, seed 0), beside every point of its grid."""
     table: dict = {}
-    lines = ["| arm | best lr | dev accuracy | every lr | trainable | tensors with entries | top tensor's share | "
-             "train s |", "|" + " --- |" * 8]
+    lines = ["| arm | best lr | dev accuracy | every lr | after each epoch | trainable | tensors with entries | "
+             "top tensor's share | train s |", "|" + " --- |" * 9]
     for arm, by_lr in results.items():
         points = {lr: r for lr, r in by_lr.items() if r is not None}
         if not points:
@@ -152,12 +152,16 @@ def summarise(results: dict) -> tuple[str, dict]:
         table[arm] = {"best_lr": best, "accuracy": scores[best], "by_lr": scores,
                       "trainable_params": run["trainable_params"], "train_seconds": run["train_seconds"],
                       "selection": run.get("selection"), "allocation": allocation or None,
+                      "validation_curve": [100 * v["accuracy"] for v in run.get("validation_log") or []
+                                           if "accuracy" in v],
                       "commits": sorted({(r.get("provenance") or {}).get("commit") or "unrecorded"
                                          for r in points.values()})}
         every = ", ".join(f"{lr:g}: {s:.2f}" for lr, s in sorted(scores.items()))
         share = f"{100 * top['share']:.0f}% {top['name']}" if top else "—"
         tensors = f"{allocation.get('tensors_with_entries')}/{allocation.get('candidate_tensors')}" if allocation else "—"
-        lines.append(f"| {arm} | {best:g} | {scores[best]:.2f} | {every} | {run['trainable_params']:,} | {tensors} | "
+        epochs = " · ".join(f"{v:.2f}" for v in table[arm]["validation_curve"]) or "—"
+        lines.append(f"| {arm} | {best:g} | {scores[best]:.2f} | {every} | {epochs} | {run['trainable_params']:,} | "
+                     f"{tensors} | "
                      f"{share} | {run['train_seconds']:.0f} |")
     return "\n".join(lines), table
 
@@ -175,6 +179,17 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on validation after every epoch (results.json validation_log): convergence")
 
 
+def chosen_rates(path: str, arms: list[str]) -> dict[str, float]:
+    """Each arm's best rate in an earlier screen's result file (its ``--write``): the convergence check reruns the
+    arms longer at the rates the screen chose, so it needs every asked-for arm there; found before any training."""
+    table = json.loads(Path(path).read_text())["table"]
+    missing = [arm for arm in arms if arm not in table]
+    if missing:
+        raise SystemExit(f"--rates-from {path}: no chosen rate for the arms {missing}; it has {sorted(table)}. "
+                         "Drop them from --arms or screen them first.")
+    return {arm: float(table[arm]["best_lr"]) for arm in arms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", default="../shared/data/glue")
@@ -183,15 +198,21 @@ def main() -> None:
     parser.add_argument("--out", default="runs/selection_screen")
     parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     parser.add_argument("--write", help="also write the table and every run's figures to this JSON file")
+    parser.add_argument("--rates-from", help="an earlier screen's --write file: run each arm only at the rate it "
+                        "chose there (with more --epochs and --validation-curve: did the screen's budget converge?)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    chosen = chosen_rates(args.rates_from, arms) if args.rates_from else {}
     results: dict = {}
     for arm in arms:
         ladder = GRIDS[ARMS[arm][0]]
         points = results.setdefault(arm, {})
+        if arm in chosen:  # a longer run at the rate an earlier screen chose: no grid, no edge step
+            _run_point(args, arm, chosen[arm], points)
+            continue
         for lr in ladder[1:3]:
             _run_point(args, arm, lr, points)
         edge = _edge_step(points, ladder)

@@ -106,3 +106,31 @@ def test_seeds_are_averaged_before_the_choice(lr_defaults, tmp_path, monkeypatch
     assert family["validation_curves"][label]["0.001"] == pytest.approx([(0.70 + 0.81 + 0.80) / 3 - 0.1,
                                                                          (0.70 + 0.81 + 0.80) / 3])
     assert "0.770 ± 0.061 (1.00)" in json.loads(out.read_text())["markdown"]
+
+
+def test_the_screens_convergence_check_reruns_each_arm_at_its_chosen_rate_only(tmp_path, monkeypatch):
+    """selection_screen.py --rates-from: one run per arm, at the rate the earlier screen chose; an arm the file does
+    not have stops the check before any training."""
+    screen = _load("selection_screen")
+    earlier = tmp_path / "screen.json"
+    earlier.write_text('{"table": {"lora-r8": {"best_lr": 0.003}, "fish": {"best_lr": 0.002}}}')
+    assert screen.chosen_rates(str(earlier), ["fish", "lora-r8"]) == {"fish": 0.002, "lora-r8": 0.003}
+    with pytest.raises(SystemExit, match="random-linear"):
+        screen.chosen_rates(str(earlier), ["fish", "random-linear"])
+    ran = []
+    monkeypatch.setattr(screen, "_run_point", lambda args, arm, lr, points: ran.append((arm, lr)))
+    monkeypatch.setattr(screen, "summarise", lambda results: ("", {}))
+    monkeypatch.setattr(screen, "paired_tests", lambda args, table: ("", {}))
+    monkeypatch.setattr(sys, "argv", ["selection_screen.py", "--arms", "lora-r8,fish", "--rates-from", str(earlier),
+                                      "--out", str(tmp_path / "runs")])
+    screen.main()
+    assert ran == [("lora-r8", 0.003), ("fish", 0.002)]
+
+
+def test_the_screens_table_shows_the_validation_curve():
+    screen = _load("selection_screen")
+    run = {"metrics": {"validation": {"accuracy": 0.8}}, "trainable_params": 10, "train_seconds": 1.0,
+           "validation_log": [{"step": 125, "loss": 0.4, "accuracy": 0.75}, {"step": 250, "accuracy": 0.8}]}
+    markdown, table = screen.summarise({"lora-r8": {0.003: run}})
+    assert table["lora-r8"]["validation_curve"] == [75.0, 80.0]
+    assert "75.00 · 80.00" in markdown
