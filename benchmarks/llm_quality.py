@@ -321,7 +321,10 @@ def convergence(args, arms: list[str]) -> tuple[str, dict]:
 
 REFERENCES = ("lora", "full")  # every arm is compared with these two
 # and pairs that answer one question each: do IST's scores beat drawing the same number of blocks uniformly?
-EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"))
+# Does a selection variant beat FISH as shipped at the same count (issue 25's rule for `--method fish`'s default)?
+EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
+               *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
+                                                         "fish-linear-lora8")))
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:
@@ -634,7 +637,8 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
             runs = {lr: _existing(args, arm, lr, 0) for lr in (*grid, *OFF_GRID[family])}
             table[arm] = {f"{lr:g}": run["metrics"]["validation"] if run else None for lr, run in runs.items()}
             cells = [f"{100 * _score(args, run, 'validation'):.2f}" if run else "not run" for run in runs.values()]
-            cells.insert(len(grid), f"{chosen_lr(args, arm):g}")
+            ran = any(runs[lr] for lr in grid)  # chosen_lr's fallback (no point run) is no choice: say so
+            cells.insert(len(grid), f"{chosen_lr(args, arm):g}" if ran else "—")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines[1:]), table
 

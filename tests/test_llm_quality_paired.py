@@ -132,3 +132,22 @@ def test_every_seed_of_a_trained_arm_is_paired_with_the_zero_shot_floor(tmp_path
         ours, floor = right["lora", seed]["test"], right["zero-shot", 0]["test"]
         assert (entry["only_arm_right"], entry["only_reference_right"]) == (len(ours - floor), len(floor - ours))
     assert not any(key.startswith("zero-shot_vs") for key in table)
+
+
+def test_the_selection_variants_are_paired_with_fish_as_shipped(llm_quality):
+    """The default of --method fish changes only if a variant beats FISH as shipped on the suite, so the summary
+    must pair them question by question, not only each with LoRA."""
+    pairs = llm_quality._pairs(["lora", "fish-lora8", "random-linear-lora8", "taylor-linear-lora8"])
+    assert ("random-linear-lora8", "fish-lora8") in pairs and ("taylor-linear-lora8", "fish-lora8") in pairs
+    assert ("fish-lora8", "lora") in pairs and len(pairs) == len(set(pairs))
+    assert not [pair for pair in llm_quality._pairs(["lora", "random-linear-lora8"]) if "fish-lora8" in pair]
+
+
+def test_the_grid_table_names_no_chosen_rate_for_an_arm_with_no_run(tmp_path, llm_quality):
+    task = _task(tmp_path / "data")
+    questions = load_multiple_choice(task, split_seed=0).evaluation
+    out, _ = _lora_and_full(tmp_path, questions, seed=0)
+    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    markdown, _ = llm_quality.grid_table(args, ["lora", "fish-lora8"])
+    assert "| fish-lora8 | not run | not run | not run | — | not run |" in markdown
+    assert "| lora | not run |" in markdown and "| 0.003 |" in markdown
