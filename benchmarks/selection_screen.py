@@ -3,6 +3,9 @@
     python benchmarks/selection_screen.py --out runs/selection_screen            # train (resumes)
     python benchmarks/selection_screen.py --out runs/selection_screen --summary-only \
         --write docs/results/selection_screen_sst2.json
+    python benchmarks/selection_screen.py --arms lora-r8,random-linear,fish,full,taylor-linear \
+        --rates-from docs/results/selection_screen_sst2.json --epochs 4 --validation-curve \
+        --out runs/screen_4ep        # the convergence check: twice the steps at each arm's chosen rate
 
 SST-2 with the packaged MiniLM on the CPU. Every arm is one `sparsepeft train` command line; each arm is run
 at every rate of its family's grid (the same number of points for every arm, spaced alike around the
@@ -161,8 +164,7 @@ def summarise(results: dict) -> tuple[str, dict]:
         tensors = f"{allocation.get('tensors_with_entries')}/{allocation.get('candidate_tensors')}" if allocation else "—"
         epochs = " · ".join(f"{v:.2f}" for v in table[arm]["validation_curve"]) or "—"
         lines.append(f"| {arm} | {best:g} | {scores[best]:.2f} | {every} | {epochs} | {run['trainable_params']:,} | "
-                     f"{tensors} | "
-                     f"{share} | {run['train_seconds']:.0f} |")
+                     f"{tensors} | {share} | {run['train_seconds']:.0f} |")
     return "\n".join(lines), table
 
 
