@@ -190,3 +190,33 @@ def test_a_causal_lm_sparse_delta_merges_into_a_causal_lm_checkpoint(tiny_llama_
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(model(input_ids=ids).logits,
                                AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_masks_embedding_rows_are_reported_with_their_tokens(tmp_path, tied):
+    """`sparsepeft mask` and `train` say which vocabulary rows a mask trains, and whether the output head is the
+    same matrix (then those rows are the tokens' logits too)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import _save_tiny
+    from sparsepeft.selection import SparseMask
+
+    model_dir = _save_tiny(tmp_path / "model", LlamaForCausalLM, LlamaConfig, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=32, bos_token_id=2,
+                           eos_token_id=3, tie_word_embeddings=tied)
+    data = _copy_task(tmp_path, 32)
+    mask_flags = ["--method", "fish", "--keep-ratio", "0.2", "--num-samples", "16", "--always-train", ""]
+    assert main(["mask", "--model", str(model_dir), *data, *COMMON, "--output-dir", str(tmp_path / "mask"),
+                 *mask_flags]) == 0
+    report = json.loads((tmp_path / "mask" / "mask_summary.json").read_text())["embedding_rows"]
+    mask = SparseMask.load(tmp_path / "mask" / "sparse_mask.safetensors")
+    name = "model.embed_tokens.weight"
+    kept = mask.dense(name)
+    assert report["tensor"] == name and report["tied_to_output_head"] is tied
+    assert report["kept"] == int(kept.sum()) > 0 and report["rows_with_entries"] == int(kept.any(1).sum())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for row in report["top_rows"]:
+        assert row["kept"] == int(kept[row["row"]].sum()) and row["token"] == tokenizer.decode([row["row"]])
+    assert _train(model_dir, tmp_path / "run", *mask_flags, "--max-steps", "1", task=data) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["mask_embedding_rows"] == report  # the same mask (same seed and samples), the same report

@@ -330,3 +330,22 @@ def test_a_group_of_many_tensors_holds_at_most_its_budget_of_candidates(monkeypa
     assert all(torch.equal(mask.indices[n], reference.indices[n]) for n in reference.indices)
     budget = mask.num_selected
     assert len(held) == 2 and max(held) <= 2 * budget, (held, budget)
+
+
+def test_row_allocation_counts_each_rows_kept_entries_as_a_loop_does():
+    from sparsepeft.selection.mask import SparseMask
+
+    torch.manual_seed(0)
+    shape = (12, 5)
+    chosen = torch.rand(shape) < 0.3
+    chosen[4] = True  # one whole row
+    mask = SparseMask({"emb.weight": shape, "bias": (5,)}, {"emb.weight": chosen.flatten().nonzero().flatten()})
+    report = mask.row_allocation("emb.weight", top=3)
+    per_row = [int(chosen[r].sum()) for r in range(shape[0])]  # the slow reference
+    assert report["kept"] == sum(per_row) and report["rows"] == 12 and report["row_width"] == 5
+    assert report["rows_with_entries"] == sum(1 for n in per_row if n) and report["full_rows"] == per_row.count(5)
+    expected = sorted(range(12), key=lambda r: (-per_row[r], r))[:3]
+    assert [(row["row"], row["kept"]) for row in report["top_rows"]] == [(r, per_row[r]) for r in expected]
+    assert report["top_rows"][0] == {"row": 4, "kept": 5}
+    with pytest.raises(ValueError, match="matrix"):
+        mask.row_allocation("bias")

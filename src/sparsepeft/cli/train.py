@@ -241,6 +241,32 @@ def _save_mask(mask: SparseMask, output_dir: Path) -> None:
         plot_ird_rounds(report, output_dir / "ird_rounds.png")
 
 
+def embedding_rows(mask: SparseMask, model, tokenizer, top: int = 10) -> dict | None:
+    """Which vocabulary rows of the input embedding a mask trains, each top row's token, and whether the output
+    head is the same matrix (then those rows are also the tokens' logits: on SmolLM2 FISH keeps whole rows of the
+    answers' tokens). None when the mask keeps nothing there."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_input(), "weight", None) if get_input is not None else None
+    name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
+    if name is None or name not in mask.shapes or not mask.kept(name):
+        return None
+    report = mask.row_allocation(name, top)
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if get_output is not None else None
+    report["tied_to_output_head"] = getattr(head, "weight", None) is weight
+    for row in report["top_rows"]:
+        row["token"] = tokenizer.decode([row["row"]]) if tokenizer is not None else None
+    return report
+
+
+def embedding_rows_line(report: dict) -> str:
+    """One log line: how many rows the embedding's entries cover, how many whole, and the fullest rows' tokens."""
+    tokens = ", ".join(f"{row['token']!r} {row['kept']}" for row in report["top_rows"][:6])
+    tied = " (tied to the output head: those tokens' logits too)" if report["tied_to_output_head"] else ""
+    return (f"{report['kept']:,} entries of {report['tensor']} over {report['rows_with_entries']:,} of "
+            f"{report['rows']:,} rows, {report['full_rows']} whole{tied}; fullest: {tokens}")
+
+
 def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments,
              peft_args: PeftArguments | None = None) -> dict:
     """Compute and save a mask only (``sparse_mask.safetensors``, density plot, ``mask_summary.json``)."""
@@ -261,7 +287,7 @@ def run_mask(model_args, data_args, sparse_args, training_args: TrainingArgument
         _save_mask(mask, output_dir)
     summary = {"task": task.name, "model": model_args.model, **recipe.timings,
                "mask_phase": _mask_phase_report(training_args.device, autocast, mask_phase.read_mb(), plan),
-               **mask.summary()}
+               **mask.summary(), "embedding_rows": embedding_rows(mask, model, tokenizer)}
     if training_args.process_index == 0:
         write_json(output_dir / "mask_summary.json", summary)
     logger.info("Saved a mask of %d entries (%.4f%%) to %s", mask.num_selected, 100 * mask.density, output_dir)
@@ -299,6 +325,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     if mask is not None:
         logger.info("Selection: %s", mask.variant_line())
         logger.info("Mask: %s", mask.allocation_line())
+    rows = embedding_rows(mask, model, tokenizer) if mask is not None else None
+    if rows is not None:
+        logger.info("Embedding rows: %s", embedding_rows_line(rows))
     shira_entries = shira_adapter_mask(model) if sparse_args.method == "shira" else None
     if shira_entries is not None:
         logger.info("SHiRA entries: %s", shira_entries.allocation_line())
@@ -393,6 +422,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "trainable_params": trainable,
         "mask_allocation": mask.allocation() if mask is not None else (
             shira_entries.allocation() if shira_entries is not None else None),
+        "mask_embedding_rows": rows,
         "total_params": total_params,
         "train_samples": len(train),
         "metrics": metrics,

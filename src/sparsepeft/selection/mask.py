@@ -158,6 +158,21 @@ class SparseMask:
                 "top_tensors": [{"name": n, "kept": k, "share": k / total, "density": k / max(1, _numel(self.shapes[n]))}
                                 for n, k in tensors[:top]]}
 
+    def row_allocation(self, name: str, top: int = 10) -> dict[str, Any]:
+        """How one matrix's kept entries fall over its rows. For a vocabulary embedding a row is one token's
+        vector (and, where the output head is tied to it, that token's logit): whole rows kept mean the budget
+        trains what the model says about those tokens, not how it reads the input."""
+        shape = self.shapes[name]
+        if len(shape) != 2:
+            raise ValueError(f"{name} has shape {tuple(shape)}: rows are defined for a matrix only.")
+        rows, width = int(shape[0]), int(shape[1])
+        index = self.indices.get(name, torch.empty(0, dtype=torch.int64))
+        per_row = torch.bincount(index // width, minlength=rows)
+        order = per_row.argsort(descending=True, stable=True)[:top]
+        return {"tensor": name, "kept": int(index.numel()), "rows": rows, "row_width": width,
+                "rows_with_entries": int((per_row > 0).sum()), "full_rows": int((per_row == width).sum()),
+                "top_rows": [{"row": int(r), "kept": int(per_row[r])} for r in order if per_row[r]]}
+
     def allocation_line(self) -> str:
         """One line for a log: the top tensor's share and the largest module types'."""
         report = self.allocation(top=1)
