@@ -3,8 +3,9 @@
     python benchmarks/allocation.py --out docs/results/allocation.json
 
 Each case is one `sparsepeft mask` command (the shipped selection, and the blocks' linear weights at LoRA r=8's
-count); the file keeps each mask's allocation (per module type, per block, top tensors) with the command,
-commit and versions. Cases whose output folder already holds a mask_summary.json are not recomputed.
+count); the file keeps each mask's allocation (per module type, per block, top tensors, the embedding's
+vocabulary rows and their tokens) with the command, commit and versions. Cases whose output folder already
+holds a mask_summary.json are not recomputed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ CASES = {  # name: (model, task, data dir, flags)
                                                                       "--always-train", ""]),
     "smollm2-siqa-fish-linear-lora8": ("smollm2-135m", "social_iqa", "bigbench", [
         "--method", "fish", "--budget", LLM_TARGETS, "--candidates", "linear", "--always-train", ""]),
+    # the suite's FISH as shipped (docs/selection.md): its sequences (256) and samples, at LoRA r=8's count
+    "smollm2-suite-fish-lora8": ("smollm2-135m", "social_iqa,winowhy,timedial,epistemic_reasoning", "bigbench", [
+        "--method", "fish", "--budget", LLM_TARGETS, "--always-train", "", "--max-seq-length", "256",
+        "--fisher-batch-size", "8"]),
 }
 
 
@@ -52,6 +57,7 @@ def main() -> None:
             write_json(folder / "provenance.json", provenance(command))
         summary = json.loads((folder / "mask_summary.json").read_text())
         results[name] = {"allocation": summary["allocation"], "config": summary["config"],
+                         "embedding_rows": summary.get("embedding_rows"),  # masks made before 2026-12-05: absent
                          "mask_seconds": summary.get("mask_seconds"),
                          "provenance": json.loads((folder / "provenance.json").read_text())}
         top = summary["allocation"]["top_tensors"][0]
