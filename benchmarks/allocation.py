@@ -35,6 +35,22 @@ CASES = {  # name: (model, task, data dir, flags)
 }
 
 
+def recount_embedding_rows(folder: Path, model_name: str, data: str) -> dict | None:
+    """The CLI's embedding-rows report for a case's saved mask, for masks made before mask_summary.json kept it
+    (or kept fewer rows): the same function on the same mask and model, without a second Fisher pass."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsepeft.cli.train import embedding_rows
+    from sparsepeft.models.catalog import resolve_model
+    from sparsepeft.selection import SparseMask
+
+    path = resolve_model(model_name)
+    model_class = AutoModelForCausalLM if data == "bigbench" else AutoModelForSequenceClassification
+    model = model_class.from_pretrained(path)
+    mask = SparseMask.load(folder / "sparse_mask.safetensors")
+    return embedding_rows(mask, model, AutoTokenizer.from_pretrained(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
@@ -57,7 +73,7 @@ def main() -> None:
             write_json(folder / "provenance.json", provenance(command))
         summary = json.loads((folder / "mask_summary.json").read_text())
         results[name] = {"allocation": summary["allocation"], "config": summary["config"],
-                         "embedding_rows": summary.get("embedding_rows"),  # masks made before 2026-12-05: absent
+                         "embedding_rows": recount_embedding_rows(folder, model, data),
                          "mask_seconds": summary.get("mask_seconds"),
                          "provenance": json.loads((folder / "provenance.json").read_text())}
         top = summary["allocation"]["top_tensors"][0]

@@ -241,7 +241,7 @@ def _save_mask(mask: SparseMask, output_dir: Path) -> None:
         plot_ird_rounds(report, output_dir / "ird_rounds.png")
 
 
-def embedding_rows(mask: SparseMask, model, tokenizer, top: int = 10) -> dict | None:
+def embedding_rows(mask: SparseMask, model, tokenizer, top: int = 40) -> dict | None:
     """Which vocabulary rows of the input embedding a mask trains, each top row's token, and whether the output
     head is the same matrix (then those rows are also the tokens' logits: on SmolLM2 FISH keeps whole rows of the
     answers' tokens). None when the mask keeps nothing there."""
