@@ -56,11 +56,16 @@ def _lora_and_full(tmp_path: Path, questions: dict, seed: int) -> tuple[Path, di
     return out, right
 
 
-def test_paired_comparison_counts_the_questions_only_one_run_gets_right(tmp_path, llm_quality):
+def _one_task_runs(tmp_path: Path) -> tuple[argparse.Namespace, dict, dict]:
+    """One task's questions, a LoRA and a full-FT run file on them, and the arguments the summary reads."""
     task = _task(tmp_path / "data")
     questions = load_multiple_choice(task, split_seed=0).evaluation
     out, right = _lora_and_full(tmp_path, questions, seed=0)
-    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    return argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data")), questions, right
+
+
+def test_paired_comparison_counts_the_questions_only_one_run_gets_right(tmp_path, llm_quality):
+    args, questions, right = _one_task_runs(tmp_path)
     markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
     for split, items in questions.items():
         only_full = len(right["full"][split] - right["lora"][split])
@@ -144,10 +149,7 @@ def test_the_selection_variants_are_paired_with_fish_as_shipped(llm_quality):
 
 
 def test_the_grid_table_names_no_chosen_rate_for_an_arm_with_no_run(tmp_path, llm_quality):
-    task = _task(tmp_path / "data")
-    questions = load_multiple_choice(task, split_seed=0).evaluation
-    out, _ = _lora_and_full(tmp_path, questions, seed=0)
-    args = argparse.Namespace(out=str(out), data_dir=str(tmp_path / "data"))
+    args, _, _ = _one_task_runs(tmp_path)
     markdown, _ = llm_quality.grid_table(args, ["lora", "fish-lora8"])
     assert "| fish-lora8 | not run | not run | not run | — | not run |" in markdown
     assert "| lora | not run |" in markdown and "| 0.003 |" in markdown
