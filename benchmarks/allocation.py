@@ -40,9 +40,9 @@ def recount_embedding_rows(folder: Path, model_name: str, data: str) -> dict | N
     (or kept fewer rows): the same function on the same mask and model, without a second Fisher pass."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from sparsepeft.cli.train import embedding_rows
     from sparsepeft.models.catalog import resolve_model
     from sparsepeft.selection import SparseMask
+    from sparsepeft.selection.mask import embedding_rows
 
     path = resolve_model(model_name)
     model_class = AutoModelForCausalLM if data == "bigbench" else AutoModelForSequenceClassification

@@ -25,6 +25,7 @@ from ..integrations import (DELTA_FILE, MASK_FILE, LayerwiseCallback, SparseMask
                            mask_from_checkpoint)
 from ..models.peft import apply_method, count_trainable, reference_count
 from ..selection import SparseMask
+from ..selection.mask import embedding_rows, embedding_rows_line
 from ..selection.fish_tuning import fish_tuning_mask
 from ..selection.shira import shira_adapter_mask, shira_mask_fn
 from ..utils.io import write_json
@@ -239,32 +240,6 @@ def _save_mask(mask: SparseMask, output_dir: Path) -> None:
 
         write_json(output_dir / "ird_report.json", report)
         plot_ird_rounds(report, output_dir / "ird_rounds.png")
-
-
-def embedding_rows(mask: SparseMask, model, tokenizer, top: int = 40) -> dict | None:
-    """Which vocabulary rows of the input embedding a mask trains, each top row's token, and whether the output
-    head is the same matrix (then those rows are also the tokens' logits: on SmolLM2 FISH keeps whole rows of the
-    answers' tokens). None when the mask keeps nothing there."""
-    get_input = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_input(), "weight", None) if get_input is not None else None
-    name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
-    if name is None or name not in mask.shapes or not mask.kept(name):
-        return None
-    report = mask.row_allocation(name, top)
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if get_output is not None else None
-    report["tied_to_output_head"] = getattr(head, "weight", None) is weight
-    for row in report["top_rows"]:
-        row["token"] = tokenizer.decode([row["row"]]) if tokenizer is not None else None
-    return report
-
-
-def embedding_rows_line(report: dict) -> str:
-    """One log line: how many rows the embedding's entries cover, how many whole, and the fullest rows' tokens."""
-    tokens = ", ".join(f"{row['token']!r} {row['kept']}" for row in report["top_rows"][:6])
-    tied = " (tied to the output head: those tokens' logits too)" if report["tied_to_output_head"] else ""
-    return (f"{report['kept']:,} entries of {report['tensor']} over {report['rows_with_entries']:,} of "
-            f"{report['rows']:,} rows, {report['full_rows']} whole{tied}; fullest: {tokens}")
 
 
 def run_mask(model_args, data_args, sparse_args, training_args: TrainingArguments,

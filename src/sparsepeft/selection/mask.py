@@ -160,8 +160,8 @@ class SparseMask:
 
     def row_allocation(self, name: str, top: int = 10) -> dict[str, Any]:
         """How one matrix's kept entries fall over its rows. For a vocabulary embedding a row is one token's
-        vector (and, where the output head is tied to it, that token's logit): whole rows kept mean the budget
-        trains what the model says about those tokens, not how it reads the input."""
+        vector (and, where the output head is tied to it, that token's logit too): a whole row kept trains
+        everything the model holds about that one token."""
         shape = self.shapes[name]
         if len(shape) != 2:
             raise ValueError(f"{name} has shape {tuple(shape)}: rows are defined for a matrix only.")
@@ -379,3 +379,29 @@ def random_mask(
         scores, keep_ratio, strategy=strategy, always_train=always_train, model=model,
         config={"selection": "random", "seed": seed}, budget=budget,
     )
+
+
+def embedding_rows(mask: SparseMask, model, tokenizer=None, top: int = 40) -> dict | None:
+    """Which vocabulary rows of the input embedding a mask trains, each top row's token, and whether the output
+    head is the same matrix (then those rows are also the tokens' logits: on SmolLM2 FISH keeps whole rows of the
+    answers' tokens). None when the mask keeps nothing there."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_input(), "weight", None) if get_input is not None else None
+    name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
+    if name is None or name not in mask.shapes or not mask.kept(name):
+        return None
+    report = mask.row_allocation(name, top)
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if get_output is not None else None
+    report["tied_to_output_head"] = getattr(head, "weight", None) is weight
+    for row in report["top_rows"]:
+        row["token"] = tokenizer.decode([row["row"]]) if tokenizer is not None else None
+    return report
+
+
+def embedding_rows_line(report: dict) -> str:
+    """One log line: how many rows the embedding's entries cover, how many whole, and the fullest rows' tokens."""
+    tokens = ", ".join(f"{row['token']!r} {row['kept']}" for row in report["top_rows"][:6])
+    tied = " (tied to the output head: those tokens' logits too)" if report["tied_to_output_head"] else ""
+    return (f"{report['kept']:,} entries of {report['tensor']} over {report['rows_with_entries']:,} of "
+            f"{report['rows']:,} rows, {report['full_rows']} whole{tied}; fullest: {tokens}")
