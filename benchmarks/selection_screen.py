@@ -6,6 +6,8 @@
     python benchmarks/selection_screen.py --arms lora-r8,random-linear,fish,full,taylor-linear \
         --rates-from docs/results/selection_screen_sst2.json --epochs 4 --validation-curve \
         --out runs/screen_4ep        # the convergence check: twice the steps at each arm's chosen rate
+    python benchmarks/selection_screen.py --combine-seeds seed0.json,seed1.json --write combined.json
+                                     # one --write file per --seed: mean ± std and paired tests over the seeds
 
 SST-2 with the packaged MiniLM on the CPU. Every arm is one `sparsepeft train` command line; each arm is run
 at every rate of its family's grid (the same number of points for every arm, spaced alike around the
@@ -139,7 +141,7 @@ def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str
 
 
 def summarise(results: dict) -> tuple[str, dict]:
-    """Each arm at its best rate (dev accuracy x100, seed 0), beside every point of its grid."""
+    """Each arm at its best rate (dev accuracy x100, one seed), beside every point of its grid."""
     table: dict = {}
     lines = ["| arm | best lr | dev accuracy | every lr | after each epoch | trainable | tensors with entries | "
              "top tensor's share | train s |", "|" + " --- |" * 9]
@@ -192,6 +194,75 @@ def chosen_rates(path: str, arms: list[str]) -> dict[str, float]:
     return {arm: float(table[arm]["best_lr"]) for arm in arms}
 
 
+PROTOCOL_KEYS = ("glue_dir", "max_train_samples", "max_seq_length", "epochs", "batch_size", "warmup_steps",
+                 "num_samples")
+
+
+def load_seed_files(paths: list[str]) -> list[dict]:
+    """Per-seed result files (one ``--write`` each) that can be pooled: the same protocol and each arm at the same
+    rate, different seeds. Anything else is refused, naming the file and the field, before any figure is made."""
+    files = [json.loads(Path(path).read_text()) for path in paths]
+    if len(files) < 2:
+        raise SystemExit("--combine-seeds needs at least two result files, one per seed, separated by commas")
+    first, first_path = files[0], paths[0]
+    seeds = [f["args"]["seed"] for f in files]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine-seeds: the files {paths} repeat a seed ({seeds}); each must be its own --seed")
+    for data, path in zip(files[1:], paths[1:]):
+        for key in PROTOCOL_KEYS:
+            if data["args"].get(key) != first["args"].get(key):
+                raise SystemExit(f"--combine-seeds: {path} ran with {key}={data['args'].get(key)!r}, {first_path} "
+                                 f"with {first['args'].get(key)!r}; only runs of one protocol can be pooled")
+        for arm, row in data["table"].items():
+            if arm in first["table"] and row["best_lr"] != first["table"][arm]["best_lr"]:
+                raise SystemExit(f"--combine-seeds: {arm} ran at lr {row['best_lr']:g} in {path} and at "
+                                 f"{first['table'][arm]['best_lr']:g} in {first_path}; run every seed at one rate "
+                                 "(--rates-from)")
+    return files
+
+
+def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
+    """Mean ± sample std of each arm's dev accuracy over the seeds, and each pair's McNemar test per seed and
+    pooled: the sentences only one of the two runs gets right, summed over the seeds, against a fair coin."""
+    from scipy.stats import binomtest
+
+    seeds = [f["args"]["seed"] for f in files]
+    arms = [arm for arm in files[0]["table"] if all(arm in f["table"] for f in files)]
+    table = {}
+    lines = [f"| arm | lr | dev accuracy, mean ± std over seeds {', '.join(map(str, seeds))} | each seed | "
+             "after each epoch (mean over seeds) |", "|" + " --- |" * 5]
+    for arm in arms:
+        scores = [f["table"][arm]["accuracy"] for f in files]
+        curves = [f["table"][arm].get("validation_curve") or [] for f in files]
+        curve = ([statistics.mean(c[i] for c in curves) for i in range(min(map(len, curves)))]
+                 if all(curves) else [])
+        table[arm] = {"lr": files[0]["table"][arm]["best_lr"], "mean": statistics.mean(scores),
+                      "std": statistics.stdev(scores), "by_seed": dict(zip(map(str, seeds), scores)),
+                      "mean_validation_curve": curve}
+        lines.append(f"| {arm} | {table[arm]['lr']:g} | {table[arm]['mean']:.2f} ± {table[arm]['std']:.2f} | "
+                     f"{' · '.join(f'{s:.2f}' for s in scores)} | {' · '.join(f'{v:.2f}' for v in curve) or '—'} |")
+    paired = {}
+    pair_lines = ["| arm | against | diff, mean over seeds | each seed: diff (p) | only arm right / only reference "
+                  "right, summed | pooled McNemar p |", "|" + " --- |" * 6]
+    for key in files[0]["paired"]:
+        if not all(key in f["paired"] for f in files):
+            continue
+        per_seed = [f["paired"][key] for f in files]
+        ours = sum(t["only_arm_right"] for t in per_seed)
+        theirs = sum(t["only_reference_right"] for t in per_seed)
+        pooled_p = float(binomtest(ours, ours + theirs, 0.5).pvalue) if ours + theirs else 1.0
+        arm, reference = key.split("_vs_")
+        paired[key] = {"diff_mean": statistics.mean(t["diff"] for t in per_seed),
+                       "by_seed": dict(zip(map(str, seeds), per_seed)), "only_arm_right": ours,
+                       "only_reference_right": theirs, "pooled_p": pooled_p}
+        each = " · ".join(f"{t['diff']:+.2f} ({t['p']:.3f})" for t in per_seed)
+        pair_lines.append(f"| {arm} | {reference} | {paired[key]['diff_mean']:+.2f} | {each} | {ours} / {theirs} | "
+                          f"{pooled_p:.3g} |")
+    markdown = "\n".join(lines) + "\n\nQuestion by question on the dev set, per seed and pooled over the seeds:\n\n" \
+        + "\n".join(pair_lines)
+    return markdown, table, paired
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", default="../shared/data/glue")
@@ -200,9 +271,19 @@ def main() -> None:
     parser.add_argument("--out", default="runs/selection_screen")
     parser.add_argument("--summary-only", action="store_true", help="tabulate the runs that exist; train nothing")
     parser.add_argument("--write", help="also write the table and every run's figures to this JSON file")
+    parser.add_argument("--combine-seeds", help="comma-separated --write files of one protocol, one per --seed: "
+                        "tabulate mean ± std and paired tests over the seeds (trains nothing)")
     parser.add_argument("--rates-from", help="an earlier screen's --write file: run each arm only at the rate it "
                         "chose there (with more --epochs and --validation-curve: did the screen's budget converge?)")
     args = parser.parse_args()
+    if args.combine_seeds:
+        paths = args.combine_seeds.split(",")
+        markdown, table, paired = combine_seeds(load_seed_files(paths))
+        print(markdown)
+        if args.write:
+            write_json(args.write, {"provenance": provenance(), "args": vars(args), "seed_files": paths,
+                                    "table": table, "paired": paired, "markdown": markdown})
+        return
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -222,7 +303,8 @@ def main() -> None:
             _run_point(args, arm, edge, points)
     markdown, table = summarise(results)
     paired_markdown, paired = paired_tests(args, table)
-    markdown += "\n\nQuestion by question on the dev set (seed 0, each arm at its best rate):\n\n" + paired_markdown
+    markdown += (f"\n\nQuestion by question on the dev set (seed {args.seed}, each arm at its best rate):\n\n"
+                 + paired_markdown)
     print(markdown)
     if args.write:
         write_json(args.write, {"provenance": provenance(), "args": vars(args), "grids": GRIDS,

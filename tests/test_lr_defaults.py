@@ -134,3 +134,47 @@ def test_the_screens_table_shows_the_validation_curve():
     markdown, table = screen.summarise({"lora-r8": {0.003: run}})
     assert table["lora-r8"]["validation_curve"] == [75.0, 80.0]
     assert "75.00 · 80.00" in markdown
+
+
+def _seed_file(seed, lora_acc, fish_acc, counts, lr=0.002, epochs=4.0):
+    args = {"seed": seed, "glue_dir": "g", "max_train_samples": 4000, "max_seq_length": 64, "epochs": epochs,
+            "batch_size": 32, "warmup_steps": 10, "num_samples": 256}
+    table = {"lora-r8": {"best_lr": 0.003, "accuracy": lora_acc, "validation_curve": [lora_acc - 2, lora_acc]},
+             "fish": {"best_lr": lr, "accuracy": fish_acc, "validation_curve": [fish_acc - 1, fish_acc]}}
+    ours, theirs = counts
+    paired = {"fish_vs_lora-r8": {"diff": fish_acc - lora_acc, "only_arm_right": ours, "only_reference_right": theirs,
+                                  "p": 0.5}}
+    return {"args": args, "table": table, "paired": paired}
+
+
+def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed_disagreements(tmp_path):
+    from scipy.stats import binomtest
+
+    screen = _load("selection_screen")
+    files = [_seed_file(0, 84.0, 80.0, (10, 30)), _seed_file(1, 83.0, 82.0, (20, 25))]
+    markdown, table, paired = screen.combine_seeds(files)
+    assert table["lora-r8"]["mean"] == pytest.approx(83.5)
+    assert table["lora-r8"]["std"] == pytest.approx(0.7071, abs=1e-4)
+    assert table["fish"]["mean_validation_curve"] == pytest.approx([80.0, 81.0])
+    pooled = paired["fish_vs_lora-r8"]
+    assert (pooled["only_arm_right"], pooled["only_reference_right"]) == (30, 55)
+    assert pooled["pooled_p"] == pytest.approx(binomtest(30, 85, 0.5).pvalue)
+    assert pooled["diff_mean"] == pytest.approx(-2.5)
+    assert "30 / 55" in markdown
+
+
+@pytest.mark.parametrize("second, message", [
+    (_seed_file(0, 83.0, 82.0, (1, 1)), "repeat a seed"),
+    (_seed_file(1, 83.0, 82.0, (1, 1), lr=0.005), "fish ran at lr 0.005"),
+    (_seed_file(1, 83.0, 82.0, (1, 1), epochs=2.0), "epochs=2.0"),
+])
+def test_seed_files_of_different_protocols_or_rates_are_refused(tmp_path, second, message):
+    import json
+
+    screen = _load("selection_screen")
+    paths = []
+    for i, data in enumerate([_seed_file(0, 84.0, 80.0, (1, 1)), second]):
+        paths.append(str(tmp_path / f"s{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=message):
+        screen.load_seed_files(paths)
