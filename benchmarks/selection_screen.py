@@ -222,9 +222,11 @@ def load_seed_files(paths: list[str]) -> list[dict]:
 
 
 def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
-    """Mean ± sample std of each arm's dev accuracy over the seeds, and each pair's McNemar test per seed and
-    pooled: the sentences only one of the two runs gets right, summed over the seeds, against a fair coin."""
-    from scipy.stats import binomtest
+    """Mean ± sample std of each arm's dev accuracy over the seeds, and each pair's tests: McNemar per seed and
+    pooled (the sentences only one of the two runs gets right, summed over the seeds, against a fair coin), which
+    see the dev set's sampling noise, and a paired t-test over the seeds' accuracy differences, which sees the
+    training seed's."""
+    from scipy.stats import binomtest, ttest_rel
 
     seeds = [f["args"]["seed"] for f in files]
     arms = [arm for arm in files[0]["table"] if all(arm in f["table"] for f in files)]
@@ -243,7 +245,7 @@ def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
                      f"{' · '.join(f'{s:.2f}' for s in scores)} | {' · '.join(f'{v:.2f}' for v in curve) or '—'} |")
     paired = {}
     pair_lines = ["| arm | against | diff, mean over seeds | each seed: diff (p) | only arm right / only reference "
-                  "right, summed | pooled McNemar p |", "|" + " --- |" * 6]
+                  "right, summed | pooled McNemar p | paired t over seeds: t (p) |", "|" + " --- |" * 7]
     for key in files[0]["paired"]:
         if not all(key in f["paired"] for f in files):
             continue
@@ -252,12 +254,15 @@ def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
         theirs = sum(t["only_reference_right"] for t in per_seed)
         pooled_p = float(binomtest(ours, ours + theirs, 0.5).pvalue) if ours + theirs else 1.0
         arm, reference = key.split("_vs_")
+        over_seeds = ttest_rel([table[arm]["by_seed"][str(s)] for s in seeds],
+                               [table[reference]["by_seed"][str(s)] for s in seeds])
         paired[key] = {"diff_mean": statistics.mean(t["diff"] for t in per_seed),
                        "by_seed": dict(zip(map(str, seeds), per_seed)), "only_arm_right": ours,
-                       "only_reference_right": theirs, "pooled_p": pooled_p}
+                       "only_reference_right": theirs, "pooled_p": pooled_p,
+                       "seeds_t": float(over_seeds.statistic), "seeds_p": float(over_seeds.pvalue)}
         each = " · ".join(f"{t['diff']:+.2f} ({t['p']:.3f})" for t in per_seed)
         pair_lines.append(f"| {arm} | {reference} | {paired[key]['diff_mean']:+.2f} | {each} | {ours} / {theirs} | "
-                          f"{pooled_p:.3g} |")
+                          f"{pooled_p:.3g} | {over_seeds.statistic:.2f} ({over_seeds.pvalue:.3f}) |")
     markdown = "\n".join(lines) + "\n\nQuestion by question on the dev set, per seed and pooled over the seeds:\n\n" \
         + "\n".join(pair_lines)
     return markdown, table, paired

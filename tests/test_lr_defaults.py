@@ -148,7 +148,7 @@ def _seed_file(seed, lora_acc, fish_acc, counts, lr=0.002, epochs=4.0):
 
 
 def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed_disagreements(tmp_path):
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest, ttest_rel
 
     screen = _load("selection_screen")
     files = [_seed_file(0, 84.0, 80.0, (10, 30)), _seed_file(1, 83.0, 82.0, (20, 25))]
@@ -160,6 +160,9 @@ def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed
     assert (pooled["only_arm_right"], pooled["only_reference_right"]) == (30, 55)
     assert pooled["pooled_p"] == pytest.approx(binomtest(30, 85, 0.5).pvalue)
     assert pooled["diff_mean"] == pytest.approx(-2.5)
+    # over the training seeds: the accuracy differences -4 and -1, a paired t-test
+    assert pooled["seeds_t"] == pytest.approx(-2.5 / (2.1213 / 2 ** 0.5), abs=1e-3)
+    assert pooled["seeds_p"] == pytest.approx(ttest_rel([80.0, 82.0], [84.0, 83.0]).pvalue)
     assert "30 / 55" in markdown
 
 
