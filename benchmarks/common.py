@@ -52,14 +52,20 @@ def provenance(command: list[str] | None = None) -> dict:
 def mcnemar(ours: list[bool], theirs: list[bool]) -> dict:
     """Exact McNemar test of two runs on the same questions: the ones only one of them gets right, against a
     fair coin. ``diff`` is the accuracy difference in points."""
-    from scipy.stats import binomtest
-
     only_ours = sum(a and not b for a, b in zip(ours, theirs))
     only_theirs = sum(b and not a for a, b in zip(ours, theirs))
-    discordant = only_ours + only_theirs
     return {"diff": 100 * (only_ours - only_theirs) / len(ours), "only_arm_right": only_ours,
             "only_reference_right": only_theirs, "questions": len(ours),
-            "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0}
+            "mcnemar_p": mcnemar_p(only_ours, only_theirs)}
+
+
+def mcnemar_p(only_ours: int, only_theirs: int) -> float:
+    """Exact McNemar p from the two discordant counts: the split of the questions only one run gets right, against
+    a fair coin (1.0 when the runs never disagree)."""
+    from scipy.stats import binomtest
+
+    discordant = only_ours + only_theirs
+    return float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0
 
 
 def paired_weighted_test(ours: list[bool], theirs: list[bool], weights: list[float], resamples: int = 99_999) -> dict:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import glue_train_command, mcnemar, provenance, train_once, write_json  # noqa: E402
+from common import glue_train_command, mcnemar, mcnemar_p, provenance, train_once, write_json  # noqa: E402
 
 EQUAL = ["--budget", "lora:r=8"]
 ARMS = {  # name: (learning-rate family, flags)
@@ -202,6 +202,9 @@ def load_seed_files(paths: list[str]) -> list[dict]:
     """Per-seed result files (one ``--write`` each) that can be pooled: the same protocol and each arm at the same
     rate, different seeds. Anything else is refused, naming the file and the field, before any figure is made."""
     files = [json.loads(Path(path).read_text()) for path in paths]
+    for data, path in zip(files, paths):
+        if "grids" not in data or "paired" not in data:  # a pooled file, or another benchmark's
+            raise SystemExit(f"--combine-seeds: {path} is not one seed's --write file of this screen")
     if len(files) < 2:
         raise SystemExit("--combine-seeds needs at least two result files, one per seed, separated by commas")
     first, first_path = files[0], paths[0]
@@ -226,7 +229,7 @@ def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
     pooled (the sentences only one of the two runs gets right, summed over the seeds, against a fair coin), which
     see the dev set's sampling noise, and a paired t-test over the seeds' accuracy differences, which sees the
     training seed's."""
-    from scipy.stats import binomtest, ttest_rel
+    from scipy.stats import ttest_rel
 
     seeds = [f["args"]["seed"] for f in files]
     arms = [arm for arm in files[0]["table"] if all(arm in f["table"] for f in files)]
@@ -252,7 +255,7 @@ def combine_seeds(files: list[dict]) -> tuple[str, dict, dict]:
         per_seed = [f["paired"][key] for f in files]
         ours = sum(t["only_arm_right"] for t in per_seed)
         theirs = sum(t["only_reference_right"] for t in per_seed)
-        pooled_p = float(binomtest(ours, ours + theirs, 0.5).pvalue) if ours + theirs else 1.0
+        pooled_p = mcnemar_p(ours, theirs)
         arm, reference = key.split("_vs_")
         over_seeds = ttest_rel([table[arm]["by_seed"][str(s)] for s in seeds],
                                [table[reference]["by_seed"][str(s)] for s in seeds])

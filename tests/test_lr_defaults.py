@@ -144,10 +144,10 @@ def _seed_file(seed, lora_acc, fish_acc, counts, lr=0.002, epochs=4.0):
     ours, theirs = counts
     paired = {"fish_vs_lora-r8": {"diff": fish_acc - lora_acc, "only_arm_right": ours, "only_reference_right": theirs,
                                   "p": 0.5}}
-    return {"args": args, "table": table, "paired": paired}
+    return {"args": args, "grids": {}, "table": table, "paired": paired}
 
 
-def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed_disagreements(tmp_path):
+def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed_disagreements():
     from scipy.stats import binomtest, ttest_rel
 
     screen = _load("selection_screen")
@@ -170,6 +170,7 @@ def test_the_screens_seeds_pool_into_mean_std_and_a_mcnemar_test_over_the_summed
     (_seed_file(0, 83.0, 82.0, (1, 1)), "repeat a seed"),
     (_seed_file(1, 83.0, 82.0, (1, 1), lr=0.005), "fish ran at lr 0.005"),
     (_seed_file(1, 83.0, 82.0, (1, 1), epochs=2.0), "epochs=2.0"),
+    ({"table": {}, "paired": {}, "seed_files": []}, "not one seed's --write file"),  # an already pooled file
 ])
 def test_seed_files_of_different_protocols_or_rates_are_refused(tmp_path, second, message):
     import json

@@ -25,8 +25,9 @@ from ..selection.mask import STRATEGIES
 # fine-tuning but barely moves a 0.5% mask or a fresh adapter. Masks: 2e-3, the best worst case over MiniLM on
 # SST-2 (250 steps, seed 0) and STS-B (3 epochs, seeds 0 and 1) at LoRA r=8's count (docs/selection.md, "Default
 # learning rates"); random entries do better higher (1e-2 on SST-2). PEFT methods: 1e-3, the FISH-Tuning and
-# layer-wise GLUE sweeps' rate (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries (the CLI's default
-# selection); random entries did not train at all at 1e-3 and did best at 1e-2 (docs/fish_tuning.md#shira).
+# layer-wise GLUE sweeps' rate (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries
+# (the CLI's default selection); random entries did not train at all at 1e-3 and did best at 1e-2
+# (docs/fish_tuning.md#shira).
 # LoRA: 1e-3, the best worst case over every task it was measured on (docs/selection.md, "Default learning
 # rates"): within 0.92 of each task's best rate on MiniLM SST-2 (250 steps) and STS-B (3 epochs, seeds 0 and 1)
 # and SmolLM2 social_iqa. 3e-3 was best on SST-2 and social_iqa but never left the mean on STS-B at seed 0
