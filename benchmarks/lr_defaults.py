@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_json  # noqa: E402
 from selection_screen import ARMS, GRIDS, _run_point, add_protocol_arguments  # noqa: E402
 
-METHODS = {"full": "full", "lora": "lora-r8", "mask": "fish"}  # family -> the screen's arm for it
+METHODS = {"full": "full", "lora": "lora-r8", "mask": "fish", "random": "random"}  # family -> the screen's arm for it
 PRIMARY = {"cola": "matthews_correlation", "stsb": "pearson"}
 
 
@@ -66,7 +66,7 @@ def chance_bar(task: str, glue_dir: str) -> float:
 
 def llm_points(folder: Path, family: str) -> dict[float, float]:
     """social_iqa points (SmolLM2, seed 0) of the LLM sweep's arm for this family."""
-    arm = {"full": "full", "lora": "lora", "mask": "fish"}[family]
+    arm = {"full": "full", "lora": "lora", "mask": "fish", "random": "random"}[family]
     points = {}
     for path in folder.glob(f"{arm}_lr*_seed0.json"):
         run = json.loads(path.read_text())
