@@ -182,13 +182,18 @@ class SparseArguments:
         return self.method in PEFT_METHODS
 
     @property
+    def random_entries(self) -> bool:
+        """Whether the trained entries are drawn at random (--method random, or --selection random): no Fisher pass,
+        and a larger step than high-Fisher entries need."""
+        return self.method == "random" or self.selection == "random"
+
+    @property
     def default_learning_rate(self) -> float:
         """The rate a run gets when --learning-rate is not given (see DEFAULT_LEARNING_RATES)."""
         if self.method == "shira":
-            return DEFAULT_LEARNING_RATES["shira-random" if self.selection == "random" else "shira"]
-        random_entries = self.method == "random" or (self.method == "fish" and self.selection == "random")
+            return DEFAULT_LEARNING_RATES["shira-random" if self.random_entries else "shira"]
         family = ("lora" if self.method == "lora" else "peft" if self.is_peft
-                  else "random" if random_entries else "mask" if self.method == "fish" else "full")
+                  else "random" if self.random_entries else "mask" if self.method == "fish" else "full")
         return DEFAULT_LEARNING_RATES[family]
 
     def __post_init__(self):

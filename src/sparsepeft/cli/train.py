@@ -68,7 +68,7 @@ def _autocast(model, dtype: torch.dtype | None):
 
 
 def _needs_fisher(sparse_args: SparseArguments, peft_args: PeftArguments) -> bool:
-    if sparse_args.mask_file or sparse_args.method in ("full", "random") or sparse_args.selection == "random":
+    if sparse_args.mask_file or sparse_args.method == "full" or sparse_args.random_entries:
         return False
     if sparse_args.importance == "magnitude" and not sparse_args.is_peft:
         return False  # |w| reads no data
