@@ -64,9 +64,17 @@ def chance_bar(task: str, glue_dir: str) -> float:
     return majority + 2 * (majority * (1 - majority) / n) ** 0.5
 
 
+# Each family's arm in the LLM sweep (benchmarks/llm_quality.py), or None where it has none. Random entries have
+# none: that sweep's "random" arm is IST's baseline (LoRA on uniformly drawn blocks, --layers random), not a random
+# mask, and its random-linear-lora8 draws from the linear weights only.
+LLM_ARMS = {"full": "full", "lora": "lora", "mask": "fish", "random": None}
+
+
 def llm_points(folder: Path, family: str) -> dict[float, float]:
-    """social_iqa points (SmolLM2, seed 0) of the LLM sweep's arm for this family."""
-    arm = {"full": "full", "lora": "lora", "mask": "fish", "random": "random"}[family]
+    """social_iqa points (SmolLM2, seed 0) of the LLM sweep's arm for this family (none where it has no arm)."""
+    arm = LLM_ARMS[family]
+    if arm is None:
+        return {}
     points = {}
     for path in folder.glob(f"{arm}_lr*_seed0.json"):
         run = json.loads(path.read_text())

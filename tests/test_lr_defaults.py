@@ -47,6 +47,21 @@ def test_a_run_still_rising_on_validation_is_marked(lr_defaults):
     assert lr_defaults.curve("sst2", {"metrics": {}}) == []  # runs without --validation-curve
 
 
+def test_each_familys_smollm2_points_come_from_an_arm_of_that_family(lr_defaults, tmp_path):
+    """The random family once read the LLM sweep's "random" arm, which is IST's LoRA-on-random-blocks baseline:
+    its losses were quoted as random entries' evidence for the default rate."""
+    llm_quality = _load("llm_quality")
+    for family, arm in lr_defaults.LLM_ARMS.items():
+        if arm is not None:
+            assert llm_quality.ARMS[arm][0] == family, (family, arm)
+    assert "--layers" in llm_quality.ARMS["random"][1]  # the sweep's "random" is a choice of blocks, not of entries
+    for arm, lr in (("random", 0.01), ("fish", 0.001)):
+        (tmp_path / f"{arm}_lr{lr}_seed0.json").write_text(
+            '{"learning_rate": %s, "metrics": {"validation": {"acc": 0.4}}}' % lr)
+    assert lr_defaults.llm_points(tmp_path, "random") == {}
+    assert lr_defaults.llm_points(tmp_path, "mask") == {0.001: 0.4}
+
+
 def test_the_suite_batches_by_length_and_one_task_does_not():
     llm_quality = _load("llm_quality")
     args = argparse.Namespace(model="m", task="social_iqa,winowhy", data_dir="d", max_seq_length=256, batch_size=16,
