@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def test_each_familys_smollm2_points_come_from_an_arm_of_that_family(lr_defaults
             '{"learning_rate": %s, "metrics": {"validation": {"acc": 0.4}}}' % lr)
     assert lr_defaults.llm_points(tmp_path, "random") == {}
     assert lr_defaults.llm_points(tmp_path, "mask") == {0.001: 0.4}
+
+
+def test_an_arm_whose_grid_moved_up_is_planned_and_chosen_on_its_own_grid(tmp_path):
+    """Random entries' grid moved up a half-decade (their social_iqa grid peaked at its upper edge): the sweep runs
+    the moved grid, the rate is chosen inside it, and the points it moved past are listed beside, never chosen."""
+    llm_quality = _load("llm_quality")
+    arm = "random-linear-lora8"
+    assert llm_quality.grid_of(arm) == (1e-3, 3e-3, 1e-2) and llm_quality.off_grid_of(arm) == (1e-4, 3e-4)
+    assert llm_quality.grid_of("fish-lora8") == llm_quality.GRIDS["mask"]  # the family's other arms keep theirs
+    args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task="social_iqa")
+    assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [1e-3, 3e-3, 1e-2]
+    for lr, score in ((3e-4, 0.60), (1e-3, 0.40), (3e-3, 0.45)):  # 3e-4 is best but off the grid
+        (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
+            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
+                                                               "answer_nll": 1.0}}}))
+    assert llm_quality.chosen_lr(args, arm) == 3e-3
+    markdown, table = llm_quality.grid_table(args, [arm, "fish-lora8"])
+    assert "mask family, grid moved up, seed 0 | lr 0.001 | lr 0.003 | lr 0.01 | chosen" in markdown
+    assert f"| {arm} | 40.00 | 45.00 | not run | 0.003 | not run | 60.00 |" in markdown
 
 
 def test_the_suite_batches_by_length_and_one_task_does_not():

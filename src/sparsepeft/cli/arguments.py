@@ -27,9 +27,10 @@ from ..selection.mask import STRATEGIES
 # learning rates"). Random entries (--method random, or fish with --selection random): 1e-2, within 0.99 of the
 # best of their own ladder on the same tasks (STS-B at two seeds); at the masks' 2e-3 they lost 5.2 points on
 # SST-2 and 0.049 Pearson on STS-B, since a random entry moves the loss less per step than a high-Fisher one. The
-# ladder's rule alone picks 2e-2 (0.006 ahead on the worst case), but on SmolLM2 social_iqa random entries were
-# already worse at 1e-2 than at 3e-3 (training loss and answer NLL), so the lower one. PEFT methods: 1e-3, the FISH-Tuning and
-# layer-wise GLUE sweeps' rate (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries
+# ladder's rule alone picks 2e-2, 0.006 ahead on the worst case (half a point of SST-2 at one seed, inside its
+# noise); 2e-2 is the ladder's top, with nothing above it tried, and a default one step short of an untried edge
+# costs ~1% where one past a divergence costs everything (masks at 1e-2 fell to chance), so the lower one.
+# PEFT methods: 1e-3, the FISH-Tuning and layer-wise GLUE sweeps' rate (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries
 # (the CLI's default selection); with --selection random (PEFT's own SHiRA) 1e-2, the best of the same grid for
 # random entries (78.9 +- 1.3 over 3 seeds, against 77.1 +- 1.3 at 3e-3; nothing learned at 1e-3)
 # (docs/fish_tuning.md#shira).
