@@ -64,9 +64,10 @@ def chance_bar(task: str, glue_dir: str) -> float:
     return majority + 2 * (majority * (1 - majority) / n) ** 0.5
 
 
-# Each family's arm in the LLM sweep (benchmarks/llm_quality.py), or None where it has none. Random entries have
-# none: that sweep's "random" arm is IST's baseline (LoRA on uniformly drawn blocks, --layers random), not a random
-# mask, and its random-linear-lora8 draws from the linear weights only.
+# Each family's arm in the LLM sweep (benchmarks/llm_quality.py), or None where it has none. The nearest, not the
+# same: its "fish" keeps 0.5% of the weights (not LoRA r=8's count) and its LoRA adapts q, k, v, o, up and down of a
+# block. Random entries have none: that sweep's "random" arm is IST's baseline (LoRA on uniformly drawn blocks,
+# --layers random), not a random mask, and its random-linear-lora8 draws from the linear weights only.
 LLM_ARMS = {"full": "full", "lora": "lora", "mask": "fish", "random": None}
 
 
