@@ -99,7 +99,7 @@ def test_stsb_regression_reports_pearson_and_spearman(tiny_bert_dir, tmp_path):
                  "--method", "random", "--keep-ratio", "0.1", "--max-train-samples", "32",
                  "--max-eval-samples", "32", "--ignore-mismatched-sizes", "true", "--output-dir", str(out), *FAST]) == 0
     predictions, gold = _saved_model_outputs(out, glue, "stsb", 32)
-    assert _results(out)["learning_rate"] == 1e-2  # random entries' own default, not the Fisher mask's 2e-3
+    assert _results(out)["learning_rate"] == 1e-2  # random entries' own default, not the Fisher mask's 1e-3
     validation = _results(out)["metrics"]["validation"]
     assert validation["pearson"] == pytest.approx(pearsonr(predictions[:, 0], gold)[0], abs=1e-5)
     assert validation["spearmanr"] == pytest.approx(spearmanr(predictions[:, 0], gold)[0], abs=1e-5)
