@@ -22,25 +22,17 @@ from ..selection.mask import STRATEGIES
 
 
 # Learning rates used when --learning-rate is not given, per method family. Trainer's own 5e-5 suits full
-# fine-tuning but barely moves a 0.5% mask or a fresh adapter. Masks: 1e-3 (was 2e-3), the best worst case over
-# MiniLM on SST-2 (250 steps, seed 0), STS-B (3 epochs, seeds 0 and 1) and CoLA (3 epochs, seeds 0-2) at LoRA r=8's
-# count: 0.97 of each task's best against 0.74 at 2e-3, which trailed on CoLA at 2 of 3 seeds; STS-B is 0.017 Pearson
-# lower, SST-2 level; SmolLM2's social_iqa and suite both chose 1e-3 over 3e-3 (docs/selection.md, "Default
-# learning rates"). Random entries (--method random, or fish with --selection random): 1e-2. At 2e-3
-# they lost 5.2 points on SST-2 and 0.049 Pearson on STS-B and learned nothing on CoLA, since a random entry moves
-# the loss less per step than a high-Fisher one. Over MiniLM SST-2, STS-B (two seeds) and CoLA the best worst case
-# is 2e-2 (0.99 of each task's best, against 0.88 at 1e-2, the gap being CoLA's 0.02 MCC at one seed), but one step
-# above it, 4e-2, CoLA collapses: 1e-2 keeps two doublings from that edge, for 0.010 Pearson on STS-B and 0.020
-# MCC on CoLA (and half a point ahead on SST-2) (docs/selection.md). PEFT methods: 1e-3, the FISH-Tuning and
-# layer-wise GLUE sweeps' rate (docs/fish_tuning.md). SHiRA: 3e-3, the best of its SST-2 grid for Fisher entries
-# (the CLI's default selection); with --selection random (PEFT's own SHiRA) 1e-2, the best of the same grid for
-# random entries (78.9 +- 1.3 over 3 seeds, against 77.1 +- 1.3 at 3e-3; nothing learned at 1e-3)
-# (docs/fish_tuning.md#shira).
-# LoRA: 1e-3, the best worst case over every task it was measured on (docs/selection.md, "Default learning
-# rates"): within 0.92 of each task's best rate on MiniLM SST-2 (250 steps) and STS-B (3 epochs, seeds 0 and 1)
-# and SmolLM2 social_iqa. 3e-3 was best on SST-2 and social_iqa but never left the mean on STS-B at seed 0
-# (Pearson 0.01), as it fell to the majority class on the issue's held-out pair task; 3e-4 failed STS-B at seed 1;
-# 1e-3 learned it at both. CoLA and RTE learned at no rate.
+# fine-tuning but barely moves a 0.5% mask or a fresh adapter. Each rate's table and reasoning is in
+# docs/selection.md ("Default learning rates") or docs/fish_tuning.md; in short:
+# - masks 1e-3 (was 2e-3): the best worst case over MiniLM SST-2, STS-B (2 seeds) and CoLA (3 seeds) at LoRA r=8's
+#   count; SmolLM2's social_iqa and suite also chose 1e-3 over 3e-3.
+# - random entries 1e-2 (--method random, or --selection random): they need a larger step than high-Fisher ones
+#   (at 2e-3 they learned nothing on CoLA); the rule's 2e-2 is one doubling from a collapse on CoLA (4e-2).
+# - LoRA 1e-3: the best worst case over MiniLM SST-2, STS-B (2 seeds) and SmolLM2 social_iqa; 3e-3 never left the
+#   mean on STS-B at seed 0, as it fell to the majority class on the issue's held-out pair task.
+# - other PEFT methods 1e-3: the FISH-Tuning and layer-wise GLUE sweeps' rate.
+# - SHiRA 3e-3 (Fisher entries, its default selection), 1e-2 with --selection random: the best of its SST-2 grid
+#   for each (random entries learned nothing at 1e-3).
 DEFAULT_LEARNING_RATES = {"full": 5e-5, "mask": 1e-3, "random": 1e-2, "lora": 1e-3, "peft": 1e-3, "shira": 3e-3,
                           "shira-random": 1e-2}
 
