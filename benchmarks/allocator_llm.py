@@ -3,7 +3,8 @@ threshold (fixed at 1 MiB against glibc's dynamic default) as a second axis.
 
     python benchmarks/allocator_llm.py --out docs/results/allocator_llm_cpu.json
     python benchmarks/allocator_llm.py --arms lora,full,sparse-random-linear,sparse-random-all \
-        --allocators glibc-dynamic --max-seq-length 256 --steps 5 --repeats 3 --out docs/results/llm_step_arms_cpu.json
+        --allocators glibc-dynamic --max-seq-length 256 --steps 4 --repeats 2 --threads 1 \
+        --out docs/results/llm_step_arms_cpu.json
 
 Arms: LoRA r=8 (q,k,v,o,up,down; PEFT's dropout 0), full fine-tuning, and the sparse engine at LoRA r=8's
 exact count (1,935,360 entries) with a random mask over the blocks' linear weights (the suite's
@@ -38,6 +39,7 @@ from common import provenance, rss_mb, write_json  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 ALLOCATORS = {"fixed-1MiB": str(1 << 20), "glibc-dynamic": None}  # -> MALLOC_MMAP_THRESHOLD_
+ARMS = ("lora", "full", "sparse-random-linear", "sparse-random-all")
 
 
 def worker(args) -> dict:
@@ -79,13 +81,15 @@ def worker(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    return {"arm": args.arm, "trainable": sum(p.numel() for p in trainable), "rss_before_train_mb": before, "peak_rss_train_mb": rss_mb("VmHWM:"),
-            "step_seconds": seconds[1:], "step_median_s": statistics.median(seconds[1:])}
+    return {"arm": args.arm, "trainable": sum(p.numel() for p in trainable), "rss_before_train_mb": before,
+            "peak_rss_train_mb": rss_mb("VmHWM:"), "step_seconds": seconds[1:],
+            "step_median_s": statistics.median(seconds[1:])}
 
 
 def run_worker(args, arm: str, allocator: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--arm", arm, "--steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--threads", str(args.threads), "--max-seq-length", str(args.max_seq_length), "--model", args.model, "--data-dir", args.data_dir]
+               str(args.batch_size), "--threads", str(args.threads), "--max-seq-length", str(args.max_seq_length),
+               "--model", args.model, "--data-dir", args.data_dir]
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     if ALLOCATORS[allocator] is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = ALLOCATORS[allocator]
@@ -116,6 +120,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--allocators {unknown}: choose among {list(ALLOCATORS)}")
     arms = args.arms.split(",")
+    if [a for a in arms if a not in ARMS]:  # before any worker starts: an unknown arm would train nothing it names
+        parser.error(f"--arms {[a for a in arms if a not in ARMS]}: choose among {list(ARMS)}")
     runs = []
     for repeat in range(args.repeats):  # alternate the order, so that drift on the machine falls on every arm
         for arm in arms if repeat % 2 == 0 else list(reversed(arms)):
@@ -128,7 +134,7 @@ def main() -> None:
         cells = {a: [r for r in runs if r["arm"] == arm and r["allocator"] == a] for a in allocators}
         summary[arm] = {a: {"peak_rss_train_mb": [r["peak_rss_train_mb"] for r in rs],
                             "step_median_s": statistics.median(r["step_median_s"] for r in rs)} for a, rs in cells.items()}
-        summary[arm]["trainable"] = runs[[r["arm"] for r in runs].index(arm)].get("trainable")
+        summary[arm]["trainable"] = next(r["trainable"] for r in runs if r["arm"] == arm)
         if {"fixed-1MiB", "glibc-dynamic"} <= set(allocators):
             fixed, dynamic = summary[arm]["fixed-1MiB"], summary[arm]["glibc-dynamic"]
             summary[arm]["peak_fixed_over_dynamic"] = statistics.median(fixed["peak_rss_train_mb"]) / statistics.median(
