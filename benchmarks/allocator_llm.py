@@ -49,7 +49,7 @@ def worker(args) -> dict:
     from sparsepeft.models.peft import apply_method
 
     torch.set_num_threads(args.threads)
-    task = load_multiple_choice(Path(args.data_dir) / "social_iqa" / "task.json")
+    task = load_multiple_choice(Path(args.data_dir) / args.task / "task.json")
     model, tokenizer = load_model_and_tokenizer(args.model, task)
     lora = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS}
     if args.arm == "lora":
@@ -89,7 +89,7 @@ def worker(args) -> dict:
 def run_worker(args, arm: str, allocator: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--arm", arm, "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--threads", str(args.threads), "--max-seq-length", str(args.max_seq_length),
-               "--model", args.model, "--data-dir", args.data_dir]
+               "--model", args.model, "--data-dir", args.data_dir, "--task", args.task]
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     if ALLOCATORS[allocator] is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = ALLOCATORS[allocator]
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--arms", default="lora,full")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default="../shared/data/bigbench")
+    parser.add_argument("--task", default="social_iqa", help="a BIG-bench task folder (timedial: long prompts)")
     parser.add_argument("--allocators", default=",".join(ALLOCATORS))
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
