@@ -4,9 +4,9 @@ threshold (fixed at 1 MiB against glibc's dynamic default) as a second axis.
     python benchmarks/allocator_llm.py --out docs/results/allocator_llm_cpu.json
     python benchmarks/allocator_llm.py --arms lora,full,sparse-random-linear,sparse-random-all \
         --allocators glibc-dynamic --max-seq-length 256 --steps 4 --repeats 2 --threads 1 \
-        --out docs/results/llm_step_arms_cpu.json
+        --out docs/results/llm_step_arms_cpu.json           # and --task timedial --threads 2 (long prompts)
 
-Arms: LoRA r=8 (q,k,v,o,up,down; PEFT's dropout 0), full fine-tuning, and the sparse engine at LoRA r=8's
+Arms: LoRA r=8 (q,k,v,o,up,down; dropout 0.1, which ``apply_method`` sets as the CLI does), full fine-tuning, and the sparse engine at LoRA r=8's
 exact count (1,935,360 entries) with a random mask over the blocks' linear weights (the suite's
 ``random-linear-lora8``) or over every weight (every tensor touched, the embedding included, as the
 Fisher mask of ``fish-lora8`` does; the engine's cost depends on which tensors it touches and how many
