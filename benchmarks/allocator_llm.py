@@ -6,11 +6,12 @@ threshold (fixed at 1 MiB against glibc's dynamic default) as a second axis.
         --allocators glibc-dynamic --max-seq-length 256 --steps 4 --repeats 2 --threads 1 \
         --out docs/results/llm_step_arms_cpu.json           # and --task timedial --threads 2 (long prompts)
 
-Arms: LoRA r=8 (q,k,v,o,up,down; dropout 0.1, which ``apply_method`` sets as the CLI does), full fine-tuning, and the sparse engine at LoRA r=8's
-exact count (1,935,360 entries) with a random mask over the blocks' linear weights (the suite's
-``random-linear-lora8``) or over every weight (every tensor touched, the embedding included, as the
-Fisher mask of ``fish-lora8`` does; the engine's cost depends on which tensors it touches and how many
-entries, not on which entries, so a random mask stands in for the Fisher pass).
+Arms: LoRA r=8 (q,k,v,o,up,down; dropout 0.1, which ``apply_method`` sets as the CLI does), full
+fine-tuning, and the sparse engine at LoRA r=8's exact count (1,935,360 entries) with a random mask over
+the blocks' linear weights (the suite's ``random-linear-lora8``) or over every weight (every tensor
+touched, the embedding included, as the Fisher mask of ``fish-lora8`` does; the engine's cost depends on
+which tensors it touches and how many entries, not on which entries, so a random mask stands in for the
+Fisher pass).
 
 glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB) each time a mapped block is
 freed, so after the first step most activations come from the heap, where freed memory stays resident
@@ -116,13 +117,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    allocators = args.allocators.split(",")
-    unknown = [a for a in allocators if a not in ALLOCATORS]
-    if unknown:
-        parser.error(f"--allocators {unknown}: choose among {list(ALLOCATORS)}")
-    arms = args.arms.split(",")
-    if [a for a in arms if a not in ARMS]:  # before any worker starts: an unknown arm would train nothing it names
-        parser.error(f"--arms {[a for a in arms if a not in ARMS]}: choose among {list(ARMS)}")
+    allocators, arms = args.allocators.split(","), args.arms.split(",")
+    for flag, given, known in (("--allocators", allocators, ALLOCATORS), ("--arms", arms, ARMS)):
+        if unknown := [g for g in given if g not in known]:  # before any worker starts
+            parser.error(f"{flag} {unknown}: choose among {list(known)}")
     runs = []
     for repeat in range(args.repeats):  # alternate the order, so that drift on the machine falls on every arm
         for arm in arms if repeat % 2 == 0 else list(reversed(arms)):
