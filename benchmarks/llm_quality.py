@@ -227,11 +227,14 @@ def grid_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
 
 
 def seeds_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
-    """Seeds 1 and 2 of every trained arm at its chosen rate: read from the grid's files, so call it after the
-    grid has run (planned together, --phase all ran the seeds at the grid's first point)."""
+    """--seeds (1 and 2) of every trained arm at its chosen rate, seed by seed (every arm's seed 1 before any
+    seed 2, so a sweep cut short leaves each arm with as many seeds as it could). The rate is read from the
+    grid's files, so call it after the grid has run (planned together, --phase all ran the seeds at the grid's
+    first point)."""
     if args.phase not in ("seeds", "all"):
         return []
-    return [(arm, chosen_lr(args, arm), seed) for arm in arms if ARMS[arm][0] for seed in (1, 2)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    return [(arm, chosen_lr(args, arm), seed) for seed in seeds for arm in arms if ARMS[arm][0]]
 
 
 def run_all(args, runs: list[tuple[str, float | None, int]]) -> None:
@@ -676,6 +679,8 @@ def main() -> None:
     parser.add_argument("--lrs", default="",
                         help="with --phase grid: these learning rates (comma-separated, in this order) instead of the "
                              "family's grid, e.g. one point first or a point outside the grid")
+    parser.add_argument("--seeds", default="1,2",
+                        help="with --phase seeds: the training seeds run at each arm's chosen rate (seed 0 is the grid's)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each its own process (on a GPU: several small runs share it)")
     parser.add_argument("--steps", type=int, default=200)
@@ -692,6 +697,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: runs at a time must be at least 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 1,2")
+    if 0 in seeds:
+        parser.error("--seeds: seed 0 is the grid's seed (--phase grid); give the extra seeds, e.g. 1,2")
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

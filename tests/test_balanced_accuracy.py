@@ -177,3 +177,15 @@ def test_a_suites_seed_comparison_is_on_the_headline(tmp_path, llm_quality):
                       ["macro_balanced_acc"] for s in (0, 1)] for arm, lr in (("full", 3e-4), ("lora", 3e-3))}
     assert entry["test_macro_balanced_acc"]["diff"] == pytest.approx(sum(headline["full"]) / 2 - sum(headline["lora"]) / 2)
     assert "test macro-bal: diff (t, p)" in markdown
+
+
+def test_the_seeds_phase_runs_every_arms_seed_1_before_any_seed_2(tmp_path, llm_quality):
+    """A sweep on a CPU is cut short by the session: seed by seed, each arm keeps as many seeds as time allowed,
+    at the rate its grid chose (no grid file yet: the grid's first point)."""
+    args = argparse.Namespace(out=str(tmp_path), phase="seeds", seeds="1,2")
+    plan = llm_quality.seeds_plan(args, ["zero-shot", "lora", "fish-lora8"])
+    assert [(arm, seed) for arm, _, seed in plan] == [("lora", 1), ("fish-lora8", 1), ("lora", 2), ("fish-lora8", 2)]
+    assert {arm: lr for arm, lr, _ in plan} == {"lora": llm_quality.grid_of("lora")[0],
+                                                "fish-lora8": llm_quality.grid_of("fish-lora8")[0]}
+    args.seeds = "2"
+    assert [seed for _, _, seed in llm_quality.seeds_plan(args, ["lora"])] == [2]
