@@ -83,6 +83,8 @@ def paired_weighted_test(ours: list[bool], theirs: list[bool], weights: list[flo
     diff = 100 * float(ours_w.sum() - theirs_w.sum())
     if not differ:
         return {"diff": 0.0, "disagree": 0, "p": 1.0, "questions": len(ours)}
+    if len(differ) == 1:  # its two sign flips give the same |difference| (scipy needs two or more)
+        return {"diff": diff, "disagree": 1, "p": 1.0, "questions": len(ours)}
     test = permutation_test((ours_w, theirs_w), lambda x, y, axis: numpy.sum(x - y, axis=axis),
                             permutation_type="samples", vectorized=True, n_resamples=resamples,
                             rng=numpy.random.default_rng(0))

@@ -433,13 +433,30 @@ def _correct(args, run: dict, split: str) -> tuple[list[bool], list[str], list[f
     return answer_hits(questions, scores), [q.task for q in questions], balanced_weights(questions)
 
 
+def _pooled_over_seeds(pairs: list[tuple[str, tuple, tuple]]) -> tuple[str, tuple, tuple]:
+    """Several seeds' paired runs as one sample, labelled by its seeds ("0+1+2"): each seed's questions once
+    more, every weight divided by the number of seeds. The weighted difference is then the mean over the seeds of
+    each seed's headline difference, and the permutation test flips each (seed, question) pair on its own: the
+    seeds' evidence added up, as a pooled McNemar test does for accuracy."""
+    share = 1 / len(pairs)
+    hits, tasks, weights, other_hits = [], [], [], []
+    for _, (run_hits, run_tasks, run_weights), (reference_hits, _, _) in pairs:
+        hits += run_hits
+        tasks += run_tasks
+        weights += [w * share for w in run_weights]
+        other_hits += reference_hits
+    return "+".join(seed for seed, _, _ in pairs), (hits, tasks, weights), (other_hits, tasks, weights)
+
+
 def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
     """Each pair of comparisons() on the same questions, seed by seed, for runs that kept their option
     scores: exact McNemar test on the questions one run gets right and the other wrong. Welch's t above sees
     only the seed-to-seed spread of accuracies; this sees which questions changed, so it separates smaller gaps
     (it is conditional on the question sample, as every accuracy here is). Every trained arm is also paired with
     zero-shot (the floor: did training help on these questions?). A suite adds one test per task beside the
-    pooled one (keys ending in the task's name)."""
+    pooled one (keys ending in the task's name). Where two or more seeds pair up, a last row pools them (seed
+    column "0+1+2", key "..._seed0+1+2_..."): one seed's gap can be its training noise, the pooled one is the
+    arm's."""
     lines = ["| arm | against | seed | split | acc diff | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     macro_lines = ["| arm | against | seed | split | macro-balanced diff | questions they disagree on | "
@@ -452,6 +469,7 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
             theirs = {seed: zero for seed in (0, 1, 2)} if zero is not None else {}
         else:
             theirs = {r["seed"]: r for r in _runs_at_chosen_rate(args, reference)}
+        paired = {split: [] for split in ("validation", "test")}  # (seed, ours, against) at each shared seed
         for run in _runs_at_chosen_rate(args, arm):
             other = theirs.get(run["seed"])
             for split in ("validation", "test"):
@@ -459,12 +477,17 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
                 against = _correct(args, other, split) if other is not None else None
                 if ours is None or against is None:
                     continue
+                paired[split].append((str(run["seed"]), ours, against))
+        for split, pairs in paired.items():
+            if len(pairs) > 1:  # after the seeds one by one, all of them as one sample
+                pairs.append(_pooled_over_seeds(pairs))
+            for seed, ours, against in pairs:
                 (hits, tasks, weights), (other_hits, _, _) = ours, against
-                key = f"{arm}_vs_{reference}_seed{run['seed']}_{split}"
+                key = f"{arm}_vs_{reference}_seed{seed}_{split}"
                 if len(set(tasks)) > 1:  # a suite: the headline first, then McNemar pooled and per task
                     entry = paired_weighted_test(hits, other_hits, weights)
                     table[f"{key}_macro"] = entry
-                    macro_lines.append(f"| {arm} | {reference} | {run['seed']} | {split} | {entry['diff']:+.2f} | "
+                    macro_lines.append(f"| {arm} | {reference} | {seed} | {split} | {entry['diff']:+.2f} | "
                                        f"{entry['disagree']} | {entry['p']:.3f} |")
                 groups = {"": range(len(hits))}  # pooled, then each task of a suite
                 if len(set(tasks)) > 1:
@@ -472,7 +495,7 @@ def paired_comparisons(args, arms: list[str]) -> tuple[str, dict]:
                 for task, chosen in groups.items():
                     entry = mcnemar([hits[i] for i in chosen], [other_hits[i] for i in chosen])
                     table[key + (f"_{task}" if task else "")] = entry
-                    lines.append(f"| {arm} | {reference} | {run['seed']} | {split}{f' ({task})' if task else ''} | "
+                    lines.append(f"| {arm} | {reference} | {seed} | {split}{f' ({task})' if task else ''} | "
                                  f"{entry['diff']:+.2f} | {entry['only_arm_right']} / {entry['only_reference_right']} | "
                                  f"{entry['mcnemar_p']:.3f} |")
     if not table:

@@ -97,6 +97,9 @@ def test_paired_weighted_test_is_mcnemar_with_equal_weights_and_antisymmetric():
     forward, backward = paired_weighted_test(ours, theirs, weights), paired_weighted_test(theirs, ours, weights)
     assert backward["diff"] == pytest.approx(-forward["diff"]) and backward["p"] == pytest.approx(forward["p"])
     assert paired_weighted_test(ours, ours, weights) == {"diff": 0.0, "disagree": 0, "p": 1.0, "questions": 40}
+    one_apart = [not ours[0]] + ours[1:]  # one question differs: both of its flips are as extreme, p = 1
+    assert paired_weighted_test(one_apart, ours, weights) == pytest.approx(
+        {"diff": 100 * weights[0] * (1 if one_apart[0] else -1), "disagree": 1, "p": 1.0, "questions": 40})
 
 
 def _suite_files(data: Path, rng: random.Random) -> None:
@@ -189,3 +192,39 @@ def test_the_seeds_phase_runs_every_arms_seed_1_before_any_seed_2(tmp_path, llm_
                                                 "fish-lora8": llm_quality.grid_of("fish-lora8")[0]}
     args.seeds = "2"
     assert [seed for _, _, seed in llm_quality.seeds_plan(args, ["lora"])] == [2]
+
+
+def test_paired_tests_pool_the_seeds_after_taking_them_one_by_one(tmp_path, llm_quality):
+    """Two seeds of two arms on a suite: a pooled row whose headline difference is the mean of the seeds' and
+    whose disagreements are the seeds' added up; its p is no larger than the seeds' when both point one way."""
+    from sparsepeft.experiments.pipeline import load_task_data
+
+    data = tmp_path / "data"
+    _suite_files(data, random.Random(6))
+    suite = "fixed,free"
+    questions = load_task_data(suite, str(data), split_seed=0).evaluation
+    out = tmp_path / "out"
+    out.mkdir()
+    for arm, lr, right_share in (("lora", 3e-3, 0.45), ("full", 3e-4, 0.6)):
+        for seed in (0, 1):
+            rng = random.Random(10 * seed + len(arm))
+            scores = {split: _scores_answering(items, [q.answer if rng.random() < right_share else
+                                                       (q.answer + 1) % len(q.options) for q in items])
+                      for split, items in questions.items()}
+            metrics = {split: choice_metrics_by_task(items, scores[split]) for split, items in questions.items()}
+            run = {"method": arm, "seed": seed, "learning_rate": lr, "data_split": {"seed": 0}, "metrics": metrics,
+                   "option_log_likelihoods": scores}
+            (out / f"{arm}_lr{lr:g}_seed{seed}.json").write_text(json.dumps(run))
+    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
+    seeds = [table[f"full_vs_lora_seed{s}_test_macro"] for s in (0, 1)]
+    pooled = table["full_vs_lora_seed0+1_test_macro"]
+    assert pooled["diff"] == pytest.approx((seeds[0]["diff"] + seeds[1]["diff"]) / 2)
+    assert pooled["disagree"] == seeds[0]["disagree"] + seeds[1]["disagree"]
+    assert pooled["questions"] == 2 * seeds[0]["questions"]
+    assert all(entry["diff"] > 0 for entry in seeds) and pooled["p"] <= max(entry["p"] for entry in seeds)
+    accuracy = [table[f"full_vs_lora_seed{s}_test"] for s in (0, 1)]
+    assert table["full_vs_lora_seed0+1_test"]["only_arm_right"] == sum(e["only_arm_right"] for e in accuracy)
+    assert table["full_vs_lora_seed0+1_test_fixed"]["questions"] == 2 * accuracy[0]["questions"] - \
+        2 * table["full_vs_lora_seed0_test_free"]["questions"]
+    assert "| full | lora | 0+1 | test |" in markdown
