@@ -82,6 +82,27 @@ def test_an_arm_whose_grid_moved_up_is_planned_and_chosen_on_its_own_grid(tmp_pa
     assert f"| {arm} | 40.00 | 45.00 | not run | 0.003 | not run | 60.00 |" in markdown
 
 
+def test_on_the_suite_every_selection_arm_is_searched_over_the_same_grid(tmp_path):
+    """Random entries' grid moved up on social_iqa, not on the suite: there they share the mask family's three
+    points with FISH and |w·g| (the same search for every arm), and their suite run at 1e-2 (from the moved grid)
+    is listed beside the grid, never chosen."""
+    llm_quality = _load("llm_quality")
+    suite = "social_iqa,winowhy,timedial,epistemic_reasoning"
+    arm = "random-linear-lora8"
+    assert llm_quality.grid_of(arm, suite) == llm_quality.GRIDS["mask"] == llm_quality.grid_of("fish-lora8", suite)
+    assert llm_quality.off_grid_of(arm, suite) == (1e-4, 1e-2)
+    args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task=suite)
+    assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [3e-4, 1e-3, 3e-3]
+    for lr, score in ((1e-3, 0.49), (3e-3, 0.48), (1e-2, 0.55)):  # 1e-2 is best but off the suite's grid
+        (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
+            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
+                                                               "answer_nll": 1.0}}}))
+    assert llm_quality.chosen_lr(args, arm) == 1e-3
+    markdown, _ = llm_quality.grid_table(args, [arm, "fish-lora8"])
+    assert "grid moved up" not in markdown
+    assert f"| {arm} | not run | 49.00 | 48.00 | 0.001 | not run | 55.00 |" in markdown
+
+
 def test_the_suite_batches_by_length_and_one_task_does_not():
     llm_quality = _load("llm_quality")
     args = argparse.Namespace(model="m", task="social_iqa,winowhy", data_dir="d", max_seq_length=256, batch_size=16,
