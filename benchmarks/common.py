@@ -68,6 +68,9 @@ def mcnemar_p(only_ours: int, only_theirs: int) -> float:
     return float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0
 
 
+PERMUTATION_BATCH = 1000
+
+
 def paired_weighted_test(ours: list[bool], theirs: list[bool], weights: list[float], resamples: int = 99_999) -> dict:
     """Two runs on the same questions, scored by ``sum(weight * hit)`` (a macro-averaged balanced accuracy):
     the paired permutation test that swaps the two runs' answers question by question (a sign flip of each
@@ -85,9 +88,11 @@ def paired_weighted_test(ours: list[bool], theirs: list[bool], weights: list[flo
         return {"diff": 0.0, "disagree": 0, "p": 1.0, "questions": len(ours)}
     if len(differ) == 1:  # its two sign flips give the same |difference| (scipy needs two or more)
         return {"diff": diff, "disagree": 1, "p": 1.0, "questions": len(ours)}
+    # in batches of PERMUTATION_BATCH resamples: all at once held resamples x questions floats several times over
+    # (4 GB for 600 disagreements; a summary pooling three seeds' runs was killed for memory). The same p.
     test = permutation_test((ours_w, theirs_w), lambda x, y, axis: numpy.sum(x - y, axis=axis),
                             permutation_type="samples", vectorized=True, n_resamples=resamples,
-                            rng=numpy.random.default_rng(0))
+                            rng=numpy.random.default_rng(0), batch=PERMUTATION_BATCH)
     return {"diff": diff, "disagree": len(differ), "p": float(test.pvalue), "questions": len(ours)}
 
 

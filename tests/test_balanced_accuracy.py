@@ -228,3 +228,23 @@ def test_paired_tests_pool_the_seeds_after_taking_them_one_by_one(tmp_path, llm_
     assert table["full_vs_lora_seed0+1_test_fixed"]["questions"] == 2 * accuracy[0]["questions"] - \
         2 * table["full_vs_lora_seed0_test_free"]["questions"]
     assert "| full | lora | 0+1 | test |" in markdown
+
+
+def test_the_paired_test_on_many_disagreements_holds_little_memory():
+    """Three seeds pooled put ~900 disagreements into one test; scipy's permutation test drew all 99,999
+    resamples at once (4 GB at 600), and a suite's summary was killed for memory beside two training runs."""
+    import tracemalloc
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import paired_weighted_test
+
+    rng = random.Random(7)
+    ours = [i % 2 == 0 for i in range(900)]
+    theirs = [not hit for hit in ours]
+    weights = [rng.random() / 900 for _ in ours]
+    tracemalloc.start()
+    entry = paired_weighted_test(ours, theirs, weights)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert entry["disagree"] == 900 and 0 <= entry["p"] <= 1
+    assert peak < 300e6, f"{peak / 1e6:.0f} MB"
