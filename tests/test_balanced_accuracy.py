@@ -152,19 +152,20 @@ def test_the_suites_rate_rule_prefers_learning_over_the_majority_answer(tmp_path
     assert "mean over tasks (headline)" in markdown
 
 
-def test_a_suites_seed_comparison_is_on_the_headline(tmp_path, llm_quality):
-    """Welch's t over seeds compares the suite's headline (and accuracy beside it), not pooled accuracy alone."""
+def _two_arm_suite(tmp_path, data_seed: int, arms, seed_rng) -> argparse.Namespace:
+    """Run files of two arms at seeds 0 and 1 on a two-task suite: each arm right on about its share of the
+    questions (``arms``: (arm, lr, share)), drawn from ``seed_rng(arm, seed)``. Returns the summary's args."""
     from sparsepeft.experiments.pipeline import load_task_data
 
     data = tmp_path / "data"
-    _suite_files(data, random.Random(5))
+    _suite_files(data, random.Random(data_seed))
     suite = "fixed,free"
     questions = load_task_data(suite, str(data), split_seed=0).evaluation
     out = tmp_path / "out"
     out.mkdir()
-    for arm, lr, right_share in (("lora", 3e-3, 0.5), ("full", 3e-4, 0.8)):
+    for arm, lr, right_share in arms:
         for seed in (0, 1):
-            rng = random.Random(seed)
+            rng = seed_rng(arm, seed)
             scores = {split: _scores_answering(items, [q.answer if rng.random() < right_share else
                                                        (q.answer + 1) % len(q.options) for q in items])
                       for split, items in questions.items()}
@@ -172,7 +173,13 @@ def test_a_suites_seed_comparison_is_on_the_headline(tmp_path, llm_quality):
             run = {"method": arm, "seed": seed, "learning_rate": lr, "data_split": {"seed": 0}, "metrics": metrics,
                    "option_log_likelihoods": scores}
             (out / f"{arm}_lr{lr:g}_seed{seed}.json").write_text(json.dumps(run))
-    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    return argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+
+
+def test_a_suites_seed_comparison_is_on_the_headline(tmp_path, llm_quality):
+    """Welch's t over seeds compares the suite's headline (and accuracy beside it), not pooled accuracy alone."""
+    args = _two_arm_suite(tmp_path, 5, (("lora", 3e-3, 0.5), ("full", 3e-4, 0.8)), lambda arm, seed: random.Random(seed))
+    out = Path(args.out)
     markdown, table = llm_quality.comparisons(args, ["full", "lora"])
     entry = table["full_vs_lora"]
     assert set(entry) == {"validation_macro_balanced_acc", "test_macro_balanced_acc", "test_acc"}
@@ -197,25 +204,8 @@ def test_the_seeds_phase_runs_every_arms_seed_1_before_any_seed_2(tmp_path, llm_
 def test_paired_tests_pool_the_seeds_after_taking_them_one_by_one(tmp_path, llm_quality):
     """Two seeds of two arms on a suite: a pooled row whose headline difference is the mean of the seeds' and
     whose disagreements are the seeds' added up; its p is no larger than the seeds' when both point one way."""
-    from sparsepeft.experiments.pipeline import load_task_data
-
-    data = tmp_path / "data"
-    _suite_files(data, random.Random(6))
-    suite = "fixed,free"
-    questions = load_task_data(suite, str(data), split_seed=0).evaluation
-    out = tmp_path / "out"
-    out.mkdir()
-    for arm, lr, right_share in (("lora", 3e-3, 0.45), ("full", 3e-4, 0.6)):
-        for seed in (0, 1):
-            rng = random.Random(10 * seed + len(arm))
-            scores = {split: _scores_answering(items, [q.answer if rng.random() < right_share else
-                                                       (q.answer + 1) % len(q.options) for q in items])
-                      for split, items in questions.items()}
-            metrics = {split: choice_metrics_by_task(items, scores[split]) for split, items in questions.items()}
-            run = {"method": arm, "seed": seed, "learning_rate": lr, "data_split": {"seed": 0}, "metrics": metrics,
-                   "option_log_likelihoods": scores}
-            (out / f"{arm}_lr{lr:g}_seed{seed}.json").write_text(json.dumps(run))
-    args = argparse.Namespace(out=str(out), data_dir=str(data), task=suite)
+    args = _two_arm_suite(tmp_path, 6, (("lora", 3e-3, 0.45), ("full", 3e-4, 0.6)),
+                          lambda arm, seed: random.Random(10 * seed + len(arm)))
     markdown, table = llm_quality.paired_comparisons(args, ["full", "lora"])
     seeds = [table[f"full_vs_lora_seed{s}_test_macro"] for s in (0, 1)]
     pooled = table["full_vs_lora_seed0+1_test_macro"]
