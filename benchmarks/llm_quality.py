@@ -110,13 +110,19 @@ SELECT_ON = "macro_balanced_acc"
 
 
 def _task(args) -> str:
+    """The run's task or suite (summaries built from a bare Namespace default to social_iqa)."""
     return getattr(args, "task", "social_iqa")
+
+
+def _seeds(args) -> list[int]:
+    """--seeds as numbers (1 and 2 unless given)."""
+    return [int(s) for s in getattr(args, "seeds", "1,2").split(",")]
 
 
 def is_suite(args) -> bool:
     """Several tasks (comma-separated): reported per task, batched by length, and headlined by SELECT_ON, which
     on one task is `acc` (so a single task's tables show accuracy alone)."""
-    return "," in getattr(args, "task", "social_iqa")
+    return "," in _task(args)
 
 
 def run_name(arm: str, lr: float | None, seed: int) -> str:
@@ -209,7 +215,7 @@ def _score(args, run: dict, split: str) -> float:
     recomputed = _recomputed(args, run, split)
     if recomputed is not None:
         return recomputed[SELECT_ON]
-    if getattr(args, "task", "social_iqa") != "social_iqa":
+    if _task(args) != "social_iqa":
         raise SystemExit(f"a run of {args.task} (lr {run.get('learning_rate')}, seed {run.get('seed')}) kept neither "
                          f"{split} {SELECT_ON} nor its option scores: rerun it with the current code")
     return metrics["acc"]
@@ -244,8 +250,7 @@ def seeds_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     first point)."""
     if args.phase not in ("seeds", "all"):
         return []
-    seeds = [int(s) for s in getattr(args, "seeds", "1,2").split(",")]
-    return [(arm, chosen_lr(args, arm), seed) for seed in seeds for arm in arms if ARMS[arm][0]]
+    return [(arm, chosen_lr(args, arm), seed) for seed in _seeds(args) for arm in arms if ARMS[arm][0]]
 
 
 def run_all(args, runs: list[tuple[str, float | None, int]]) -> None:
@@ -424,7 +429,7 @@ def _scored_questions(args, run: dict, split: str) -> tuple[list, list[list[floa
         return None
     from sparsepeft.data.multiple_choice import answer_hits
 
-    questions = _split_questions(args.data_dir, run["data_split"]["seed"], getattr(args, "task", "social_iqa"))[split]
+    questions = _split_questions(args.data_dir, run["data_split"]["seed"], _task(args))[split]
     hits = answer_hits(questions, scores)
     if len(questions) != len(scores) or sum(hits) / len(hits) != run["metrics"][split]["acc"]:
         raise SystemExit(f"the kept option scores of a {run['method']} run do not match {args.data_dir}'s split: "
@@ -652,7 +657,7 @@ def answer_concentration(args, arms: list[str]) -> tuple[str, dict]:
     share: the per-task table cannot tell this from learning, so it is shown here."""
     from sparsepeft.data.multiple_choice import chosen_options
 
-    questions = _split_questions(args.data_dir, 0, getattr(args, "task", "social_iqa"))["test"]
+    questions = _split_questions(args.data_dir, 0, _task(args))["test"]
     tasks = list(dict.fromkeys(q.task for q in questions))
     if len(tasks) < 2:
         return "", {}
@@ -732,7 +737,7 @@ def main() -> None:
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: runs at a time must be at least 1")
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = _seeds(args)
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 1,2")
     if 0 in seeds:
