@@ -73,6 +73,11 @@ ARMS = {  # arm -> (learning-rate family, flags)
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
     # LoRA r=8 without the CLI's default input dropout (0.1): each adapter then keeps no copy of its input
     "lora-nodropout": ("lora", [*LORA8, "--lora-dropout", "0"]),
+    # the suite's length groups in random order instead of Trainer's longest-to-shortest within each mega-batch,
+    # which trains the four tasks one after another (docs/selection.md); nothing else differs
+    "lora-shuffled": ("lora", [*LORA8, "--shuffle-length-groups"]),
+    "fish-lora8-shuffled": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--engine", "sparse",
+                                     "--always-train", "", "--shuffle-length-groups"]),
 }
 # Each family's usual rate, then two half-decades up: the first grids, centred on the usual rate, all picked
 # their upper edge at 200 steps, so the search must reach above it. A grid whose best is again its upper edge

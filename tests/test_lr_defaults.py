@@ -109,6 +109,11 @@ def test_the_suite_batches_by_length_and_one_task_does_not():
                               steps=2, warmup_steps=0, fisher_samples=8, smoke=False)
     suite = llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
     assert suite[suite.index("--train_sampling_strategy") + 1] == "group_by_length"
+    assert "--shuffle-length-groups" not in suite  # Trainer's order unless an arm asks for another
+    shuffled = llm_quality.command(args, "fish-lora8-shuffled", 1e-3, 0, Path("out"))
+    assert "--shuffle-length-groups" in shuffled  # the same run as fish-lora8 otherwise
+    assert [f for f in shuffled if f != "--shuffle-length-groups"] == llm_quality.command(args, "fish-lora8", 1e-3, 0,
+                                                                                        Path("out"))
     args.task = "social_iqa"
     assert "--train_sampling_strategy" not in llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
 

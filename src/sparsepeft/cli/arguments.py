@@ -100,6 +100,11 @@ class DataArguments:
                 "independent of --seed, so every run of a sweep sees the same parts."})
     prompt_column: str = field(default="prompt", metadata={"help": "causal-lm: the prompt column of your files."})
     response_column: str = field(default="response", metadata={"help": "causal-lm: the response column."})
+    shuffle_length_groups: bool = field(default=False, metadata={
+        "help": "With --train_sampling_strategy group_by_length: train Trainer's length groups (the same batches, the "
+                "same padding) in random order. Trainer sorts each mega-batch of 50 batches longest first, so on a "
+                "union of tasks whose prompts differ in length each mega-batch trains one task after another in the "
+                "same order every time (docs/selection.md, the suite). The first (longest) batch stays first."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on a random subset of this size."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on a random subset of this size."})
 

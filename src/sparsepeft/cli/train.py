@@ -16,6 +16,7 @@ from ..data import compute_metrics
 from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics_by_task, option_log_likelihoods
+from ..data.sampling import check_shuffle_length_groups, train_order
 from ..importance.memory import plan_fisher_batch
 from ..experiments.pipeline import (PeakMemory, build_mask, check_recipe, featurize, load_model_and_tokenizer,
                                     load_task_data, resolve_selection)
@@ -275,6 +276,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
     _check_combination(sparse_args, peft_args, layer_args)
+    check_shuffle_length_groups(data_args.shuffle_length_groups, training_args)  # before anything is written
     prepare_output_dir(training_args.output_dir, model_args.overwrite_output_dir,
                        training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
@@ -335,6 +337,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         compute_metrics=metrics_fn,
         preprocess_logits_for_metrics=greedy_predictions if causal else None,
         callbacks=callbacks,
+        shuffle_length_groups=data_args.shuffle_length_groups,
     )
     evaluate_only = training_args.max_steps == 0  # --max-steps 0: the model as it is (a zero-shot floor)
     trainable = 0 if evaluate_only else mask.num_selected if mask is not None else count_trainable(model)
@@ -410,6 +413,7 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         "learning_rate": None if evaluate_only else training_args.learning_rate,
         "learning_rate_source": None if evaluate_only else getattr(training_args, "learning_rate_source", "given"),
         "batch_size": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
+        "train_order": train_order(training_args, data_args.shuffle_length_groups),
         **recipe.timings,
         **state,
         "train_peak_rss_mb": train_peak["peak_rss_mb"],

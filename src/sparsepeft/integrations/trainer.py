@@ -15,8 +15,10 @@ import os
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.sampling import ShuffledLengthGroupedSampler, check_shuffle_length_groups
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
 from ..selection.mask import SparseMask
 from ..utils.distributed import refuse_sharded_args
@@ -98,7 +100,21 @@ class SparseTrainer(Trainer):
 
     A resumed run starts from the same base model (``--model``): the delta is checked against its frozen
     weights before it is written in. The final ``save_model()`` after training writes the whole model as usual
-    (the engine has detached by then), so the output folder loads in ``from_pretrained``."""
+    (the engine has detached by then), so the output folder loads in ``from_pretrained``.
+
+    ``shuffle_length_groups``: with ``train_sampling_strategy="group_by_length"``, train Trainer's length groups in
+    random order (:mod:`sparsepeft.data.sampling`) instead of longest to shortest within each mega-batch."""
+
+    def __init__(self, *args, shuffle_length_groups: bool = False, **kwargs):
+        self.shuffle_length_groups = shuffle_length_groups
+        super().__init__(*args, **kwargs)
+        check_shuffle_length_groups(shuffle_length_groups, self.args)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        sampler = super()._get_train_sampler(*args, **kwargs)
+        if self.shuffle_length_groups and type(sampler) is LengthGroupedSampler:
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
+        return sampler
 
     def _sparse_engine(self) -> SparseDeltaEngine | None:
         for callback in self.callback_handler.callbacks:
