@@ -708,6 +708,85 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines[1:]), table
 
 
+def _suite_training_lengths(args) -> tuple[list[int], list[str]]:
+    """Each training question's token length as the runs train it, and what it is: its task, or on a two-answer task
+    its task and right answer (the answer a constant guess would give)."""
+    from transformers import AutoTokenizer
+
+    from sparsepeft.data.multiple_choice import load_suite, training_features
+    from sparsepeft.models.catalog import resolve_model
+
+    tasks = _task(args).split(",")
+    suite = load_suite({task: Path(args.data_dir) / task / "task.json" for task in tasks})
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    lengths = [len(f["input_ids"]) for f in training_features(suite.train, tokenizer, args.max_seq_length)]
+    two_answer = {e.task for e in suite.train if len(e.options) == 2 and len({x.options for x in suite.train
+                                                                               if x.task == e.task}) == 1}
+    kinds = [f"{e.task}: {e.options[e.answer]}" if e.task in two_answer else e.task for e in suite.train]
+    return lengths, kinds
+
+
+def _order_statistics(order: list[int], kinds: list[str], batch: int, steps: int, mega: int) -> dict:
+    """What the first ``steps`` batches of an order train: how many hold one task only, each tenth of a mega-batch's
+    task shares, the last ten steps' task shares, and per two-answer task the right answers' shares in the first
+    and second half of its questions inside each mega-batch."""
+    batches = [order[i * batch:(i + 1) * batch] for i in range(steps)]
+    task = [k.split(":")[0] for k in kinds]
+    names = sorted(set(task))
+    one_task = sum(len({task[i] for i in b}) == 1 for b in batches) / len(batches)
+    tenths = []
+    for tenth in range(10):
+        picked = [i for step, b in enumerate(batches) if (step % mega) * 10 // mega == tenth for i in b]
+        tenths.append({name: round(sum(task[i] == name for i in picked) / len(picked), 3) for name in names}
+                      if picked else None)  # a mega-batch of fewer than 10 steps leaves some tenths empty
+    last = [i for b in batches[-10:] for i in b]
+    halves = {}
+    for name in {k.split(":")[0] for k in kinds if ":" in k}:
+        first, second = [], []
+        for start in range(0, len(batches), mega):
+            seen = [i for b in batches[start:start + mega] for i in b if task[i] == name]
+            first += seen[:len(seen) // 2]
+            second += seen[len(seen) // 2:]
+        answers = sorted({kinds[i] for i in first + second})
+        halves[name] = {half: {a.split(": ")[1]: round(sum(kinds[i] == a for i in part) / max(len(part), 1), 3)
+                               for a in answers} for half, part in (("first half", first), ("second half", second))}
+    return {"steps_of_one_task": round(one_task, 3), "task_share_by_tenth_of_mega_batch": tenths,
+            "task_share_last_10_steps": {name: round(sum(task[i] == name for i in last) / len(last), 3) for name in names},
+            "answer_share_by_half_within_mega_batch": halves}
+
+
+def train_order_report(args, seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[str, dict]:
+    """Which tasks the suite's steps train under Trainer's length grouping and with --shuffle-length-groups, for
+    permutations drawn from torch's generator at ``seeds`` (a run's own permutation differs; the structure does not).
+    Reads the data and the tokenizer only: no model runs."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from sparsepeft.data.sampling import shuffled_length_groups
+
+    lengths, kinds = _suite_training_lengths(args)
+    mega = min(len(lengths) // (args.batch_size * 4), 50)  # Trainer's mega-batch, in batches
+    orders = {"group_by_length": get_length_grouped_indices, "shuffled": shuffled_length_groups}
+    report = {"batch_size": args.batch_size, "steps": args.steps, "mega_batch_batches": mega, "seeds": list(seeds),
+              "training_questions": len(lengths), "orders": {}}
+    for name, make in orders.items():
+        per_seed = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            per_seed.append(_order_statistics(make(lengths, args.batch_size), kinds, args.batch_size, args.steps, mega))
+        report["orders"][name] = per_seed
+    lines = ["| order | seed | steps of one task | last 10 steps | " +
+             " | ".join(f"tenth {t + 1}" for t in range(10)) + " |", "| --- " * 14 + "|"]
+    for name, per_seed in report["orders"].items():
+        for seed, stats in zip(seeds, per_seed):
+            def top(shares):
+                task, share = max(shares.items(), key=lambda kv: kv[1])
+                return f"{task} {share:.2f}"
+            lines.append(f"| {name} | {seed} | {stats['steps_of_one_task']:.2f} | {top(stats['task_share_last_10_steps'])} | "
+                         + " | ".join(top(t) if t else "-" for t in stats["task_share_by_tenth_of_mega_batch"]) + " |")
+    return "\n".join(lines), report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -738,6 +817,9 @@ def main() -> None:
     parser.add_argument("--probe-batch-sizes", default="",
                         help="instead of the sweep: each arm's training peak RSS at these batch sizes (e.g. 4,8), "
                              "3 steps each, written to OUT/memory_probe.json")
+    parser.add_argument("--order-report", action="store_true",
+                        help="instead of the sweep: which task each step trains under Trainer's length grouping and with "
+                             "--shuffle-length-groups (data and tokenizer only), written to OUT/train_order.json")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: runs at a time must be at least 1")
@@ -751,6 +833,11 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    if args.order_report:
+        markdown, report = train_order_report(args)
+        print(markdown)
+        write_json(Path(args.out) / "train_order.json", {"provenance": provenance(sys.argv), **report})
+        return
     if args.probe_batch_sizes:
         Path(args.scratch).mkdir(parents=True, exist_ok=True)
         markdown, probe = memory_probe(args, arms)
