@@ -362,9 +362,11 @@ def convergence(args, arms: list[str]) -> tuple[str, dict]:
 REFERENCES = ("lora", "full")  # every arm is compared with these two
 # and pairs that answer one question each: do IST's scores beat drawing the same number of blocks uniformly?
 # Does a selection variant beat FISH as shipped at the same count (issue 25's rule for `--method fish`'s default)?
+# Does the training order change what an arm learns (its length groups shuffled against Trainer's order)?
 EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
-                                                         "fish-linear-lora8")))
+                                                         "fish-linear-lora8")),
+               ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"))
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:
