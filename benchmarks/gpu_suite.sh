@@ -24,6 +24,8 @@
 # unpacks it here. Every finished run is one file, and `run` starts from the docs/results/llm_suite/ that
 # travels with the tree, so a later call (the model staged again if the machine went back) resumes.
 # STEPS=400 runs the same protocol for 400 steps (one epoch of the union) into llm_suite_steps400/ instead.
+# TRAIN_ORDER: `shuffled` (default) trains every arm's length groups in random order into llm_suite_shuffled/
+# (docs/selection.md: Trainer's order held LoRA and the sparse arms back); `trainer` continues llm_suite/.
 set -u
 ACTION=${1:?usage: gpu_suite.sh prepare | stage | run OUT_DIR [SECONDS]}
 PY=${PYTHON:-python3}
@@ -81,7 +83,9 @@ run)
     BUDGET=${3:-540}
     JOBS=${JOBS:-8}
     STEPS=${STEPS:-200}
-    NAME=llm_suite; [ "$STEPS" != 200 ] && NAME=llm_suite_steps$STEPS
+    TRAIN_ORDER=${TRAIN_ORDER:-shuffled}
+    NAME=llm_suite; [ "$TRAIN_ORDER" = shuffled ] && NAME=llm_suite_shuffled
+    [ "$STEPS" != 200 ] && NAME=${NAME}_steps$STEPS
     mkdir -p "$OUT/$NAME"
     [ -d docs/results/$NAME ] && cp -r docs/results/$NAME/. "$OUT/$NAME/"  # finished runs: skipped
     export PYTHONPATH=${PYTHONPATH:-src}
@@ -94,7 +98,7 @@ run)
     export OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
     timeout $(( BUDGET - SECONDS - 20 )) $PY benchmarks/llm_quality.py --model "$SMOLLM2" --task $SUITE \
         --data-dir "$DATA" --max-seq-length 256 --arms "$ARMS" --phase all --jobs "$JOBS" --out "$OUT/$NAME" --steps "$STEPS" \
-        --scratch /tmp/suite_scratch ${SMOKE:+--smoke} > "$OUT/sweep.log" 2>&1
+        --train-order "$TRAIN_ORDER" --scratch /tmp/suite_scratch ${SMOKE:+--smoke} > "$OUT/sweep.log" 2>&1
     echo "sweep: exit $? after $SECONDS s" | tee -a "$OUT/steps.txt"
     # the summary over what finished (the sweep's own ends its run; a timeout cuts it)
     $PY benchmarks/llm_quality.py --task $SUITE --data-dir "$DATA" --arms "$ARMS" --out "$OUT/$NAME" --summary-only \

@@ -124,6 +124,37 @@ def _seeds(args) -> list[int]:
     return [int(s) for s in getattr(args, "seeds", "1,2").split(",")]
 
 
+SHUFFLED = "--shuffle-length-groups"
+TRAINER_ORDER, SHUFFLED_ORDER = "group_by_length", "group_by_length, shuffled batches"  # results.json's train_order
+
+
+def expected_order(args, arm: str) -> str | None:
+    """The train_order a run of this arm records under these arguments (None: one task, no length grouping)."""
+    if not is_suite(args):
+        return None
+    shuffled = SHUFFLED in ARMS[arm][1] or getattr(args, "train_order", "trainer") == "shuffled"
+    return SHUFFLED_ORDER if shuffled else TRAINER_ORDER
+
+
+def recorded_order(args, result: dict) -> str | None:
+    """A run file's train_order; suite runs written before it was recorded all used Trainer's length grouping."""
+    return result.get("train_order", TRAINER_ORDER if is_suite(args) else None)
+
+
+def check_one_order(args, arm: str, order: str | None = None) -> None:
+    """Refuse an arm whose runs in --out were trained in different orders (or in another order than ``order``, the
+    one a new run would use): its grid and seeds would not be one protocol. Zero-shot trains nothing."""
+    if ARMS[arm][0] is None:
+        return
+    orders = {recorded_order(args, json.loads(path.read_text())) for path in Path(args.out).glob(f"{arm}_lr*_seed*.json")}
+    if order is not None and orders and orders != {order}:
+        raise SystemExit(f"{arm}: {args.out} holds its runs trained in order {sorted(orders)}, and this run would train in "
+                         f"{order!r}: use another --out for the other order, or --train-order to match.")
+    if len(orders) > 1:
+        raise SystemExit(f"{arm}: {args.out} mixes runs trained in orders {sorted(orders)}; one arm's grid and seeds "
+                         "must share one order: move one order's files to another folder.")
+
+
 def is_suite(args) -> bool:
     """Several tasks (comma-separated): reported per task, batched by length, and headlined by SELECT_ON, which
     on one task is `acc` (so a single task's tables show accuracy alone)."""
@@ -146,6 +177,8 @@ def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]
         line += ["--learning-rate", f"{lr:g}"]
     if is_suite(args):  # the suite mixes short prompts with timedial's long ones: batches of similar lengths
         line += ["--train_sampling_strategy", "group_by_length"]  # instead of padding nearly every batch to 256
+        if getattr(args, "train_order", "trainer") == "shuffled" and SHUFFLED not in flags:
+            line.append(SHUFFLED)  # the same batches in random order (docs/selection.md, the suite's order)
     line += flags  # zero-shot's --max-steps 0 comes last and wins
     if args.smoke:
         # batches of 2: a suite's batch of 16 at 256 tokens holds ~12 GB on a CPU, and a smoke run checks wiring
@@ -274,6 +307,8 @@ def run_all(args, runs: list[tuple[str, float | None, int]]) -> None:
 
 def run_sweep(args, arms: list[str]) -> None:
     """The grid, then the seeds at the rates it chose."""
+    for arm in arms:  # before any run starts
+        check_one_order(args, arm, expected_order(args, arm))
     run_all(args, grid_plan(args, arms))
     run_all(args, seeds_plan(args, arms))
 
@@ -819,6 +854,11 @@ def main() -> None:
     parser.add_argument("--probe-batch-sizes", default="",
                         help="instead of the sweep: each arm's training peak RSS at these batch sizes (e.g. 4,8), "
                              "3 steps each, written to OUT/memory_probe.json")
+    parser.add_argument("--train-order", default="trainer", choices=["trainer", "shuffled"],
+                        help="a suite's length-grouped batches in Trainer's order (longest to shortest within each "
+                             "mega-batch: the tasks one after another; every run in docs/results/llm_suite) or shuffled "
+                             "(--shuffle-length-groups; the suite's runs should use it from now on, in a new --out). "
+                             "An arm's runs in one --out must share one order")
     parser.add_argument("--order-report", action="store_true",
                         help="instead of the sweep: which task each step trains under Trainer's length grouping and with "
                              "--shuffle-length-groups (data and tokenizer only), written to OUT/train_order.json")
@@ -831,6 +871,9 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 1,2")
     if 0 in seeds:
         parser.error("--seeds: seed 0 is the grid's seed (--phase grid); give the extra seeds, e.g. 1,2")
+    if args.train_order == "shuffled" and not is_suite(args):
+        parser.error("--train-order shuffled: one task's runs are not grouped by length; it applies to a suite "
+                     "(--task a,b,...)")
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -851,6 +894,8 @@ def main() -> None:
     # the summary covers every arm with results, not only this invocation's: running the sweep in pieces
     # must not shrink it
     reported = [arm for arm in ARMS if arm in arms or _has_results(args, arm)]
+    for arm in reported:
+        check_one_order(args, arm)
     markdown, table = summary(args, reported)
     task_markdown, per_task = per_task_table(args, reported)
     if task_markdown:

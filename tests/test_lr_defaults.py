@@ -114,8 +114,31 @@ def test_the_suite_batches_by_length_and_one_task_does_not():
     assert "--shuffle-length-groups" in shuffled  # the same run as fish-lora8 otherwise
     assert [f for f in shuffled if f != "--shuffle-length-groups"] == llm_quality.command(args, "fish-lora8", 1e-3, 0,
                                                                                         Path("out"))
+    args.train_order = "shuffled"  # --train-order shuffled: every arm's batches shuffled, the flag given once
+    assert llm_quality.command(args, "lora", 1e-3, 0, Path("out")).count("--shuffle-length-groups") == 1
+    assert llm_quality.command(args, "fish-lora8-shuffled", 1e-3, 0, Path("out")).count("--shuffle-length-groups") == 1
     args.task = "social_iqa"
     assert "--train_sampling_strategy" not in llm_quality.command(args, "lora", 1e-3, 0, Path("out"))
+
+
+def test_an_arms_runs_in_one_folder_share_one_training_order(tmp_path):
+    llm_quality = _load("llm_quality")
+    args = argparse.Namespace(task="social_iqa,winowhy", out=str(tmp_path), train_order="trainer")
+    (tmp_path / "lora_lr0.003_seed0.json").write_text("{}")  # written before train_order was recorded: Trainer's
+    llm_quality.check_one_order(args, "lora", llm_quality.expected_order(args, "lora"))
+    args.train_order = "shuffled"
+    assert llm_quality.expected_order(args, "lora") == "group_by_length, shuffled batches"
+    with pytest.raises(SystemExit, match="use another --out for the other order"):
+        llm_quality.check_one_order(args, "lora", llm_quality.expected_order(args, "lora"))
+    (tmp_path / "lora_lr0.003_seed1.json").write_text('{"train_order": "group_by_length, shuffled batches"}')
+    with pytest.raises(SystemExit, match="mixes runs trained in orders"):  # the summary refuses the folder
+        llm_quality.check_one_order(args, "lora")
+    # an arm that always shuffles is its own arm: Trainer-order runs of its twin beside it are fine
+    (tmp_path / "fish-lora8_lr0.001_seed0.json").write_text("{}")
+    (tmp_path / "fish-lora8-shuffled_lr0.001_seed0.json").write_text('{"train_order": "group_by_length, shuffled batches"}')
+    args.train_order = "trainer"
+    for arm in ("fish-lora8", "fish-lora8-shuffled"):
+        llm_quality.check_one_order(args, arm, llm_quality.expected_order(args, arm))
 
 
 def test_a_sweep_creates_its_scratch_folder(tmp_path, monkeypatch):
