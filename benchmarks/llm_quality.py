@@ -143,8 +143,9 @@ def recorded_order(args, result: dict) -> str | None:
 
 def check_one_order(args, arm: str, order: str | None = None) -> None:
     """Refuse an arm whose runs in --out were trained in different orders (or in another order than ``order``, the
-    one a new run would use): its grid and seeds would not be one protocol. Zero-shot trains nothing."""
-    if ARMS[arm][0] is None:
+    one a new run would use): its grid and seeds would not be one protocol. Zero-shot trains nothing; one task's runs
+    are not grouped by length (their files say "random", or nothing before train_order was recorded)."""
+    if ARMS[arm][0] is None or not is_suite(args):
         return
     orders = {recorded_order(args, json.loads(path.read_text())) for path in Path(args.out).glob(f"{arm}_lr*_seed*.json")}
     if order is not None and orders and orders != {order}:
@@ -757,8 +758,10 @@ def _suite_training_lengths(args) -> tuple[list[int], list[str]]:
     suite = load_suite({task: Path(args.data_dir) / task / "task.json" for task in tasks})
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     lengths = [len(f["input_ids"]) for f in training_features(suite.train, tokenizer, args.max_seq_length)]
-    two_answer = {e.task for e in suite.train if len(e.options) == 2 and len({x.options for x in suite.train
-                                                                               if x.task == e.task}) == 1}
+    options_by_task: dict[str, set] = {}
+    for e in suite.train:
+        options_by_task.setdefault(e.task, set()).add(e.options)
+    two_answer = {task for task, options in options_by_task.items() if len(options) == 1 and len(next(iter(options))) == 2}
     kinds = [f"{e.task}: {e.options[e.answer]}" if e.task in two_answer else e.task for e in suite.train]
     return lengths, kinds
 

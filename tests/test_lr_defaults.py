@@ -139,6 +139,12 @@ def test_an_arms_runs_in_one_folder_share_one_training_order(tmp_path):
     args.train_order = "trainer"
     for arm in ("fish-lora8", "fish-lora8-shuffled"):
         llm_quality.check_one_order(args, arm, llm_quality.expected_order(args, arm))
+    # one task: no length grouping, so no order to keep apart (older files say nothing, newer ones "random")
+    single = argparse.Namespace(task="social_iqa", out=str(tmp_path / "one"), train_order="trainer")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "lora_lr0.003_seed0.json").write_text("{}")
+    (tmp_path / "one" / "lora_lr0.003_seed1.json").write_text('{"train_order": "random"}')
+    llm_quality.check_one_order(single, "lora", llm_quality.expected_order(single, "lora"))
 
 
 def test_a_sweep_creates_its_scratch_folder(tmp_path, monkeypatch):
