@@ -815,15 +815,18 @@ def train_order_report(args, seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[str, d
             torch.manual_seed(seed)
             per_seed.append(_order_statistics(make(lengths, args.batch_size), kinds, args.batch_size, args.steps, mega))
         report["orders"][name] = per_seed
+    def top(shares: dict | None) -> str:  # the most frequent task and its share
+        if not shares:
+            return "-"
+        task, share = max(shares.items(), key=lambda kv: kv[1])
+        return f"{task} {share:.2f}"
+
     lines = ["| order | seed | steps of one task | last 10 steps | " +
              " | ".join(f"tenth {t + 1}" for t in range(10)) + " |", "| --- " * 14 + "|"]
     for name, per_seed in report["orders"].items():
         for seed, stats in zip(seeds, per_seed):
-            def top(shares):
-                task, share = max(shares.items(), key=lambda kv: kv[1])
-                return f"{task} {share:.2f}"
             lines.append(f"| {name} | {seed} | {stats['steps_of_one_task']:.2f} | {top(stats['task_share_last_10_steps'])} | "
-                         + " | ".join(top(t) if t else "-" for t in stats["task_share_by_tenth_of_mega_batch"]) + " |")
+                         + " | ".join(top(t) for t in stats["task_share_by_tenth_of_mega_batch"]) + " |")
     return "\n".join(lines), report
 
 

@@ -147,6 +147,22 @@ def test_an_arms_runs_in_one_folder_share_one_training_order(tmp_path):
     llm_quality.check_one_order(single, "lora", llm_quality.expected_order(single, "lora"))
 
 
+def test_the_order_report_counts_what_each_step_trains():
+    """llm_quality --order-report's statistics on an order built by hand: 2 questions a step, mega-batches of 2 steps."""
+    llm_quality = _load("llm_quality")
+    kinds = ["a", "a", "b: yes", "b: no", "a", "b: yes", "b: no", "b: no"]
+    order = [0, 1, 2, 3, 4, 5, 6, 7]  # steps: [a a] [b b] | [a b] [b b]
+    stats = llm_quality._order_statistics(order, kinds, batch=2, steps=4, mega=2)
+    assert stats["steps_of_one_task"] == 0.75
+    assert stats["task_share_last_10_steps"] == {"a": 0.375, "b": 0.625}
+    tenths = stats["task_share_by_tenth_of_mega_batch"]
+    assert tenths[0] == {"a": 0.75, "b": 0.25} and tenths[5] == {"a": 0.0, "b": 1.0}  # first steps, then second
+    assert tenths[1] is None  # a mega-batch of 2 steps has no step in its second tenth
+    # b's questions per mega-batch: (2, 3) then (5, 6, 7): first halves 2 | 5, second halves 3 | 6, 7
+    halves = stats["answer_share_by_half_within_mega_batch"]["b"]
+    assert halves["first half"] == {"no": 0.0, "yes": 1.0} and halves["second half"] == {"no": 1.0, "yes": 0.0}
+
+
 def test_a_sweep_creates_its_scratch_folder(tmp_path, monkeypatch):
     """The first suite launch failed in tempfile.mkdtemp: --scratch named a folder that did not exist yet."""
     llm_quality = _load("llm_quality")

@@ -107,26 +107,3 @@ def test_the_cli_flag_trains_and_is_refused_without_length_grouping(tiny_bert_di
                  "--train_sampling_strategy", "group_by_length", "--shuffle-length-groups"]) == 0
     assert json.loads((out / "results.json").read_text())["train_order"] == "group_by_length, shuffled batches"
 
-
-def test_the_order_report_counts_what_each_step_trains():
-    """llm_quality --order-report's statistics on an order built by hand: 2 questions a step, mega-batches of 2 steps."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    spec = importlib.util.spec_from_file_location("llm_quality", benchmarks / "llm_quality.py")
-    llm_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(llm_quality)
-    kinds = ["a", "a", "b: yes", "b: no", "a", "b: yes", "b: no", "b: no"]
-    order = [0, 1, 2, 3, 4, 5, 6, 7]  # steps: [a a] [b b] | [a b] [b b]
-    stats = llm_quality._order_statistics(order, kinds, batch=2, steps=4, mega=2)
-    assert stats["steps_of_one_task"] == 0.75
-    assert stats["task_share_last_10_steps"] == {"a": 0.375, "b": 0.625}
-    tenths = stats["task_share_by_tenth_of_mega_batch"]
-    assert tenths[0] == {"a": 0.75, "b": 0.25} and tenths[5] == {"a": 0.0, "b": 1.0}  # first steps, then second
-    assert tenths[1] is None  # a mega-batch of 2 steps has no step in its second tenth
-    # b's questions per mega-batch: (2, 3) then (5, 6, 7): first halves 2 | 5, second halves 3 | 6, 7
-    halves = stats["answer_share_by_half_within_mega_batch"]["b"]
-    assert halves["first half"] == {"no": 0.0, "yes": 1.0} and halves["second half"] == {"no": 1.0, "yes": 0.0}
