@@ -126,3 +126,37 @@ def layerwise_worker(rank: int, world: int, init_file: str, out: str) -> None:
     result = layerwise_train(layerwise_model(), batches, examples, steps=6, ddp=True)
     torch.save(result, f"{out}.rank{rank}")
     dist.destroy_process_group()
+
+
+def length_grouped_worker(rank: int, world: int, port: int, out: str, shuffle: bool) -> None:
+    """Three epochs of SparseTrainer with length grouping under DDP (Trainer sets the process group up from the
+    environment, as under torchrun); records the examples this rank trained in each epoch."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback, TrainingArguments
+
+    from sparsepeft import SparseTrainer
+    from sparsepeft.data.collate import PaddingCollator
+
+    seen: dict[int, list[tuple[int, ...]]] = {}
+    epoch = [0]
+
+    def collate(features):
+        seen.setdefault(epoch[0], []).extend(tuple(f["input_ids"]) for f in features)
+        return PaddingCollator(0)(features)
+
+    class EpochOf(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            epoch[0] = round(state.epoch or 0)
+
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=3, learning_rate=1e-3,
+                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             dataloader_pin_memory=False, ddp_backend="gloo", train_sampling_strategy="group_by_length")
+    # dropout stays on: it moves each process's global generator by its own batches' sizes
+    trainer = SparseTrainer(model=make_model("bert"), args=args, train_dataset=make_examples(64, lengths=(3, 30), seed=2),
+                            data_collator=collate, callbacks=[EpochOf()], shuffle_length_groups=shuffle)
+    trainer.train()
+    torch.save(seen, f"{out}/seen.rank{rank}")

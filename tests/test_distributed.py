@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import make_examples, make_model, random_score_mask
-from distributed_workers import ddp_worker, fisher_worker, no_dropout, train
+from distributed_workers import ddp_worker, fisher_worker, length_grouped_worker, no_dropout, train
 from sparsepeft import estimate_fisher
 from sparsepeft.data.collate import PaddingCollator
 
@@ -55,6 +55,24 @@ def test_ddp_training_matches_one_process_with_the_global_batch_and_keeps_frozen
         keep = mask.dense(name)
         assert torch.equal(ranks[0][name][~keep], before[name][~keep]), f"frozen entries of {name} moved"
         torch.testing.assert_close(ranks[0][name], param.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["trainers-order", "shuffled"])
+def test_length_grouped_epochs_cover_every_example_once_across_processes(tmp_path, shuffle):
+    """Trainer's LengthGroupedSampler draws from each process's global generator, which training moves differently
+    per process: from the second epoch on the two processes trained 9-17 examples of 64 twice (and as many not at
+    all). SparseTrainer seeds the order with --seed and the epoch on every process."""
+    import os
+
+    mp.spawn(length_grouped_worker, args=(2, 29600 + os.getpid() % 300 + 300 * shuffle, str(tmp_path), shuffle),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"seen.rank{r}") for r in range(2)]
+    examples = {tuple(e["input_ids"]) for e in make_examples(64, lengths=(3, 30), seed=2)}
+    assert len(examples) == 64 and sorted(ranks[0]) == sorted(ranks[1]) == [0, 1, 2]
+    for epoch in range(3):
+        trained = ranks[0][epoch] + ranks[1][epoch]
+        assert len(trained) == 64 and set(trained) == examples, f"epoch {epoch}: examples repeated or left out"
+    assert ranks[0][0] != ranks[0][1]  # a new order every epoch
 
 
 @pytest.mark.parametrize("flags", [["--method", "fish", "--engine", "sparse", "--keep-ratio", "0.05"],

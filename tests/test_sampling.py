@@ -13,7 +13,7 @@ from conftest import make_examples, make_model
 from sparsepeft import SparseTrainer
 from sparsepeft.cli.main import main
 from sparsepeft.data.collate import PaddingCollator
-from sparsepeft.data.sampling import ShuffledLengthGroupedSampler, shuffled_length_groups
+from sparsepeft.data.sampling import EpochSeededLengthGroupedSampler, ShuffledLengthGroupedSampler, shuffled_length_groups
 
 BATCH = 8
 
@@ -68,6 +68,24 @@ def test_the_global_generator_decides_the_order_so_the_seed_does():
     assert shuffled_length_groups(lengths, BATCH) == first
     torch.manual_seed(4)
     assert shuffled_length_groups(lengths, BATCH) != first
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_distributed_order_depends_on_the_seed_and_epoch_only(shuffle):
+    """What every process of a DDP run draws (tests/test_distributed.py trains with it): Trainer's grouping, or its
+    shuffled batches, from a generator seeded with seed + epoch, whatever the global generator holds."""
+    lengths = _two_tasks(400)
+    sampler = EpochSeededLengthGroupedSampler(BATCH, lengths=lengths, seed=7, shuffle_batches=shuffle)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)
+    assert list(sampler) == first
+    group = shuffled_length_groups if shuffle else get_length_grouped_indices
+    assert first == group(lengths, BATCH, generator=torch.Generator().manual_seed(7))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == list(range(len(lengths)))
+    assert second == group(lengths, BATCH, generator=torch.Generator().manual_seed(8))
 
 
 def _args(tmp_path, **overrides):

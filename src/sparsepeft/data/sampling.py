@@ -11,6 +11,14 @@ see social_iqa alone. Within a two-answer task the answer with the shorter promp
 batches in random order. The first batch, which holds the longest example, stays first so a batch too large for
 memory still fails at once; an incomplete last batch stays last. The same fix is proposed upstream elsewhere
 (ms-swift's ``group_by_length_shuffle_batches``).
+
+Under DDP (transformers 5 with accelerate) Trainer's ``LengthGroupedSampler`` draws from each process's global
+generator, which accelerate does not synchronise for it. The processes agree in the first epoch, but training moves
+each one's generator by a different amount (dropout draws one number per entry of its own batch), so from the
+second epoch on they group differently and together train some examples twice and others not at all.
+:class:`EpochSeededLengthGroupedSampler` draws from a generator seeded with ``--seed`` and the epoch instead, the same
+on every process; :class:`~sparsepeft.integrations.trainer.SparseTrainer` uses it whenever it trains on more than
+one process.
 """
 
 from __future__ import annotations
@@ -38,6 +46,24 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
 
     def __iter__(self):
         return iter(shuffled_length_groups(self.lengths, self.batch_size, generator=self.generator))
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Trainer's length grouping (its batches shuffled when ``shuffle_batches``) drawn from a generator seeded with
+    ``seed + epoch``: every process of a distributed run builds the same order in every epoch, whatever its global
+    generator did, and a resumed run rebuilds the order it left. Trainer and accelerate call ``set_epoch``."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int, shuffle_batches: bool = False):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch, self.shuffle_batches = seed, 0, shuffle_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        group = shuffled_length_groups if self.shuffle_batches else get_length_grouped_indices
+        return iter(group(self.lengths, self.batch_size, generator=generator))
 
 
 def groups_by_length(training_args) -> bool:

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..data.sampling import ShuffledLengthGroupedSampler, check_shuffle_length_groups
+from ..data.sampling import EpochSeededLengthGroupedSampler, ShuffledLengthGroupedSampler, check_shuffle_length_groups
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
 from ..selection.mask import SparseMask
 from ..utils.distributed import refuse_sharded_args
@@ -103,7 +103,9 @@ class SparseTrainer(Trainer):
     (the engine has detached by then), so the output folder loads in ``from_pretrained``.
 
     ``shuffle_length_groups``: with ``train_sampling_strategy="group_by_length"``, train Trainer's length groups in
-    random order (:mod:`sparsepeft.data.sampling`) instead of longest to shortest within each mega-batch."""
+    random order (:mod:`sparsepeft.data.sampling`) instead of longest to shortest within each mega-batch. On more than
+    one process either length-grouped order is drawn from a generator seeded with ``args.seed`` and the epoch, so the
+    processes share one order (Trainer's own sampler lets them drift apart from the second epoch)."""
 
     def __init__(self, *args, shuffle_length_groups: bool = False, **kwargs):
         self.shuffle_length_groups = shuffle_length_groups
@@ -112,7 +114,12 @@ class SparseTrainer(Trainer):
 
     def _get_train_sampler(self, *args, **kwargs):
         sampler = super()._get_train_sampler(*args, **kwargs)
-        if self.shuffle_length_groups and type(sampler) is LengthGroupedSampler:
+        if type(sampler) is not LengthGroupedSampler:
+            return sampler
+        if self.args.world_size > 1:
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed,
+                                                   shuffle_batches=self.shuffle_length_groups)
+        if self.shuffle_length_groups:  # one process: Trainer's draw from the global generator, so --seed decides it
             return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
         return sampler
 
