@@ -76,6 +76,23 @@ def test_linear_candidates_are_the_blocks_linear_weights_plus_the_head():
         candidate_parameters(model, "classifier", always_train=("classifier",))
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_tied_head_answers_to_both_names(tied):
+    """SmolLM2 ties its output head to the input embedding: the one matrix is listed once, as embed_tokens, and
+    '!lm_head' used to be refused as matching nothing. Either name now removes it; untied, each removes its own."""
+    from transformers import LlamaForCausalLM
+
+    config = make_model("llama-lm").config
+    config.tie_word_embeddings = tied
+    model = LlamaForCausalLM(config)
+    every = {n for n, _ in model.named_parameters()}
+    for pattern, removed in (("!embed_tokens", {"model.embed_tokens.weight"}),
+                             ("!lm_head", {"model.embed_tokens.weight" if tied else "lm_head.weight"}),
+                             ("!embed_tokens,!lm_head", {"model.embed_tokens.weight", "lm_head.weight"} & every)):
+        assert every - set(candidate_parameters(model, pattern)) == removed, pattern
+    assert set(candidate_parameters(model, "lm_head")) == ({"model.embed_tokens.weight"} if tied else {"lm_head.weight"})
+
+
 def _per_block_reference(scores, k):
     """Each block's share by size (largest remainder), then a stable descending sort inside the block."""
     from sparsepeft.selection.topk import proportional_quotas

@@ -9,6 +9,8 @@ transformer blocks' linear weights, the matrices LoRA adapts. The always-trained
 A spec is ``all`` (every trainable parameter, the FISH Mask reference), ``linear`` (the weight of every
 ``nn.Linear`` inside a numbered block), or comma-separated module patterns (``query,value``,
 ``re:attention``); a pattern starting with ``!`` removes matches (``!pooler,!embeddings``: everything but).
+A tied weight answers to every name it has: on a model whose output head shares the input embedding (SmolLM2,
+GPT-2), ``!lm_head`` and ``!embed_tokens`` both remove the one shared matrix.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def candidate_parameters(model: nn.Module, spec: str | Sequence[str] | None = "a
     include = [i for i in items if not i.startswith("!")]
     exclude = [i[1:] for i in items if i.startswith("!")]
     linear = block_linear_weights(model)
+    names = _all_names(model, trainable)
+
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        return any(matches_module(alias, patterns) for alias in names[name])
+
     for pattern in include + exclude:
-        if pattern != "linear" and not any(matches_module(n, [pattern]) for n in trainable):
+        if pattern != "linear" and not any(matches(n, [pattern]) for n in trainable):
             raise CandidateError(f"The --candidates pattern {pattern!r} matches no trainable parameter of this model. "
                                  "Use a module name of the model (e.g. query, attention.output.dense), 're:REGEX', "
                                  f"or a preset ({', '.join(PRESETS)}).")
@@ -59,10 +66,10 @@ def candidate_parameters(model: nn.Module, spec: str | Sequence[str] | None = "a
     def included(name: str) -> bool:
         if not include or "all" in include:
             return True
-        return (name in linear and "linear" in include) or matches_module(name, [p for p in include if p != "linear"])
+        return (name in linear and "linear" in include) or matches(name, [p for p in include if p != "linear"])
 
     def excluded(name: str) -> bool:
-        return (name in linear and "linear" in exclude) or matches_module(name, [p for p in exclude if p != "linear"])
+        return (name in linear and "linear" in exclude) or matches(name, [p for p in exclude if p != "linear"])
 
     chosen = {n: p for n, p in trainable.items()
               if (included(n) and not excluded(n)) or matches_module(n, always_train)}
@@ -70,6 +77,16 @@ def candidate_parameters(model: nn.Module, spec: str | Sequence[str] | None = "a
         raise CandidateError(f"--candidates {','.join(items)!r} leaves nothing to rank besides the always-trained "
                              "modules: widen the pattern.")
     return chosen
+
+
+def _all_names(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, list[str]]:
+    """Every name of each trainable parameter: its first (the one masks use) and those it is tied under."""
+    first = {id(p): n for n, p in trainable.items()}
+    names = {n: [n] for n in trainable}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name != first[id(param)]:
+            names[first[id(param)]].append(name)
+    return names
 
 
 def _items(spec: str | Sequence[str] | None) -> list[str]:
