@@ -402,7 +402,8 @@ REFERENCES = ("lora", "full")  # every arm is compared with these two
 EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
                                                          "fish-linear-lora8")),
-               ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"))
+               ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"),
+               ("fish-lora8-shuffled", "lora-shuffled"))  # and, with both shuffled, FISH against LoRA again
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:
