@@ -45,6 +45,11 @@ ARMS = {  # name: (learning-rate family, flags)
     "fish-warmup": ("mask", ["--method", "fish", *EQUAL, "--fisher-at", "warmup"]),
     "random-linear": ("mask", ["--method", "random", *EQUAL, "--candidates", "linear"]),
     "random": ("random", ["--method", "random", *EQUAL]),  # the CLI's random baseline, for its default rate
+    # re-selection during training with SpIEL's schedule (every 20 steps, 5 steps of gradients, 20% at first),
+    # from FISH as shipped's mask, and from random entries of the linear weights (SpIEL's own start is random)
+    "fish-reselect": ("mask", ["--method", "fish", *EQUAL, "--reselect-every", "20"]),
+    "random-linear-reselect": ("mask", ["--method", "random", *EQUAL, "--candidates", "linear",
+                                        "--reselect-every", "20"]),
 }
 # Each family's ladder of rates, spaced alike (x2-x3). Every arm runs the two middle points (its family's usual
 # rate and the next up); an arm whose best is at an end of what it ran goes one step further that way (the edge

@@ -3,13 +3,13 @@
 Importance estimation (``estimate_fisher``; ``importance_scores`` for |gradient|, |w x gradient|, |w|) -> selection
 (``candidate_parameters``) (``select_mask``, ``SparseMask``,
 ``fish_tuning_mask`` inside PEFT modules at a ``Budget``, ``ird_search``, ``shira_mask_fn`` for PEFT's SHiRA) -> training engines (``DenseMaskEngine``,
-``SparseDeltaEngine``, ``apply_delta``) -> integrations (``SparseMaskCallback`` for ``Trainer``,
+``SparseDeltaEngine``, ``apply_delta``; ``Reselector`` re-selects its entries while training) -> integrations (``SparseMaskCallback`` for ``Trainer``,
 ``apply_method`` for PEFT methods and the bottleneck adapters of ``sparsepeft.adapters``).
 Layer-wise tuning (IST, LISA, random, full): ``LayerwiseConfig`` -> ``LayerwiseEngine`` (plain loops) or
 ``LayerwiseCallback`` (``Trainer``).
 """
 
-from .engines import DeltaMismatchError, DenseMaskEngine, SparseDeltaEngine, apply_delta
+from .engines import DeltaMismatchError, DenseMaskEngine, ReselectionConfig, Reselector, SparseDeltaEngine, apply_delta
 from .engines.layerwise import LayerwiseEngine
 from .importance import FisherMode, TaskType, estimate_fisher, register_rule
 from .importance.scores import importance_scores, mean_gradient
@@ -42,6 +42,8 @@ __all__ = [
     "DeltaMismatchError",
     "DenseMaskEngine",
     "SparseDeltaEngine",
+    "ReselectionConfig",
+    "Reselector",
     "apply_delta",
     "FisherMode",
     "MaskMismatchError",

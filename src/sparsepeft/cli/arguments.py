@@ -16,6 +16,7 @@ from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
 from ..selection.ird import IRDConfig
+from ..engines.reselection import ReselectionConfig
 from ..importance.scores import IMPORTANCES
 from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES as LAYER_STRATEGIES, LayerwiseConfig
 from ..selection.mask import STRATEGIES
@@ -161,6 +162,17 @@ class SparseArguments:
                 "gradients on dense weights, optimizer state as large as the touched tensors.",
         "choices": ["dense-mask", "sparse"]})
 
+    reselect_every: int = field(default=0, metadata={
+        "help": "Re-select during training (SpIEL-style drop and grow, sparse engine, one process): every N optimizer "
+                "steps each partly-trained tensor drops the entries that moved least and grows as many where the "
+                "last --reselect-accumulation steps' gradients are largest; its budget stays. 0 (default): the mask "
+                "stays fixed, as in FISH Mask. SpIEL uses 20."})
+    reselect_accumulation: int = field(default=5, metadata={
+        "help": "Re-selection: optimizer steps before each re-selection whose gradients score the candidates."})
+    reselect_rate: float = field(default=0.2, metadata={
+        "help": "Re-selection: share of each tensor's entries swapped at the first re-selection, decaying linearly "
+                "to 0 at the last step."})
+
     selection: str = field(default="fisher", metadata={
         "help": "Which entries a mask keeps: fisher (highest Fisher), random, lowest (lowest Fisher; a baseline), or "
                 "ird (IRD: narrows samples and parameters over rounds; writes ird_report.json and ird_rounds.png).",
@@ -203,11 +215,21 @@ class SparseArguments:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio} (0.005 keeps 0.5% of the weights).")
         if self.num_samples < 1:
             raise ValueError("--num-samples must be at least 1.")
+        if self.reselect_every < 0:
+            raise ValueError(f"--reselect-every must be 0 (a fixed mask) or a number of steps, got {self.reselect_every}.")
+        self.reselection_config()  # the schedule's other flags are checked here, before any model is loaded
         if self.selection == "ird":
             try:
                 self.ird_config(0)  # shrink factors and criterion are checked here, before any model is loaded
             except ValueError as error:
                 raise in_flag_names(error) from None
+
+    def reselection_config(self) -> ReselectionConfig | None:
+        """The re-selection schedule, or None for a fixed mask (--reselect-every 0)."""
+        if self.reselect_every == 0:
+            return None
+        return ReselectionConfig(every=self.reselect_every, accumulation=self.reselect_accumulation,
+                                 rate=self.reselect_rate)
 
     def ird_config(self, seed: int) -> IRDConfig:
         return IRDConfig(

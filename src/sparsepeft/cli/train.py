@@ -160,6 +160,10 @@ def _check_combination(sparse_args: SparseArguments, peft_args: PeftArguments,
             check_recipe(peft_args.full_model_recipe(sparse_args.recipe(0), 1))
         except ValueError as error:
             raise in_flag_names(error) from None
+    if sparse_args.reselect_every and (sparse_args.method not in ("fish", "random") or sparse_args.engine != "sparse"):
+        raise ValueError("--reselect-every re-selects the entries of a full-model mask on the sparse engine (--method "
+                         f"fish or random, --engine sparse), not of --method {sparse_args.method} with --engine "
+                         f"{sparse_args.engine}: drop --reselect-every, or change the method or engine.")
     if sparse_args.is_peft and peft_args.fish and sparse_args.engine == "sparse":
         raise ValueError("--engine sparse stores value vectors of full-model masks; a PEFT adapter is already small, "
                          "so FISH-Tuning trains with --engine dense-mask (its optimizer state is the adapter's).")
@@ -276,6 +280,12 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
     peft_args = peft_args or PeftArguments()
     layer_args = layer_args or LayerwiseArguments()
     _check_combination(sparse_args, peft_args, layer_args)
+    if sparse_args.reselect_every and training_args.world_size > 1:
+        raise ValueError("--reselect-every is not supported under DDP yet (each process would choose candidates from "
+                         "its own gradients): train on one process, or drop --reselect-every.")
+    if sparse_args.reselect_every and training_args.fp16:
+        raise ValueError("--reselect-every scores candidates on the gradients as the backward produces them, which "
+                         "--fp16 scales by the loss scale: use --bf16 (or float32), or drop --reselect-every.")
     check_shuffle_length_groups(data_args.shuffle_length_groups, training_args)  # before anything is written
     prepare_output_dir(training_args.output_dir, model_args.overwrite_output_dir,
                        training_args.resume_from_checkpoint)
@@ -299,6 +309,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
             logger.warning("The checkpoint's mask keeps %.4g of the weights; --keep-ratio %.4g does not apply to a "
                            "resumed run (start a new run for another ratio).", saved_ratio, sparse_args.keep_ratio)
     mask_peak = mask_phase.read_mb()
+    if mask is not None and sparse_args.reselection_config() is not None:
+        mask.config["reselection"] = sparse_args.reselection_config().to_dict()
     if mask is not None:
         logger.info("Selection: %s", mask.variant_line())
         logger.info("Mask: %s", mask.allocation_line())
@@ -319,7 +331,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         return compute_metrics(task.metrics, prediction.predictions, prediction.label_ids)
 
     peft_params = count_trainable(model) if sparse_args.is_peft else None  # before the mask freezes anything
-    callback = SparseMaskCallback(mask, engine=sparse_args.engine) if mask is not None else None
+    callback = SparseMaskCallback(mask, engine=sparse_args.engine, reselection=sparse_args.reselection_config()
+                                  ) if mask is not None else None
     callbacks = ([callback] if callback is not None else []) + [NonFiniteGuard()]
     if sparse_args.method == "adalora" and mask is None:
         callbacks.append(AdaLoraAllocationCallback(model))  # with --fish the mask is the allocation
@@ -370,6 +383,8 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
             tokenizer.save_pretrained(output_dir)
     else:  # a PEFT adapter (PEFT's format) or a plain dense model: the callback detached its engine at train end
         trainer.save_model(str(output_dir))
+    if mask is not None and "reselection" in callback.stats and trainer.is_world_process_zero():
+        _save_mask(mask, output_dir)  # the mask the run ended with (it was written before training as it began)
     if callback is not None:
         state = callback.stats
     else:

@@ -106,6 +106,8 @@ class SparseDeltaEngine:
         self._distributed = False
         self._reduced: dict[int, torch.Tensor] = {}  # id(values) -> gradient already averaged over ranks
         self._reduction_queued = False
+        self.grad_observer = None  # called as observer(name, dense_grad) before a partly-trained weight's gradient
+        # is dropped (re-selection scores candidates from it); None: nothing looks at it
 
     # ------------------------------------------------------------------ model
     def attach(self) -> "SparseDeltaEngine":
@@ -150,22 +152,24 @@ class SparseDeltaEngine:
         module.register_parameter(attr + VALUES_SUFFIX, values)
         module.register_buffer(attr + INDEX_SUFFIX, index)
         param.requires_grad_(True)  # its dense gradient is still computed, and dropped right away
-        self._weight_hooks[name] = param.register_post_accumulate_grad_hook(self._gather_into(module, attr))
+        self._weight_hooks[name] = param.register_post_accumulate_grad_hook(self._gather_into(name, module, attr))
         self.partial[name] = _PartlyTrained(module, attr)
 
     def _follow_model(self) -> None:
         def rehook(name: str, fresh: nn.Parameter):
             part = self.partial[name]
-            return fresh.register_post_accumulate_grad_hook(self._gather_into(part.module, part.attr))
+            return fresh.register_post_accumulate_grad_hook(self._gather_into(name, part.module, part.attr))
 
         follow_replaced_parameters(self.model, self._params, self._weight_hooks, rehook)
 
-    def _gather_into(self, module: nn.Module, attr: str):
+    def _gather_into(self, name: str, module: nn.Module, attr: str):
         """The hook reads the value vector and its index from the module at every call, so the engine
         follows ``model.to(device or dtype)`` (which replaces buffers) and ``load_state_dict``."""
         def hook(param: torch.Tensor) -> None:
             values, index = getattr(module, attr + VALUES_SUFFIX), getattr(module, attr + INDEX_SUFFIX)
             selected = param.grad.reshape(-1)[index].to(values.dtype)
+            if self.grad_observer is not None:
+                self.grad_observer(name, param.grad)
             if values.grad is None:
                 values.grad = selected
                 self._reduced.pop(id(values), None)  # a fresh accumulation: nothing averaged yet
@@ -221,6 +225,44 @@ class SparseDeltaEngine:
     def _write_back(self, optimizer=None, args=None, kwargs=None) -> None:
         for part in self.partial.values():
             part.weight.view(-1)[part.index] = part.values.to(part.weight.dtype)
+
+    @torch.no_grad()
+    def move_entries(self, name: str, slots: torch.Tensor, new_index: torch.Tensor,
+                     restore: torch.Tensor) -> torch.Tensor:
+        """Re-selection: the entries at ``slots`` of ``name``'s value vector leave the mask and ``new_index`` (flat
+        indices outside it) join. A leaving entry's weight is set to ``restore`` (its value before training, so
+        every entry outside the mask holds the base model's weight again); a joining entry starts from its
+        current, untrained weight. The index is kept sorted (masks and deltas are stored that way), the mask
+        follows it, and the permutation that sorted the slots is returned so that whoever holds per-entry state
+        (the optimizer's moments, the base values) can apply it."""
+        part = self.partial[name]
+        weight, index, values = part.weight.view(-1), part.index, part.values
+        self._write_back()
+        weight[index[slots]] = restore.to(weight.dtype)
+        index[slots] = new_index.to(index)
+        values.data[slots] = weight[index[slots]].to(values.dtype)
+        order = torch.argsort(index)
+        index.copy_(index[order])
+        values.data.copy_(values.data[order])
+        self.mask.indices[name] = index.detach().to("cpu", copy=True)
+        self.base_hash = None  # the entries outside the mask are other entries now
+        return order
+
+    @torch.no_grad()
+    def replace_index(self, name: str, new_index: torch.Tensor, restore: torch.Tensor) -> None:
+        """Swap all of ``name``'s entries for ``new_index`` (as many, sorted): the current ones go back to
+        ``restore`` (their values before training), the new ones start from their current weights. A re-selecting
+        run uses it to load a checkpoint saved under an earlier mask (the best model at the end)."""
+        part = self.partial[name]
+        weight, index, values = part.weight.view(-1), part.index, part.values
+        if new_index.numel() != index.numel():
+            raise DeltaMismatchError(f"{name}: {new_index.numel()} entries do not fit a value vector of {index.numel()}.")
+        self._write_back()
+        weight[index] = restore.to(weight.dtype)
+        index.copy_(new_index.to(index))
+        values.data.copy_(weight[index].to(values.dtype))
+        self.mask.indices[name] = index.detach().to("cpu", copy=True)
+        self.base_hash = None
 
     # ------------------------------------------------------------------ accounting and saving
     def trainable_state_bytes(self) -> int:

@@ -21,6 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.sampling import EpochSeededLengthGroupedSampler, ShuffledLengthGroupedSampler, check_shuffle_length_groups
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
 from ..selection.mask import SparseMask
+from ..engines.reselection import ReselectionConfig, ReselectionError, Reselector
 from ..utils.distributed import refuse_sharded_args
 
 MASK_FILE = "sparse_mask.safetensors"
@@ -35,13 +36,22 @@ class SparseMaskCallback(TrainerCallback):
             (value vectors of the selected entries: optimizer state O(k); the delta of the trained
             entries is written to ``output_dir/sparse_delta.safetensors`` and into every checkpoint).
         guard: dense-mask only, see :class:`DenseMaskEngine`.
+        reselection: sparse engine only: drop and grow entries inside each tensor during training
+            (:mod:`sparsepeft.engines.reselection`); the mask in checkpoints and at the end is the current one.
     """
 
     def __init__(self, mask: SparseMask, engine: str = "dense-mask", guard: str = "auto",
-                 save_in_checkpoints: bool = True):
+                 save_in_checkpoints: bool = True, reselection: ReselectionConfig | None = None):
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; choose one of {sorted(ENGINES)}.")
+        if reselection is not None and engine != "sparse":
+            raise ReselectionError("Re-selection moves the value vectors of the sparse engine: use engine='sparse' "
+                                   "(--engine sparse).")
         self.mask = mask
+        self.reselection = reselection
+        if reselection is not None:  # the mask's header and variant say it was re-selected
+            mask.config["reselection"] = reselection.to_dict()
+        self.reselector: Reselector | None = None
         self.engine_name = engine
         self.guard = guard
         self.save_in_checkpoints = save_in_checkpoints
@@ -55,6 +65,8 @@ class SparseMaskCallback(TrainerCallback):
                 raise RuntimeError("SparseMaskCallback got no model from the Trainer.")
             if self.engine_name == "sparse":
                 self.engine = SparseDeltaEngine(model, self.mask).attach()
+                if self.reselection is not None:  # reads the base values now, before a checkpoint is loaded
+                    self.reselector = Reselector(self.engine, self.reselection)
             else:
                 self.engine = ENGINES[self.engine_name](model, self.mask, guard=self.guard).attach()
         return self.engine
@@ -72,6 +84,8 @@ class SparseMaskCallback(TrainerCallback):
         if optimizer is None:
             raise RuntimeError("SparseMaskCallback needs the Trainer's optimizer at train begin.")
         engine.attach_optimizer(optimizer)
+        if self.reselector is not None:  # a resumed run continues the schedule from its step
+            self.reselector.attach(optimizer, total_steps=state.max_steps, start_step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         if self.save_in_checkpoints and state.is_world_process_zero:
@@ -87,6 +101,10 @@ class SparseMaskCallback(TrainerCallback):
         self.stats = {"trainable_state_bytes": self.engine.trainable_state_bytes()}
         if optimizer is not None:
             self.stats["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+        if self.reselector is not None:
+            self.stats["reselection"] = self.reselector.stats()
+            self.reselector.detach()
+            self.reselector = None
         if isinstance(self.engine, SparseDeltaEngine) and state.is_world_process_zero:
             self.engine.save_delta(os.path.join(args.output_dir, DELTA_FILE))
         self.engine.detach()  # the model goes back as a plain model holding the trained weights
@@ -164,7 +182,20 @@ class SparseTrainer(Trainer):
         delta = self._delta_in(self.state.best_model_checkpoint)
         if delta is None:
             return super()._load_best_model()
+        reselector = self._reselector()
+        if reselector is not None:  # the best checkpoint may hold an earlier mask: take it back first
+            saved = mask_from_checkpoint(self.state.best_model_checkpoint)
+            if saved is None:
+                raise FileNotFoundError(f"{self.state.best_model_checkpoint} holds no {MASK_FILE}: a re-selecting run "
+                                        "needs the checkpoint's mask to load its delta.")
+            reselector.adopt(saved.indices)
         self._sparse_engine().load_delta(delta)
+
+    def _reselector(self) -> Reselector | None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SparseMaskCallback) and callback.reselector is not None:
+                return callback.reselector
+        return None
 
 
 def mask_from_checkpoint(checkpoint_dir: str | os.PathLike) -> SparseMask | None:

@@ -183,7 +183,8 @@ class SparseMask:
 
     def variant(self) -> dict[str, Any]:
         """Which selection made the mask: score, candidates, how the budget was shared, when it was measured."""
-        keys = ("selection", "importance", "candidates", "strategy", "fisher_at", "budget_spec", "budget", "warmup")
+        keys = ("selection", "importance", "candidates", "strategy", "fisher_at", "budget_spec", "budget", "warmup",
+                "reselection")
         return {k: self.config[k] for k in keys if self.config.get(k) is not None}
 
     def variant_line(self) -> str:
@@ -192,8 +193,11 @@ class SparseMask:
         fisher_based = v.get("selection") in (None, "fisher")
         score = v.get("importance", v.get("selection", "?")) if fisher_based else v["selection"]
         budget = f", budget {v['budget_spec']} = {v.get('budget', self.num_selected):,}" if "budget_spec" in v else ""
+        again = v.get("reselection")
+        again = (f", re-selected every {again['every']} steps ({again['rate']:g} at first, scored on "
+                 f"{again['accumulation']} steps)" if again else "")
         return (f"{score} over {v.get('candidates', 'all')} candidates, {v.get('strategy', 'global')}, "
-                f"at {v.get('fisher_at', 'init')}{budget}")
+                f"at {v.get('fisher_at', 'init')}{budget}{again}")
 
     def summary(self) -> dict[str, Any]:
         return {
