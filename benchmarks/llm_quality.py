@@ -69,6 +69,9 @@ ARMS = {  # arm -> (learning-rate family, flags)
                                      "--engine", "sparse", "--always-train", ""]),
     "taylor-linear-lora8": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--candidates", "linear",
                                      "--importance", "taylor", "--engine", "sparse", "--always-train", ""]),
+    # FISH as shipped, re-selected during training with SpIEL's schedule (docs/selection.md, re-selection)
+    "fish-lora8-reselect": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--engine", "sparse",
+                                     "--always-train", "", "--reselect-every", "20"]),
     # an extra arm, never the default: does a larger score step make IST's scores (and quality) move?
     "ist-score-lr100": ("lora", [*LORA8, "--layers", "ist", "--ist-score-lr", "100"]),
     # LoRA r=8 without the CLI's default input dropout (0.1): each adapter then keeps no copy of its input
@@ -401,7 +404,7 @@ REFERENCES = ("lora", "full")  # every arm is compared with these two
 # Does the training order change what an arm learns (its length groups shuffled against Trainer's order)?
 EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
-                                                         "fish-linear-lora8")),
+                                                         "fish-linear-lora8", "fish-lora8-reselect")),
                ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"),
                ("fish-lora8-shuffled", "lora-shuffled"))  # and, with both shuffled, FISH against LoRA again
 
