@@ -10,13 +10,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..engines.reselection import ReselectionConfig
 from ..experiments.pipeline import DEFAULT_MODEL, METHODS, MaskRecipe
 from ..models.peft import ADAPTER_KINDS, METHODS as PEFT_METHODS
 from ..selection import DEFAULT_ALWAYS_TRAIN, Budget
 from ..selection.budget import parse_options
 from ..selection.fish_tuning import FISHER_AT, SELECTIONS, FishTuningConfig
 from ..selection.ird import IRDConfig
-from ..engines.reselection import ReselectionConfig
 from ..importance.scores import IMPORTANCES
 from ..selection.layers import OPTIMIZER_STATE_POLICIES, STRATEGIES as LAYER_STRATEGIES, LayerwiseConfig
 from ..selection.mask import STRATEGIES

@@ -20,8 +20,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.sampling import EpochSeededLengthGroupedSampler, ShuffledLengthGroupedSampler, check_shuffle_length_groups
 from ..engines import ENGINES, SparseDeltaEngine, optimizer_state_bytes
-from ..selection.mask import SparseMask
 from ..engines.reselection import ReselectionConfig, ReselectionError, Reselector
+from ..selection.mask import SparseMask
 from ..utils.distributed import refuse_sharded_args
 
 MASK_FILE = "sparse_mask.safetensors"
