@@ -232,6 +232,10 @@ def test_the_cli_re_selects_records_it_and_saves_the_final_mask_and_delta(tiny_b
     assert results["selection_variant"]["reselection"] == {"every": 2, "accumulation": 1, "rate": 0.5}
     final = SparseMask.load(out / "sparse_mask.safetensors")
     assert final.config["reselection"]["every"] == 2
+    assert results["mask_allocation"] == final.allocation()
+    embedding = "bert.embeddings.word_embeddings.weight"  # its rows in results.json are the final mask's
+    rows = set((final.indices[embedding] // 16).tolist()) if final.kept(embedding) else set()
+    assert (results["mask_embedding_rows"] or {}).get("rows_with_entries", 0) == len(rows)
     fixed = tmp_path / "fixed"  # the same run with the mask held: the mask re-selection started from
     assert _cli(tiny_bert_dir, fixed, "--save-strategy", "no", "--reselect-every", "0") == 0
     start = SparseMask.load(fixed / "sparse_mask.safetensors")

@@ -383,8 +383,10 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
             tokenizer.save_pretrained(output_dir)
     else:  # a PEFT adapter (PEFT's format) or a plain dense model: the callback detached its engine at train end
         trainer.save_model(str(output_dir))
-    if mask is not None and "reselection" in callback.stats and trainer.is_world_process_zero():
-        _save_mask(mask, output_dir)  # the mask the run ended with (it was written before training as it began)
+    if mask is not None and "reselection" in callback.stats:  # the mask the run ended with, and its rows
+        rows = embedding_rows(mask, model, tokenizer)
+        if trainer.is_world_process_zero():
+            _save_mask(mask, output_dir)  # it was written before training as it began
     if callback is not None:
         state = callback.stats
     else:
