@@ -192,6 +192,17 @@ def test_one_swap_by_hand():
     assert torch.equal(values[slot], base[5]) and reselector.base["0.weight"][slot] == base[5]
 
 
+def test_candidates_ranked_a_chunk_at_a_time_are_the_whole_tensors_top_k():
+    from sparsepeft.engines.reselection import largest_entries
+
+    grad = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0))
+    whole = set(torch.topk(grad.reshape(-1).abs(), 500).indices.tolist())
+    for chunk in (1 << 24, 4096, 999, 300):
+        assert set(largest_entries(grad, 500, chunk=chunk).tolist()) == whole, chunk
+    small = torch.tensor([0.5, -3.0, 2.0, 0.1])
+    assert sorted(largest_entries(small, 10, chunk=3).tolist()) == [0, 1, 2, 3]  # k above the size: every entry
+
+
 def test_bad_settings_and_places_are_refused():
     with pytest.raises(ReselectionError, match="--reselect-accumulation must be between 1 and --reselect-every"):
         ReselectionConfig(every=3, accumulation=4)

@@ -61,14 +61,35 @@ class ReselectionConfig:
         return asdict(self)
 
 
+CHUNK = 1 << 24  # entries of a gradient ranked at a time: 64 MB of |gradient| in float32, whatever the tensor's size
+
+
+def largest_entries(grad: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tensor:
+    """Flat indices of the ``k`` entries of largest |grad|, ranked a chunk at a time: the copy |grad| needs is one
+    chunk, not the tensor (a 1B model's embedding gradient is ~1 GB in float32). The same set as one ``topk`` over
+    the whole tensor wherever there is no tie at the k-th value."""
+    flat = grad.detach().reshape(-1)
+    k = min(k, flat.numel())
+    best_values = best_index = None
+    for start in range(0, flat.numel(), chunk):
+        values, index = torch.topk(flat[start:start + chunk].abs(), min(k, flat[start:start + chunk].numel()),
+                                   sorted=False)
+        index += start
+        if best_values is not None:
+            values, index = torch.cat([best_values, values]), torch.cat([best_index, index])
+            keep = torch.topk(values, k, sorted=False).indices
+            values, index = values[keep], index[keep]
+        best_values, best_index = values, index
+    return best_index
+
+
 class _Candidates:
     """One tensor's candidates during a window: flat indices, and the sums of their step gradients and squares."""
 
     def __init__(self, grad: torch.Tensor, k: int):
         self.dtype = torch.promote_types(grad.dtype, torch.float32)  # bf16 gradients are summed in float32
-        flat = grad.detach().reshape(-1).to(self.dtype)
-        self.index = torch.topk(flat.abs(), min(k, flat.numel()), sorted=False).indices
-        self.step = torch.zeros(self.index.numel(), device=flat.device, dtype=self.dtype)  # this step's micro-batches
+        self.index = largest_entries(grad, k)
+        self.step = torch.zeros(self.index.numel(), device=grad.device, dtype=self.dtype)  # this step's micro-batches
         self.total = torch.zeros_like(self.step)
         self.squares = torch.zeros_like(self.step)
         self.steps = 0
