@@ -195,7 +195,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 def chosen_rates(path: str, arms: list[str]) -> dict[str, float]:
     """Each arm's best rate in an earlier screen's result file (its ``--write``): the convergence check reruns the
     arms longer at the rates the screen chose, so it needs every asked-for arm there; found before any training."""
-    table = json.loads(Path(path).read_text())["table"]
+    table = {}  # several files (comma-separated): a later screen of new arms beside the first one's
+    for one in path.split(","):
+        table.update(json.loads(Path(one).read_text())["table"])
     missing = [arm for arm in arms if arm not in table]
     if missing:
         raise SystemExit(f"--rates-from {path}: no chosen rate for the arms {missing}; it has {sorted(table)}. "
@@ -290,8 +292,9 @@ def main() -> None:
     parser.add_argument("--write", help="also write the table and every run's figures to this JSON file")
     parser.add_argument("--combine-seeds", help="comma-separated --write files of one protocol, one per --seed: "
                         "tabulate mean ± std and paired tests over the seeds (trains nothing)")
-    parser.add_argument("--rates-from", help="an earlier screen's --write file: run each arm only at the rate it "
-                        "chose there (with more --epochs and --validation-curve: did the screen's budget converge?)")
+    parser.add_argument("--rates-from", help="an earlier screen's --write file (or several, comma-separated): run "
+                        "each arm only at the rate it chose there (with more --epochs and --validation-curve: did the "
+                        "screen's budget converge?)")
     args = parser.parse_args()
     if args.combine_seeds:
         paths = args.combine_seeds.split(",")

@@ -223,6 +223,10 @@ def test_the_screens_convergence_check_reruns_each_arm_at_its_chosen_rate_only(t
     assert screen.chosen_rates(str(earlier), ["fish", "lora-r8"]) == {"fish": 0.002, "lora-r8": 0.003}
     with pytest.raises(SystemExit, match="random-linear"):
         screen.chosen_rates(str(earlier), ["fish", "random-linear"])
+    later = tmp_path / "later.json"  # a later screen of new arms, read beside the first
+    later.write_text('{"table": {"random-linear": {"best_lr": 0.01}}}')
+    assert screen.chosen_rates(f"{earlier},{later}", ["fish", "random-linear"]) == {"fish": 0.002,
+                                                                                    "random-linear": 0.01}
     ran = []
     monkeypatch.setattr(screen, "_run_point", lambda args, arm, lr, points: ran.append((arm, lr)))
     monkeypatch.setattr(screen, "summarise", lambda results: ("", {}))
