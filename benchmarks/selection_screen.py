@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import glue_train_command, mcnemar, mcnemar_p, provenance, train_once, write_json  # noqa: E402
 
 EQUAL = ["--budget", "lora:r=8"]
+RESELECT = "-reselect"  # an arm named X-reselect is X with re-selection during training, and is also tested against X
 ARMS = {  # name: (learning-rate family, flags)
     "full": ("full", ["--method", "full"]),
     "lora-r8": ("lora", ["--method", "lora", "--lora-r", "8", "--target-modules", "query,value"]),
@@ -137,15 +138,15 @@ def paired_tests(args, table: dict, references=("lora-r8", "fish")) -> tuple[str
     lines = ["| arm | against | diff (points) | only arm right / only reference right | McNemar p |",
              "| --- | --- | --- | --- | --- |"]
     out = {}
-    for reference in references:
-        for arm in table:
-            if arm == reference or reference not in hits:
-                continue
-            test = mcnemar(hits[arm], hits[reference])
-            out[f"{arm}_vs_{reference}"] = {"diff": test["diff"], "only_arm_right": test["only_arm_right"],
-                                            "only_reference_right": test["only_reference_right"], "p": test["mcnemar_p"]}
-            lines.append(f"| {arm} | {reference} | {test['diff']:+.2f} | {test['only_arm_right']} / "
-                         f"{test['only_reference_right']} | {test['mcnemar_p']:.3f} |")
+    pairs = [(arm, reference) for reference in references for arm in table if arm != reference and reference in hits]
+    pairs += [(arm, arm[:-len(RESELECT)]) for arm in table  # a re-selecting arm against its fixed-mask twin
+              if arm.endswith(RESELECT) and arm[:-len(RESELECT)] in hits and arm[:-len(RESELECT)] not in references]
+    for arm, reference in pairs:
+        test = mcnemar(hits[arm], hits[reference])
+        out[f"{arm}_vs_{reference}"] = {"diff": test["diff"], "only_arm_right": test["only_arm_right"],
+                                        "only_reference_right": test["only_reference_right"], "p": test["mcnemar_p"]}
+        lines.append(f"| {arm} | {reference} | {test['diff']:+.2f} | {test['only_arm_right']} / "
+                     f"{test['only_reference_right']} | {test['mcnemar_p']:.3f} |")
     return "\n".join(lines), out
 
 
