@@ -222,17 +222,18 @@ class Reselector:
                      mean_square: torch.Tensor) -> None:
         """The joining entries' optimizer state: AdamW's moments from the window's gradients, anything else of the
         vector's shape zero."""
-        state = self.optimizer.state.get(values, {})
-        for key, tensor in state.items():
-            if not isinstance(tensor, torch.Tensor) or tensor.shape != values.shape:
-                continue
+        for key, tensor in self._entry_state(values):
             start = mean if key == "exp_avg" else mean_square if key in ("exp_avg_sq", "max_exp_avg_sq") else None
             tensor[slots] = 0 if start is None else start.to(tensor)
 
     def _permute_state(self, values: torch.nn.Parameter, order: torch.Tensor) -> None:
-        for tensor in self.optimizer.state.get(values, {}).values():
-            if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
-                tensor.copy_(tensor[order])
+        for _, tensor in self._entry_state(values):
+            tensor.copy_(tensor[order])
+
+    def _entry_state(self, values: torch.nn.Parameter):
+        """The optimizer's per-entry state of a value vector (AdamW's moments), as (key, tensor)."""
+        return [(key, tensor) for key, tensor in self.optimizer.state.get(values, {}).items()
+                if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape]
 
     @torch.no_grad()
     def adopt(self, indices: dict[str, torch.Tensor]) -> None:

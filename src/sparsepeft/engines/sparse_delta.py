@@ -224,7 +224,17 @@ class SparseDeltaEngine:
     @torch.no_grad()
     def _write_back(self, optimizer=None, args=None, kwargs=None) -> None:
         for part in self.partial.values():
-            part.weight.view(-1)[part.index] = part.values.to(part.weight.dtype)
+            self._write_part(part)
+
+    @staticmethod
+    def _write_part(part: _PartlyTrained) -> None:
+        part.weight.view(-1)[part.index] = part.values.to(part.weight.dtype)
+
+    def _index_changed(self, name: str) -> None:
+        """After a re-selection moved ``name``'s entries: the mask follows the index, and the frozen entries' hash
+        (of other entries now) is taken again at the next save."""
+        self.mask.indices[name] = self.partial[name].index.detach().to("cpu", copy=True)
+        self.base_hash = None
 
     @torch.no_grad()
     def move_entries(self, name: str, slots: torch.Tensor, new_index: torch.Tensor,
@@ -237,15 +247,14 @@ class SparseDeltaEngine:
         (the optimizer's moments, the base values) can apply it."""
         part = self.partial[name]
         weight, index, values = part.weight.view(-1), part.index, part.values
-        self._write_back()
+        self._write_part(part)
         weight[index[slots]] = restore.to(weight.dtype)
         index[slots] = new_index.to(index)
         values.data[slots] = weight[index[slots]].to(values.dtype)
         order = torch.argsort(index)
         index.copy_(index[order])
         values.data.copy_(values.data[order])
-        self.mask.indices[name] = index.detach().to("cpu", copy=True)
-        self.base_hash = None  # the entries outside the mask are other entries now
+        self._index_changed(name)
         return order
 
     @torch.no_grad()
@@ -257,12 +266,11 @@ class SparseDeltaEngine:
         weight, index, values = part.weight.view(-1), part.index, part.values
         if new_index.numel() != index.numel():
             raise DeltaMismatchError(f"{name}: {new_index.numel()} entries do not fit a value vector of {index.numel()}.")
-        self._write_back()
+        self._write_part(part)
         weight[index] = restore.to(weight.dtype)
         index.copy_(new_index.to(index))
         values.data.copy_(weight[index].to(values.dtype))
-        self.mask.indices[name] = index.detach().to("cpu", copy=True)
-        self.base_hash = None
+        self._index_changed(name)
 
     # ------------------------------------------------------------------ accounting and saving
     def trainable_state_bytes(self) -> int:
