@@ -81,6 +81,10 @@ ARMS = {  # arm -> (learning-rate family, flags)
     "lora-shuffled": ("lora", [*LORA8, "--shuffle-length-groups"]),
     "fish-lora8-shuffled": ("mask", ["--method", "fish", "--budget", LORA8_BUDGET, "--engine", "sparse",
                                      "--always-train", "", "--shuffle-length-groups"]),
+    "random-linear-lora8-shuffled": ("mask", ["--method", "random", "--budget", LORA8_BUDGET, "--candidates",
+                                              "linear", "--engine", "sparse", "--always-train", "",
+                                              "--shuffle-length-groups"]),
+    "full-shuffled": ("full", ["--method", "full", "--shuffle-length-groups"]),
 }
 # Each family's usual rate, then two half-decades up: the first grids, centred on the usual rate, all picked
 # their upper edge at 200 steps, so the search must reach above it. A grid whose best is again its upper edge
@@ -405,15 +409,21 @@ REFERENCES = ("lora", "full")  # every arm is compared with these two
 EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
                                                          "fish-linear-lora8", "fish-lora8-reselect")),
-               ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"),
-               ("fish-lora8-shuffled", "lora-shuffled"))  # and, with both shuffled, FISH against LoRA again
+               ("fish-lora8-shuffled", "fish-lora8"), ("lora-shuffled", "lora"), ("full-shuffled", "full"),
+               ("random-linear-lora8-shuffled", "random-linear-lora8"),
+               # and, all shuffled, each arm against shuffled LoRA and shuffled full FT, random entries against FISH
+               ("fish-lora8-shuffled", "lora-shuffled"), ("random-linear-lora8-shuffled", "lora-shuffled"),
+               ("random-linear-lora8-shuffled", "fish-lora8-shuffled"),
+               *((arm, "full-shuffled") for arm in ("lora-shuffled", "fish-lora8-shuffled",
+                                                    "random-linear-lora8-shuffled")))
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:
     """(arm, reference) for every trained arm against LoRA and full FT (each pair once), then EXTRA_PAIRS."""
     pairs = [(arm, reference) for reference in REFERENCES for arm in arms
              if arm != reference and ARMS[arm][0] is not None and arm not in REFERENCES[:REFERENCES.index(reference)]]
-    return pairs + [(arm, reference) for arm, reference in EXTRA_PAIRS if arm in arms and reference in arms]
+    extra = [(arm, reference) for arm, reference in EXTRA_PAIRS if arm in arms and reference in arms]
+    return list(dict.fromkeys(pairs + extra))  # a pair both lists hold is tested (and reported) once
 
 
 def _runs_at_chosen_rate(args, arm: str) -> list[dict]:

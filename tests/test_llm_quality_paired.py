@@ -148,6 +148,17 @@ def test_the_selection_variants_are_paired_with_fish_as_shipped(llm_quality):
     assert not [pair for pair in llm_quality._pairs(["lora", "random-linear-lora8"]) if "fish-lora8" in pair]
 
 
+def test_each_pair_is_reported_once_when_an_extra_pair_repeats_a_reference_pair(llm_quality):
+    """A shuffled arm against its Trainer-order twin is also an arm against a reference (LoRA, full FT): the
+    summary printed that row twice."""
+    arms = ["lora", "full", "fish-lora8", "lora-shuffled", "full-shuffled", "fish-lora8-shuffled",
+            "random-linear-lora8-shuffled"]
+    pairs = llm_quality._pairs(arms)
+    assert len(pairs) == len(set(pairs))
+    assert {("lora-shuffled", "lora"), ("full-shuffled", "full"), ("fish-lora8-shuffled", "lora-shuffled"),
+            ("random-linear-lora8-shuffled", "fish-lora8-shuffled"), ("lora-shuffled", "full-shuffled")} <= set(pairs)
+
+
 def test_the_grid_table_names_no_chosen_rate_for_an_arm_with_no_run(tmp_path, llm_quality):
     args, _, _ = _one_task_runs(tmp_path)
     markdown, _ = llm_quality.grid_table(args, ["lora", "fish-lora8"])
