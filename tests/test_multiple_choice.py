@@ -235,7 +235,8 @@ def test_task_prefix_starts_every_prompt(tmp_path):
     assert all(p.startswith("Question: Decide whether the reason is right.\nthe ") for p in prompts)
 
 
-def test_a_suite_trains_on_every_tasks_training_part_and_reports_each_task(tiny_llama_lm_dir, tmp_path, capsys):
+def test_a_suite_trains_on_every_tasks_training_part_and_reports_each_task(tiny_llama_lm_dir, tmp_path, capsys,
+                                                                            caplog):
     for name, n in (("alpha", 30), ("beta", 20)):
         (tmp_path / name).mkdir()
         _write_task(tmp_path / name / "task.json", n)
@@ -256,6 +257,13 @@ def test_a_suite_trains_on_every_tasks_training_part_and_reports_each_task(tiny_
     pooled = (6 * test["per_task"]["alpha"]["acc"] + 4 * test["per_task"]["beta"]["acc"]) / 10
     assert test["acc"] == pytest.approx(pooled)
     assert results["train_samples"] == len(suite.train)
+    assert "--shuffle-length-groups" not in caplog.text  # Trainer's random sampler: no curriculum to warn about
+    grouped = tmp_path / "grouped"
+    assert main(["train", "--model", str(tiny_llama_lm_dir), "--task", "alpha,beta", "--data-dir", str(tmp_path),
+                 "--method", "lora", "--lora-r", "2", "--max-steps", "1", "--max-seq-length", "48",
+                 "--per-device-train-batch-size", "4", "--report-to", "none", "--save-strategy", "no",
+                 "--use-cpu", "true", "--train_sampling_strategy", "group_by_length", "--output-dir", str(grouped)]) == 0
+    assert "union of 2 tasks" in caplog.text and "--shuffle-length-groups" in caplog.text
     assert main(["train", "--model", str(tiny_llama_lm_dir), "--task", "alpha,gamma", "--data-dir", str(tmp_path),
                  "--output-dir", str(tmp_path / "bad"), "--report-to", "none"]) == 2
     assert "gamma" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -125,3 +125,17 @@ def test_the_cli_flag_trains_and_is_refused_without_length_grouping(tiny_bert_di
                  "--train_sampling_strategy", "group_by_length", "--shuffle-length-groups"]) == 0
     assert json.loads((out / "results.json").read_text())["train_order"] == "group_by_length, shuffled batches"
 
+
+
+def test_a_task_union_in_unshuffled_length_groups_is_warned_about_and_nothing_else_is(tmp_path):
+    """The curriculum that held the suite's arms back (each mega-batch trains the tasks one after another) comes
+    from Trainer's length grouping of a union; one task, shuffled groups or no grouping get no warning."""
+    from sparsepeft.data.sampling import task_curriculum_warning
+
+    grouped = _args(tmp_path, train_sampling_strategy="group_by_length")
+    message = task_curriculum_warning("social_iqa,winowhy", grouped, shuffle_length_groups=False)
+    assert message and "--shuffle-length-groups" in message and "2 tasks" in message
+    assert task_curriculum_warning("social_iqa,winowhy", grouped, shuffle_length_groups=True) is None
+    assert task_curriculum_warning("social_iqa", grouped, shuffle_length_groups=False) is None
+    assert task_curriculum_warning(None, grouped, shuffle_length_groups=False) is None
+    assert task_curriculum_warning("social_iqa,winowhy", _args(tmp_path), shuffle_length_groups=False) is None

@@ -16,7 +16,7 @@ from ..data import compute_metrics
 from ..data.collate import causal_lm_collator
 from ..data.causal_lm import PromptResponseTask, exact_match_metrics, greedy_predictions
 from ..data.multiple_choice import MultipleChoiceTask, choice_metrics_by_task, option_log_likelihoods
-from ..data.sampling import check_shuffle_length_groups, train_order
+from ..data.sampling import check_shuffle_length_groups, task_curriculum_warning, train_order
 from ..importance.memory import plan_fisher_batch
 from ..experiments.pipeline import (PeakMemory, build_mask, check_recipe, featurize, load_model_and_tokenizer,
                                     load_task_data, resolve_selection)
@@ -287,6 +287,9 @@ def run_train(model_args, data_args, sparse_args, training_args: TrainingArgumen
         raise ValueError("--reselect-every scores candidates on the gradients as the backward produces them, which "
                          "--fp16 scales by the loss scale: use --bf16 (or float32), or drop --reselect-every.")
     check_shuffle_length_groups(data_args.shuffle_length_groups, training_args)  # before anything is written
+    curriculum = task_curriculum_warning(data_args.task, training_args, data_args.shuffle_length_groups)
+    if curriculum:
+        logger.warning(curriculum)
     prepare_output_dir(training_args.output_dir, model_args.overwrite_output_dir,
                        training_args.resume_from_checkpoint)
     set_seed(training_args.seed)

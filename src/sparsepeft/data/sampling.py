@@ -80,6 +80,22 @@ def check_shuffle_length_groups(shuffle: bool, training_args) -> None:
                          "--train_sampling_strategy group_by_length, or drop --shuffle-length-groups.")
 
 
+def task_curriculum_warning(task: str | None, training_args, shuffle_length_groups: bool) -> str | None:
+    """The warning for a union of tasks trained in Trainer's length groups unshuffled, else None.
+
+    Each mega-batch then trains the tasks one after another, longest prompts first, in the same order every time:
+    a curriculum nobody asked for. On the commonsense suite it kept LoRA and FISH from learning the two-answer tasks
+    (docs/selection.md). A warning, not an error: the order is Trainer's documented behaviour, and a run that wants
+    it (or repeats one that had it) may keep it."""
+    tasks = [name for name in (task or "").split(",") if name.strip()]
+    if len(tasks) < 2 or shuffle_length_groups or not groups_by_length(training_args):
+        return None
+    return (f"--task {task} trains a union of {len(tasks)} tasks with --train_sampling_strategy group_by_length: "
+            "Trainer sorts each mega-batch of 50 batches longest first, so where the tasks' prompts differ in length "
+            "every mega-batch trains them one after another, in the same order each time. Add "
+            "--shuffle-length-groups to keep the same batches (the same padding) in random order.")
+
+
 def train_order(training_args, shuffle_length_groups: bool = False) -> str:
     """How a run's training examples were ordered, for results.json: Trainer's strategy, and whether its length groups
     were shuffled."""
