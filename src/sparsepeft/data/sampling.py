@@ -84,7 +84,7 @@ def task_curriculum_warning(task: str | None, training_args, shuffle_length_grou
     """The warning for a union of tasks trained in Trainer's length groups unshuffled, else None.
 
     Each mega-batch then trains the tasks one after another, longest prompts first, in the same order every time:
-    a curriculum nobody asked for. On the commonsense suite it kept LoRA and FISH from learning the two-answer tasks
+    a curriculum nobody asked for. On the commonsense suite it kept FISH as shipped from learning winowhy
     (docs/selection.md). A warning, not an error: the order is Trainer's documented behaviour, and a run that wants
     it (or repeats one that had it) may keep it."""
     tasks = [name for name in (task or "").split(",") if name.strip()]
