@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from .tasks import task_names
+
 
 def shuffled_length_groups(lengths: list[int], batch_size: int, generator: torch.Generator | None = None,
                            mega_batch_mult: int | None = None) -> list[int]:
@@ -87,7 +89,7 @@ def task_curriculum_warning(task: str | None, training_args, shuffle_length_grou
     a curriculum nobody asked for. On the commonsense suite it kept FISH as shipped from learning winowhy
     (docs/selection.md). A warning, not an error: the order is Trainer's documented behaviour, and a run that wants
     it (or repeats one that had it) may keep it."""
-    tasks = [name for name in (task or "").split(",") if name.strip()]
+    tasks = task_names(task)
     if len(tasks) < 2 or shuffle_length_groups or not groups_by_length(training_args):
         return None
     return (f"--task {task} trains a union of {len(tasks)} tasks with --train_sampling_strategy group_by_length: "

@@ -80,3 +80,8 @@ def glue_task(name: str) -> TaskSpec:
                          "needs --data-dir DIR with DIR/NAME/task.json; for your own data pass "
                          "--train-file/--validation-file instead of --task.")
     return GLUE_TASKS[key]
+
+
+def task_names(task: str | None) -> list[str]:
+    """The task names of ``--task``: one, or several comma-separated (a suite trained on their union)."""
+    return [name.strip() for name in (task or "").split(",") if name.strip()]

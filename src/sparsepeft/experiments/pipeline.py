@@ -72,8 +72,9 @@ def load_task_data(
 def _suite(tasks: str, data_dir: str | None, split_seed: int) -> MultipleChoiceTask:
     """``--task a,b,c --data-dir DIR``: BIG-bench tasks DIR/NAME/task.json trained together, reported apart."""
     from ..data.multiple_choice import load_suite
+    from ..data.tasks import task_names
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    names = task_names(tasks)
     if data_dir is None:
         raise DataError(f"--task {tasks} names several tasks: a suite of BIG-bench tasks, read from --data-dir DIR "
                         "(DIR/NAME/task.json for each).")
