@@ -766,9 +766,10 @@ def _suite_training_lengths(args) -> tuple[list[int], list[str]]:
     from transformers import AutoTokenizer
 
     from sparsepeft.data.multiple_choice import load_suite, training_features
+    from sparsepeft.data.tasks import task_names
     from sparsepeft.models.catalog import resolve_model
 
-    tasks = _task(args).split(",")
+    tasks = task_names(_task(args))
     suite = load_suite({task: Path(args.data_dir) / task / "task.json" for task in tasks})
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     lengths = [len(f["input_ids"]) for f in training_features(suite.train, tokenizer, args.max_seq_length)]
