@@ -104,24 +104,26 @@ def test_on_the_suite_every_selection_arm_is_searched_over_the_same_grid(tmp_pat
 
 
 def test_random_entries_shuffled_grid_moved_up_on_the_suite_after_peaking_at_its_upper_edge(tmp_path):
-    """In shuffled order random entries' suite validation rose along the whole family grid, so by the grid rule their
-    suite grid moves up a half-decade: 1e-2 is planned and can be chosen, 3e-4 is listed beside. The Trainer-order
+    """In shuffled order random entries' suite validation peaked at the family grid's upper edge and again at the
+    moved grid's, so by the grid rule their suite grid has moved up twice: 3e-2 is planned, the best point inside
+    the grid is chosen (a better point it moved past is not), and 3e-4 and 1e-3 are listed beside. The Trainer-order
     arm keeps the family grid there, and a --task written with spaces finds the same grid."""
     llm_quality = _load("llm_quality")
     suite, arm = llm_quality.COMMONSENSE_SUITE, "random-linear-lora8-shuffled"
-    assert llm_quality.grid_of(arm, suite) == (1e-3, 3e-3, 1e-2) == llm_quality.grid_of(arm, suite.replace(",", ", "))
-    assert llm_quality.off_grid_of(arm, suite) == (1e-4, 3e-4)
+    assert llm_quality.grid_of(arm, suite) == (3e-3, 1e-2, 3e-2) == llm_quality.grid_of(arm, suite.replace(",", ", "))
+    assert llm_quality.off_grid_of(arm, suite) == (1e-4, 3e-4, 1e-3)
     assert llm_quality.grid_of("random-linear-lora8", suite) == llm_quality.GRIDS["mask"]
     assert llm_quality.grid_of("fish-lora8-shuffled", suite) == llm_quality.GRIDS["mask"]
     args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task=suite)
-    assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [1e-3, 3e-3, 1e-2]
-    for lr, score in ((3e-4, 0.5025), (1e-3, 0.5125), (3e-3, 0.5230), (1e-2, 0.5300)):
+    assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [3e-3, 1e-2, 3e-2]
+    for lr, score in ((3e-4, 0.5025), (1e-3, 0.5600), (3e-3, 0.5230), (1e-2, 0.5487)):  # 1e-3: best, moved past
         (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
             {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
                                                                "answer_nll": 1.0}}}))
     assert llm_quality.chosen_lr(args, arm) == 1e-2
     markdown, _ = llm_quality.grid_table(args, [arm, "fish-lora8-shuffled"])
-    assert f"| {arm} | 51.25 | 52.30 | 53.00 | 0.01 | not run | 50.25 |" in markdown
+    assert "mask family, grid moved up, seed 0 | lr 0.003 | lr 0.01 | lr 0.03 | chosen" in markdown
+    assert f"| {arm} | 52.30 | 54.87 | not run | 0.01 | not run | 50.25 | 56.00 |" in markdown
 
 
 def test_the_suite_batches_by_length_and_one_task_does_not():
