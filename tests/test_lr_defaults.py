@@ -63,6 +63,14 @@ def test_each_familys_smollm2_points_come_from_an_arm_of_that_family(lr_defaults
     assert lr_defaults.llm_points(tmp_path, "mask") == {0.001: 0.4}
 
 
+def _write_seed0_runs(llm_quality, folder: Path, arm: str, validation: dict[float, float]) -> None:
+    """Seed-0 run files of an arm with the given validation score (the rate rule's measure) at each rate."""
+    for lr, score in validation.items():
+        (folder / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
+            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
+                                                               "answer_nll": 1.0}}}))
+
+
 def test_an_arm_whose_grid_moved_up_is_planned_and_chosen_on_its_own_grid(tmp_path):
     """Random entries' grid moved up a half-decade (their social_iqa grid peaked at its upper edge): the sweep runs
     the moved grid, the rate is chosen inside it, and the points it moved past are listed beside, never chosen."""
@@ -72,10 +80,7 @@ def test_an_arm_whose_grid_moved_up_is_planned_and_chosen_on_its_own_grid(tmp_pa
     assert llm_quality.grid_of("fish-lora8") == llm_quality.GRIDS["mask"]  # the family's other arms keep theirs
     args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task="social_iqa")
     assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [1e-3, 3e-3, 1e-2]
-    for lr, score in ((3e-4, 0.60), (1e-3, 0.40), (3e-3, 0.45)):  # 3e-4 is best but off the grid
-        (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
-            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
-                                                               "answer_nll": 1.0}}}))
+    _write_seed0_runs(llm_quality, tmp_path, arm, {3e-4: 0.60, 1e-3: 0.40, 3e-3: 0.45})  # 3e-4 best, off the grid
     assert llm_quality.chosen_lr(args, arm) == 3e-3
     markdown, table = llm_quality.grid_table(args, [arm, "fish-lora8"])
     assert "mask family, grid moved up, seed 0 | lr 0.001 | lr 0.003 | lr 0.01 | chosen" in markdown
@@ -93,10 +98,7 @@ def test_on_the_suite_every_selection_arm_is_searched_over_the_same_grid(tmp_pat
     assert llm_quality.off_grid_of(arm, suite) == (1e-4, 1e-2)
     args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task=suite)
     assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [3e-4, 1e-3, 3e-3]
-    for lr, score in ((1e-3, 0.49), (3e-3, 0.48), (1e-2, 0.55)):  # 1e-2 is best but off the suite's grid
-        (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
-            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
-                                                               "answer_nll": 1.0}}}))
+    _write_seed0_runs(llm_quality, tmp_path, arm, {1e-3: 0.49, 3e-3: 0.48, 1e-2: 0.55})  # 1e-2 best, off the grid
     assert llm_quality.chosen_lr(args, arm) == 1e-3
     markdown, _ = llm_quality.grid_table(args, [arm, "fish-lora8"])
     assert "grid moved up" not in markdown
@@ -116,10 +118,8 @@ def test_random_entries_shuffled_grid_moved_up_on_the_suite_after_peaking_at_its
     assert llm_quality.grid_of("fish-lora8-shuffled", suite) == llm_quality.GRIDS["mask"]
     args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task=suite)
     assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [3e-3, 1e-2, 3e-2]
-    for lr, score in ((3e-4, 0.5025), (1e-3, 0.5600), (3e-3, 0.5230), (1e-2, 0.5487)):  # 1e-3: best, moved past
-        (tmp_path / f"{llm_quality.run_name(arm, lr, 0)}.json").write_text(json.dumps(
-            {"learning_rate": lr, "metrics": {"validation": {llm_quality.SELECT_ON: score, "acc_norm": 0.5,
-                                                               "answer_nll": 1.0}}}))
+    # 1e-3 scores best but the grid moved past it
+    _write_seed0_runs(llm_quality, tmp_path, arm, {3e-4: 0.5025, 1e-3: 0.5600, 3e-3: 0.5230, 1e-2: 0.5487})
     assert llm_quality.chosen_lr(args, arm) == 1e-2
     markdown, _ = llm_quality.grid_table(args, [arm, "fish-lora8-shuffled"])
     assert "mask family, grid moved up, seed 0 | lr 0.003 | lr 0.01 | lr 0.03 | chosen" in markdown
