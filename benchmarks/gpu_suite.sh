@@ -26,6 +26,7 @@
 # STEPS=400 runs the same protocol for 400 steps (one epoch of the union) into llm_suite_steps400/ instead.
 # TRAIN_ORDER: `shuffled` (default) trains every arm's length groups in random order into llm_suite_shuffled/
 # (docs/selection.md: Trainer's order held LoRA and the sparse arms back); `trainer` continues llm_suite/.
+# The plain arm names run in shuffled order search the grids their -shuffled twins moved to (MOVED_GRIDS).
 set -u
 ACTION=${1:?usage: gpu_suite.sh prepare | stage | run OUT_DIR [SECONDS]}
 PY=${PYTHON:-python3}

@@ -105,10 +105,18 @@ MOVED_GRIDS = {("random-linear-lora8", "social_iqa"): (1e-3, 3e-3, 1e-2),
                ("random-linear-lora8-shuffled", COMMONSENSE_SUITE): (3e-3, 1e-2, 3e-2)}
 
 
-def grid_of(arm: str, task: str = "social_iqa") -> tuple[float, ...]:
+def grid_of(arm: str, task: str = "social_iqa", train_order: str = "trainer") -> tuple[float, ...]:
     """The three rates an arm's rate is chosen from on a task (or suite): its family's grid, or the grid the arm
-    itself moved to there (``task`` as --task gives it: spaces around the commas do not matter)."""
-    return MOVED_GRIDS.get((arm, _normalised(task)), GRIDS[ARMS[arm][0]])
+    itself moved to there (``task`` as --task gives it: spaces around the commas do not matter). A grid moved in
+    shuffled order is one arm's whichever way the order was asked for: a ``-shuffled`` arm, or the plain arm under
+    ``--train-order shuffled`` (as benchmarks/gpu_suite.sh runs it)."""
+    return MOVED_GRIDS.get((_as_trained(arm, train_order), _normalised(task)), GRIDS[ARMS[arm][0]])
+
+
+def _as_trained(arm: str, train_order: str = "trainer") -> str:
+    """The arm's name as MOVED_GRIDS keys it: under --train-order shuffled a plain arm is its -shuffled twin."""
+    plain_arm = train_order != "shuffled" or SHUFFLED in ARMS[arm][1]
+    return arm if plain_arm else f"{arm}-shuffled"
 
 
 def _normalised(task: str) -> str:
@@ -118,12 +126,13 @@ def _normalised(task: str) -> str:
     return ",".join(task_names(task))
 
 
-def off_grid_of(arm: str, task: str = "social_iqa") -> tuple[float, ...]:
+def off_grid_of(arm: str, task: str = "social_iqa", train_order: str = "trainer") -> tuple[float, ...]:
     """Points an arm's grid moved past (its family's lower points, the family grid's points below a moved grid,
     and the points of the arm's grids moved on other tasks): listed beside the grid when run, never chosen."""
-    family = ARMS[arm][0]
-    elsewhere = {lr for (name, _), grid in MOVED_GRIDS.items() if name == arm for lr in grid}
-    return tuple(sorted(set(OFF_GRID[family]) | (set(GRIDS[family]) | elsewhere) - set(grid_of(arm, task))))
+    family, name = ARMS[arm][0], _as_trained(arm, train_order)
+    elsewhere = {lr for (moved, _), grid in MOVED_GRIDS.items() if moved == name for lr in grid}
+    grid = grid_of(arm, task, train_order)
+    return tuple(sorted(set(OFF_GRID[family]) | (set(GRIDS[family]) | elsewhere) - set(grid)))
 
 
 # The rate rule's measure: the mean over the tasks of each task's balanced accuracy (balanced_weights in
@@ -139,6 +148,11 @@ def _task(args) -> str:
     return getattr(args, "task", "social_iqa")
 
 
+def _order(args) -> str:
+    """--train-order (Trainer's unless given)."""
+    return getattr(args, "train_order", "trainer")
+
+
 def _seeds(args) -> list[int]:
     """--seeds as numbers (1 and 2 unless given)."""
     return [int(s) for s in getattr(args, "seeds", "1,2").split(",")]
@@ -152,7 +166,7 @@ def expected_order(args, arm: str) -> str | None:
     """The train_order a run of this arm records under these arguments (None: one task, no length grouping)."""
     if not is_suite(args):
         return None
-    shuffled = SHUFFLED in ARMS[arm][1] or getattr(args, "train_order", "trainer") == "shuffled"
+    shuffled = SHUFFLED in ARMS[arm][1] or _order(args) == "shuffled"
     return SHUFFLED_ORDER if shuffled else TRAINER_ORDER
 
 
@@ -198,7 +212,7 @@ def command(args, arm: str, lr: float | None, seed: int, out: Path) -> list[str]
         line += ["--learning-rate", f"{lr:g}"]
     if is_suite(args):  # the suite mixes short prompts with timedial's long ones: batches of similar lengths
         line += ["--train_sampling_strategy", "group_by_length"]  # instead of padding nearly every batch to 256
-        if getattr(args, "train_order", "trainer") == "shuffled" and SHUFFLED not in flags:
+        if _order(args) == "shuffled" and SHUFFLED not in flags:
             line.append(SHUFFLED)  # the same batches in random order (docs/selection.md, the suite's order)
     line += flags  # zero-shot's --max-steps 0 comes last and wins
     if args.smoke:
@@ -250,7 +264,7 @@ def chosen_lr(args, arm: str) -> float | None:
     family, _ = ARMS[arm]
     if family is None:
         return None
-    grid = grid_of(arm, _task(args))
+    grid = grid_of(arm, _task(args), _order(args))
     scored = [(_score(args, r, "validation"), (v := r["metrics"]["validation"])["acc_norm"], -v["answer_nll"], lr)
               for lr in grid if (r := _existing(args, arm, lr, 0)) is not None]
     return max(scored)[-1] if scored else grid[0]
@@ -297,7 +311,7 @@ def grid_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     runs = []
     for arm in arms:
         family, _ = ARMS[arm]
-        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else grid_of(arm, _task(args)) if family else [None]
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else grid_of(arm, _task(args), _order(args)) if family else [None]
         runs += [(arm, lr, 0) for lr in lrs]
     return runs
 
@@ -353,7 +367,7 @@ def memory_probe(args, arms: list[str]) -> tuple[str, dict]:
             continue
         for size in sizes:
             out = Path(tempfile.mkdtemp(prefix=f"memory.{arm}.b{size}.", dir=args.scratch))
-            line = command(args, arm, grid_of(arm, _task(args))[0], 0, out) + [
+            line = command(args, arm, grid_of(arm, _task(args), _order(args))[0], 0, out) + [
                 "--max-steps", "3", "--per-device-train-batch-size", str(size), "--max-eval-samples", "2",
                 "--per-device-eval-batch-size", "2"]
             with open(out / "train.log", "w") as log:
@@ -757,7 +771,8 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
     groups = {}  # one table per family and grid: an arm whose grid moved gets its own columns
     for arm in arms:
         if ARMS[arm][0] is not None:
-            groups.setdefault((ARMS[arm][0], grid_of(arm, _task(args)), off_grid_of(arm, _task(args))), []).append(arm)
+            grids = grid_of(arm, _task(args), _order(args)), off_grid_of(arm, _task(args), _order(args))
+            groups.setdefault((ARMS[arm][0], *grids), []).append(arm)
     for (family, grid, off_grid), members in sorted(groups.items(), key=lambda g: list(GRIDS).index(g[0][0])):
         moved = ", grid moved up" if grid != GRIDS[family] else ""
         lines += ["", f"| {family} family{moved}, seed 0 | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen | "

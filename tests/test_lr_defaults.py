@@ -126,6 +126,25 @@ def test_random_entries_shuffled_grid_moved_up_on_the_suite_after_peaking_at_its
     assert f"| {arm} | 52.30 | 54.87 | not run | 0.01 | not run | 50.25 | 56.00 |" in markdown
 
 
+def test_a_grid_moved_in_shuffled_order_is_found_under_train_order_shuffled(tmp_path):
+    """benchmarks/gpu_suite.sh runs the plain arms with --train-order shuffled (not the -shuffled arms): random
+    entries then search and choose on the grid their shuffled-order runs moved to, and Trainer's order keeps the
+    family grid. FISH as shipped has no moved grid in either order."""
+    llm_quality = _load("llm_quality")
+    suite, arm = llm_quality.COMMONSENSE_SUITE, "random-linear-lora8"
+    moved = llm_quality.grid_of(f"{arm}-shuffled", suite)
+    assert llm_quality.grid_of(arm, suite, "shuffled") == moved == (3e-3, 1e-2, 3e-2)
+    assert llm_quality.off_grid_of(arm, suite, "shuffled") == llm_quality.off_grid_of(f"{arm}-shuffled", suite)
+    assert llm_quality.grid_of(arm, suite, "trainer") == llm_quality.GRIDS["mask"]
+    assert llm_quality.grid_of("fish-lora8", suite, "shuffled") == llm_quality.GRIDS["mask"]
+    args = argparse.Namespace(phase="grid", lrs="", out=str(tmp_path), task=suite, train_order="shuffled")
+    assert [lr for _, lr, _ in llm_quality.grid_plan(args, [arm])] == [3e-3, 1e-2, 3e-2]
+    _write_seed0_runs(llm_quality, tmp_path, arm, {1e-3: 0.56, 3e-3: 0.5230, 1e-2: 0.5487})
+    assert llm_quality.chosen_lr(args, arm) == 1e-2
+    markdown, _ = llm_quality.grid_table(args, [arm])
+    assert "mask family, grid moved up, seed 0 | lr 0.003 | lr 0.01 | lr 0.03 | chosen" in markdown
+
+
 def test_the_suite_batches_by_length_and_one_task_does_not():
     llm_quality = _load("llm_quality")
     args = argparse.Namespace(model="m", task="social_iqa,winowhy", data_dir="d", max_seq_length=256, batch_size=16,
