@@ -153,6 +153,11 @@ def _order(args) -> str:
     return getattr(args, "train_order", "trainer")
 
 
+def run_grid(args, arm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The arm's grid and the points listed beside it, for this run's --task and --train-order."""
+    return grid_of(arm, _task(args), _order(args)), off_grid_of(arm, _task(args), _order(args))
+
+
 def _seeds(args) -> list[int]:
     """--seeds as numbers (1 and 2 unless given)."""
     return [int(s) for s in getattr(args, "seeds", "1,2").split(",")]
@@ -264,7 +269,7 @@ def chosen_lr(args, arm: str) -> float | None:
     family, _ = ARMS[arm]
     if family is None:
         return None
-    grid = grid_of(arm, _task(args), _order(args))
+    grid, _ = run_grid(args, arm)
     scored = [(_score(args, r, "validation"), (v := r["metrics"]["validation"])["acc_norm"], -v["answer_nll"], lr)
               for lr in grid if (r := _existing(args, arm, lr, 0)) is not None]
     return max(scored)[-1] if scored else grid[0]
@@ -311,7 +316,7 @@ def grid_plan(args, arms: list[str]) -> list[tuple[str, float | None, int]]:
     runs = []
     for arm in arms:
         family, _ = ARMS[arm]
-        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else grid_of(arm, _task(args), _order(args)) if family else [None]
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else run_grid(args, arm)[0] if family else [None]
         runs += [(arm, lr, 0) for lr in lrs]
     return runs
 
@@ -367,7 +372,7 @@ def memory_probe(args, arms: list[str]) -> tuple[str, dict]:
             continue
         for size in sizes:
             out = Path(tempfile.mkdtemp(prefix=f"memory.{arm}.b{size}.", dir=args.scratch))
-            line = command(args, arm, grid_of(arm, _task(args), _order(args))[0], 0, out) + [
+            line = command(args, arm, run_grid(args, arm)[0][0], 0, out) + [
                 "--max-steps", "3", "--per-device-train-batch-size", str(size), "--max-eval-samples", "2",
                 "--per-device-eval-batch-size", "2"]
             with open(out / "train.log", "w") as log:
@@ -771,8 +776,7 @@ def grid_table(args, arms: list[str]) -> tuple[str, dict]:
     groups = {}  # one table per family and grid: an arm whose grid moved gets its own columns
     for arm in arms:
         if ARMS[arm][0] is not None:
-            grids = grid_of(arm, _task(args), _order(args)), off_grid_of(arm, _task(args), _order(args))
-            groups.setdefault((ARMS[arm][0], *grids), []).append(arm)
+            groups.setdefault((ARMS[arm][0], *run_grid(args, arm)), []).append(arm)
     for (family, grid, off_grid), members in sorted(groups.items(), key=lambda g: list(GRIDS).index(g[0][0])):
         moved = ", grid moved up" if grid != GRIDS[family] else ""
         lines += ["", f"| {family} family{moved}, seed 0 | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen | "
