@@ -85,6 +85,8 @@ ARMS = {  # arm -> (learning-rate family, flags)
                                               "linear", "--engine", "sparse", "--always-train", "",
                                               "--shuffle-length-groups"]),
     "full-shuffled": ("full", ["--method", "full", "--shuffle-length-groups"]),
+    # LoRA r=8 shuffled at PEFT's default dropout (0): is the CLI's 0.1 what keeps LoRA from learning winowhy?
+    "lora-nodropout-shuffled": ("lora", [*LORA8, "--lora-dropout", "0", "--shuffle-length-groups"]),
 }
 # Each family's usual rate, then two half-decades up: the first grids, centred on the usual rate, all picked
 # their upper edge at 200 steps, so the search must reach above it. A grid whose best is again its upper edge
@@ -438,6 +440,7 @@ REFERENCES = ("lora", "full")  # every arm is compared with these two
 # and pairs that answer one question each: do IST's scores beat drawing the same number of blocks uniformly?
 # Does a selection variant beat FISH as shipped at the same count (issue 25's rule for `--method fish`'s default)?
 # Does the training order change what an arm learns (its length groups shuffled against Trainer's order)?
+# Does the CLI's LoRA dropout (0.1) hold LoRA back against PEFT's default (0)?
 EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                *((variant, "fish-lora8") for variant in ("random-linear-lora8", "taylor-linear-lora8",
                                                          "fish-linear-lora8", "fish-lora8-reselect")),
@@ -447,7 +450,9 @@ EXTRA_PAIRS = (("ist", "random"), ("ist-score-lr100", "random"),
                ("fish-lora8-shuffled", "lora-shuffled"), ("random-linear-lora8-shuffled", "lora-shuffled"),
                ("random-linear-lora8-shuffled", "fish-lora8-shuffled"),
                *((arm, "full-shuffled") for arm in ("lora-shuffled", "fish-lora8-shuffled",
-                                                    "random-linear-lora8-shuffled")))
+                                                    "random-linear-lora8-shuffled")),
+               # LoRA without its dropout against LoRA with it, and FISH as shipped against it
+               ("lora-nodropout-shuffled", "lora-shuffled"), ("fish-lora8-shuffled", "lora-nodropout-shuffled"))
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:

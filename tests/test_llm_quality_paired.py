@@ -152,11 +152,12 @@ def test_each_pair_is_reported_once_when_an_extra_pair_repeats_a_reference_pair(
     """A shuffled arm against its Trainer-order twin is also an arm against a reference (LoRA, full FT): the
     summary printed that row twice."""
     arms = ["lora", "full", "fish-lora8", "lora-shuffled", "full-shuffled", "fish-lora8-shuffled",
-            "random-linear-lora8-shuffled"]
+            "random-linear-lora8-shuffled", "lora-nodropout-shuffled"]
     pairs = llm_quality._pairs(arms)
     assert len(pairs) == len(set(pairs))
     assert {("lora-shuffled", "lora"), ("full-shuffled", "full"), ("fish-lora8-shuffled", "lora-shuffled"),
-            ("random-linear-lora8-shuffled", "fish-lora8-shuffled"), ("lora-shuffled", "full-shuffled")} <= set(pairs)
+            ("random-linear-lora8-shuffled", "fish-lora8-shuffled"), ("lora-shuffled", "full-shuffled"),
+            ("lora-nodropout-shuffled", "lora-shuffled"), ("fish-lora8-shuffled", "lora-nodropout-shuffled")} <= set(pairs)
 
 
 def test_the_grid_table_names_no_chosen_rate_for_an_arm_with_no_run(tmp_path, llm_quality):
